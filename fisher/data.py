@@ -1,0 +1,503 @@
+"""Datasets and the Parquet shard format (DESIGN.md, "Data flow and formats").
+
+Yan, Ho, Abbeel, sec. 5.1 (MNIST): "Images were binarized by sampling from
+Bernoulli random variables biased by grayscale pixel values." Each image gets
+its own random stream seeded by (seed, split, index), so the binarization does
+not depend on how the data is chunked.
+
+Sec. 5.2 (CelebA): "We follow the standard procedure of cropping raw 218 x 178
+CelebA images into 128 x 128 CelebA images. All autoregressive models and
+decoders are trained to model 5-bit images." The crop is the centred face box
+:data:`CELEBA_CROP` on the aligned images; an optional BOX resize gives the
+small 64/32 presets; then ``v >> (8 - bits)`` keeps ``2**bits`` levels.
+
+A prepared artifact is a directory of ``{split}-{k:05d}.parquet`` shards
+(columns ``id``, ``image`` = raw HxWxC uint8 bytes, ``label`` int64 or
+``attrs`` 40 x int8 in {0,1}, ``split``; rows sorted by id; image shape in the
+schema metadata key ``image_shape``) plus ``manifest.json``, written last.
+"""
+from __future__ import annotations
+
+import gzip
+import http.client
+import io
+import json
+import re
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from fisher.io import (MANIFEST, FisherError, atomic_write_bytes, atomic_write_table, exists, is_dir, join,
+                       list_files, read_bytes, read_manifest, read_table, resolve, write_manifest)
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}   # also CelebA's list_eval_partition.txt codes
+MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+               "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+CELEBA_IMAGE_SIZE = (178, 218)                      # (width, height) of img_align_celeba
+CELEBA_CROP = (25, 45, 153, 173)                    # (left, top, right, bottom): 128x128 face box
+CELEBA_ATTRS, CELEBA_PARTITION, CELEBA_IMAGES = "list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"
+N_ATTRS = 40
+SHAPE_KEY = b"image_shape"
+SHARD_RE = re.compile(r"^(train|val|test)-\d{5}\.parquet$")
+DECODE_CHUNK = 64          # CelebA files per decoding task
+SKIPPED_LISTED = 10        # bad images named in the manifest
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_CELEBA_SRC_HINT = (f"pass --src with the CelebA folder holding {CELEBA_IMAGES}/, {CELEBA_ATTRS} "
+                    f"and {CELEBA_PARTITION}")
+_SKIP_HINT = "replace the file or pass --skip-bad to skip bad images"
+
+
+# ---------------------------------------------------------------- configs
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise FisherError(message)
+
+
+def _norm_src(uri: str) -> str:
+    return str(uri) if "://" in str(uri) else resolve(uri)[1]
+
+
+@dataclass(frozen=True)
+class MnistConfig:
+    """Binarized MNIST (paper sec. 5.1): 28x28x1, values {0,1}."""
+    src: str                         # directory with the four idx .gz files
+    seed: int = 0                    # Bernoulli binarization seed
+    shard_size: int = 10_000         # rows per Parquet shard
+    limit: int | None = None         # only the first N images per split (small runs)
+
+    def __post_init__(self):
+        object.__setattr__(self, "src", _norm_src(self.src))
+        _check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
+        _check_common(self.shard_size, self.limit)
+
+    def to_dict(self) -> dict:
+        return {"dataset": "mnist", **asdict(self), "binarize": "bernoulli(pixel/255), per-image seed"}
+
+
+@dataclass(frozen=True)
+class CelebaConfig:
+    """5-bit CelebA (paper sec. 5.2): CELEBA_CROP, optional resize to ``size``, ``bits`` bits."""
+    src: str                         # folder with img_align_celeba/ and the two list files
+    size: int = 128                  # output side; 64/32 for small runs (BOX resize)
+    bits: int = 5                    # bits kept per sub-pixel: values in [0, 2**bits)
+    shard_size: int = 10_000
+    limit: int | None = None
+    skip_bad: bool = False           # skip (and count) unreadable images instead of failing
+    crop: tuple[int, int, int, int] = field(default=CELEBA_CROP)
+
+    def __post_init__(self):
+        object.__setattr__(self, "src", _norm_src(self.src))
+        object.__setattr__(self, "crop", tuple(self.crop))
+        side = self.crop[2] - self.crop[0]
+        _check(1 <= self.size <= side, f"--size {self.size}: must be between 1 and the crop side {side}")
+        _check(1 <= self.bits <= 8, f"--bits {self.bits}: must be between 1 and 8")
+        _check_common(self.shard_size, self.limit)
+        _check(self.shard_size * self.size ** 2 * 3 < 2 ** 31,
+               f"--shard-size {self.shard_size}: a shard of {self.size}x{self.size}x3 images would exceed 2 GiB; "
+               f"use at most {(2 ** 31 - 1) // (self.size ** 2 * 3)}")
+
+    def to_dict(self) -> dict:
+        return {"dataset": "celeba", **asdict(self), "resample": "box"}
+
+
+def _check_common(shard_size: int, limit: int | None) -> None:
+    _check(shard_size >= 1, f"--shard-size {shard_size}: must be >= 1")
+    _check(limit is None or limit >= 1, f"--limit {limit}: must be >= 1")
+
+
+# ---------------------------------------------------------------- MNIST
+
+def read_idx(path_or_uri: str) -> np.ndarray:
+    """Read an idx file (gzip or raw), checking the magic number and the size."""
+    uri = str(path_or_uri)
+    data = read_bytes(uri)
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise FisherError(f"{uri}: corrupt or truncated gzip ({e}); download the file again") from e
+    _check(len(data) >= 4 and data[:2] == b"\0\0" and data[2] in _IDX_DTYPES and data[3] >= 1,
+           f"{uri}: not an idx file (bad magic number {data[:4].hex()}); pass the original MNIST idx files")
+    ndim, dtype = data[3], np.dtype(_IDX_DTYPES[data[2]])
+    _check(len(data) >= 4 + 4 * ndim, f"{uri}: truncated idx header; download the file again")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+    _check(len(data) == expected, f"{uri}: idx size mismatch (header {shape} needs {expected} bytes, "
+                                  f"found {len(data)}); the file is truncated or corrupt, download it again")
+    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def binarize(images: np.ndarray, seed: int, split: str, start_index: int = 0) -> np.ndarray:
+    """Bernoulli(pixel/255) samples in {0,1}; image i uses its own stream seeded by (seed, split, i).
+
+    ``start_index`` is the global index of ``images[0]``, so any chunking gives the same result.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"binarize expects uint8 images, got {images.dtype}")
+    out = np.empty(images.shape, np.uint8)
+    for j, img in enumerate(images):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_CODES[split], start_index + j]))
+        out[j] = rng.random(img.shape) < img / 255.0
+    return out
+
+
+def mnist_download(dir_uri: str) -> str:
+    """Download the four MNIST idx .gz files into ``dir_uri`` where absent (torchvision's mirrors)."""
+    for name in (n for pair in MNIST_FILES.values() for n in pair):
+        target = join(dir_uri, name)
+        if exists(target):
+            continue
+        errors = []
+        for mirror in MNIST_MIRRORS:
+            try:
+                with urllib.request.urlopen(mirror + name, timeout=60) as response:
+                    atomic_write_bytes(target, response.read())
+                break
+            except (OSError, http.client.HTTPException) as e:
+                errors.append(f"{mirror}: {e}")
+        else:
+            raise FisherError(f"{target}: missing and could not be downloaded ({'; '.join(errors)}); pass --src "
+                              f"with a directory holding the four MNIST idx .gz files ({', '.join(_mnist_names())})")
+    return dir_uri
+
+
+def _mnist_names() -> list[str]:
+    return [n for pair in MNIST_FILES.values() for n in pair]
+
+
+def load_mnist_split(src: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grey images [N,28,28] uint8 and labels [N] int64 of one MNIST split, validated."""
+    img_uri, lab_uri = (join(src, n) for n in MNIST_FILES[split])
+    for uri in (img_uri, lab_uri):
+        _check(exists(uri), f"{uri}: file not found; pass --src with a directory holding the four MNIST idx "
+                            f".gz files ({', '.join(_mnist_names())})")
+    images, labels = read_idx(img_uri), read_idx(lab_uri)
+    _check(images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28),
+           f"{img_uri}: expected uint8 images of shape [N, 28, 28], found {images.dtype} {list(images.shape)}")
+    _check(labels.ndim == 1 and len(labels) == len(images) and np.isin(labels, np.arange(10)).all(),
+           f"{lab_uri}: expected {len(images)} labels in 0..9 matching {img_uri}")
+    return images[:limit], labels[:limit].astype(np.int64)
+
+
+def _build_mnist(cfg: MnistConfig) -> tuple[dict, dict]:
+    splits = {}
+    for split in MNIST_FILES:
+        grey, labels = load_mnist_split(cfg.src, split, cfg.limit)
+        ids = [f"{split}-{i:05d}" for i in range(len(grey))]
+        splits[split] = (ids, binarize(grey, cfg.seed, split)[..., None], labels)
+    return splits, {"levels": 2, "label_names": [str(d) for d in range(10)], "skipped": {"count": 0, "first": []}}
+
+
+# ---------------------------------------------------------------- CelebA
+
+def _read_lines(uri: str) -> list[str]:
+    _check(exists(uri), f"{uri}: file not found; {_CELEBA_SRC_HINT}")
+    try:
+        return read_bytes(uri).decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FisherError(f"{uri}: not a text file ({e}); use the official CelebA file") from e
+
+
+def _line_error(uri: str, lineno: int, problem: str) -> FisherError:
+    return FisherError(f"{uri} line {lineno}: {problem}; use the official CelebA file")
+
+
+def read_celeba_attrs(uri: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Parse list_attr_celeba.txt: (40 attribute names, {file name: int8[40] in {0,1}})."""
+    lines = _read_lines(uri)
+    _check(len(lines) >= 2 and lines[0].strip().isdigit(), f"{uri} line 1: expected the row count; "
+                                                           "use the official CelebA file")
+    names = lines[1].split()
+    if len(names) != N_ATTRS:
+        raise _line_error(uri, 2, f"expected {N_ATTRS} attribute names, found {len(names)}")
+    rows, values = {}, []
+    for lineno, line in enumerate(lines[2:], start=3):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != N_ATTRS + 1:
+            raise _line_error(uri, lineno, f"expected {N_ATTRS + 1} columns, found {len(parts)}")
+        if not set(parts[1:]) <= {"1", "-1"}:
+            raise _line_error(uri, lineno, "attribute values must be 1 or -1")
+        rows[parts[0]] = len(values)
+        values.append(parts[1:])
+    _check(len(rows) == int(lines[0]), f"{uri} line 1: says {int(lines[0])} rows, found {len(rows)}; "
+                                       "the file is truncated, use the official CelebA file")
+    table = (np.array(values, dtype=np.int8).reshape(-1, N_ATTRS) + 1) // 2
+    return names, {name: table[i] for name, i in rows.items()}
+
+
+def read_celeba_partition(uri: str) -> dict[str, str]:
+    """Parse list_eval_partition.txt: {file name: 'train' | 'val' | 'test'}."""
+    split_of = {str(code): split for split, code in SPLIT_CODES.items()}
+    out = {}
+    for lineno, line in enumerate(_read_lines(uri), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in split_of:
+            raise _line_error(uri, lineno, f"expected '<name>.jpg 0|1|2', found {line.strip()!r}")
+        out[parts[0]] = split_of[parts[1]]
+    return out
+
+
+def load_celeba_image(uri: str, size: int = 128, bits: int = 5, crop: tuple = CELEBA_CROP) -> np.ndarray:
+    """One aligned CelebA JPEG → uint8 [size, size, 3] in [0, 2**bits): crop, BOX resize, bit reduction."""
+    _check(exists(uri), f"{uri}: file not found; {_SKIP_HINT}")
+    try:
+        with Image.open(io.BytesIO(read_bytes(uri))) as im:
+            im.load()                                   # decode fully: truncated files fail here
+            _check(im.size == CELEBA_IMAGE_SIZE, f"{uri}: image is {im.size[0]}x{im.size[1]}, expected "
+                                                 f"178x218 (aligned img_align_celeba); {_SKIP_HINT}")
+            im = im.convert("RGB").crop(crop)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise FisherError(f"{uri}: not a readable JPEG ({reason}); {_SKIP_HINT}") from e
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BOX)
+    return np.asarray(im, np.uint8) >> (8 - bits)
+
+
+def decode_celeba_files(uris: list[str], size: int = 128, bits: int = 5, crop: tuple = CELEBA_CROP,
+                        skip_bad: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode a chunk of files: (images [n_ok, size, size, 3], {index in chunk: error} for skipped ones).
+
+    Module-level so process pools can pickle it; raises FisherError on the first bad file unless skip_bad.
+    """
+    images, bad = [], {}
+    for i, uri in enumerate(uris):
+        try:
+            images.append(load_celeba_image(uri, size, bits, crop))
+        except FisherError as e:
+            if not skip_bad:
+                raise
+            bad[i] = str(e)
+    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), bad
+
+
+def celeba_files(src: str, limit: int | None = None) -> dict[str, list[str]]:
+    """Present image URIs per split (sorted; first ``limit`` per split), via list_eval_partition.txt."""
+    folder = join(src, CELEBA_IMAGES)
+    _check(is_dir(folder), f"{folder}: not a directory; {_CELEBA_SRC_HINT}")
+    uris = list_files(folder, ".jpg")
+    _check(bool(uris), f"{folder}: no .jpg files; {_CELEBA_SRC_HINT}")
+    partition = read_celeba_partition(join(src, CELEBA_PARTITION))
+    by_split = {split: [] for split in SPLIT_CODES}
+    for uri in uris:
+        name = uri.rsplit("/", 1)[-1]
+        _check(name in partition, f"{uri}: no row for {name} in {join(src, CELEBA_PARTITION)}; "
+                                  "use the official partition file or remove the image")
+        by_split[partition[name]].append(uri)
+    return {split: files[:limit] for split, files in by_split.items()}
+
+
+Mapper = Callable[[Callable, list], Iterable]
+
+
+def _build_celeba(cfg: CelebaConfig, mapper: Mapper | None) -> tuple[dict, dict]:
+    attr_names, attrs = read_celeba_attrs(join(cfg.src, CELEBA_ATTRS))
+    files = celeba_files(cfg.src, cfg.limit)
+    for uri in (u for split_files in files.values() for u in split_files):
+        name = uri.rsplit("/", 1)[-1]
+        _check(name in attrs, f"{uri}: no row for {name} in {join(cfg.src, CELEBA_ATTRS)}; "
+                              "use the official attribute file or remove the image")
+    tasks = [(split, uris[i:i + DECODE_CHUNK]) for split, uris in files.items()
+             for i in range(0, len(uris), DECODE_CHUNK)]
+    decode = _Decoder(cfg.size, cfg.bits, cfg.crop, cfg.skip_bad)
+    results = list((mapper or map)(decode, [chunk for _, chunk in tasks]))
+    splits, bad = {}, []
+    for split in files:
+        ok_uris, arrays = [], []
+        for (task_split, chunk), (images, chunk_bad) in zip(tasks, results):
+            if task_split == split:
+                ok_uris += [u for i, u in enumerate(chunk) if i not in chunk_bad]
+                bad += [{"name": chunk[i].rsplit("/", 1)[-1], "error": msg} for i, msg in chunk_bad.items()]
+                arrays.append(images)
+        names = [u.rsplit("/", 1)[-1] for u in ok_uris]
+        stacked = np.concatenate(arrays) if arrays else np.zeros((0, cfg.size, cfg.size, 3), np.uint8)
+        targets = np.stack([attrs[n] for n in names]) if names else np.zeros((0, N_ATTRS), np.int8)
+        splits[split] = ([n.rsplit(".", 1)[0] for n in names], stacked, targets)
+    if not any(len(ids) for ids, _, _ in splits.values()):
+        raise FisherError(f"{join(cfg.src, CELEBA_IMAGES)}: none of the {len(bad)} images could be read "
+                          f"(first: {bad[0]['error']})")
+    return splits, {"levels": 2 ** cfg.bits, "attr_names": attr_names,
+                    "skipped": {"count": len(bad), "first": bad[:SKIPPED_LISTED]}}
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    """Picklable ``decode_celeba_files`` with fixed options (for process pools)."""
+    size: int
+    bits: int
+    crop: tuple
+    skip_bad: bool
+
+    def __call__(self, uris: list[str]) -> tuple[np.ndarray, dict[int, str]]:
+        return decode_celeba_files(uris, self.size, self.bits, self.crop, self.skip_bad)
+
+
+# ---------------------------------------------------------------- shards
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:05d}.parquet"
+
+
+def _binary_column(images: np.ndarray) -> pa.Array:
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    offsets = np.arange(len(flat) + 1, dtype=np.int32) * flat.shape[1]
+    return pa.Array.from_buffers(pa.binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+
+
+def write_shards(out_uri: str, split: str, ids: list[str], images: np.ndarray, labels_or_attrs: np.ndarray,
+                 shard_size: int = 10_000) -> list[dict]:
+    """Write one split as ``{split}-{k:05d}.parquet`` shards sorted by id; returns [{file, split, rows}].
+
+    ``labels_or_attrs`` is [N] (→ ``label`` int64) or [N, 40] in {0,1} (→ ``attrs`` list<int8>[40]).
+    """
+    images, targets = np.asarray(images, np.uint8), np.asarray(labels_or_attrs)
+    if images.ndim != 4 or len(images) != len(ids) or len(targets) != len(ids):
+        raise ValueError(f"write_shards: need images [N,H,W,C] and N ids/targets, got {images.shape}, "
+                         f"{len(ids)} ids, {targets.shape} targets")
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    ids, images, targets = [ids[i] for i in order], images[order], targets[order]
+    if targets.ndim == 1:
+        target_field, target_type = pa.field("label", pa.int64()), pa.int64()
+    else:
+        target_field = pa.field("attrs", pa.list_(pa.int8(), targets.shape[1]))
+        target_type = target_field.type
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), target_field, ("split", pa.string())],
+                       metadata={SHAPE_KEY: json.dumps(list(images.shape[1:])).encode()})
+    shards = []
+    for k, start in enumerate(range(0, len(ids), shard_size)):
+        sl = slice(start, start + shard_size)
+        t = targets[sl]
+        target_col = (pa.array(t.astype(np.int64)) if t.ndim == 1 else
+                      pa.FixedSizeListArray.from_arrays(pa.array(t.astype(np.int8).ravel()), t.shape[1]))
+        table = pa.Table.from_arrays([pa.array(ids[sl], pa.string()), _binary_column(images[sl]),
+                                      target_col.cast(target_type), pa.array([split] * len(t), pa.string())],
+                                     schema=schema)
+        atomic_write_table(join(out_uri, shard_name(split, k)), table)
+        shards.append({"file": shard_name(split, k), "split": split, "rows": len(t)})
+    return shards
+
+
+def decode_images(table_or_batch: pa.Table | pa.RecordBatch | Mapping, shape: tuple | list | None = None) -> np.ndarray:
+    """The ``image`` column as uint8 [N, H, W, C]; shape from ``shape=`` or the schema metadata.
+
+    Accepts a pyarrow Table/RecordBatch or a dict batch (Ray Data), whose column may be a pyarrow
+    array, a numpy object array or a list of bytes.
+    """
+    schema = getattr(table_or_batch, "schema", None)
+    if shape is None and schema is not None and schema.metadata and SHAPE_KEY in schema.metadata:
+        shape = json.loads(schema.metadata[SHAPE_KEY])
+    if shape is None:
+        raise ValueError("decode_images: no image_shape in the schema metadata; pass shape=[H, W, C] "
+                         "(it is in the prepare manifest)")
+    column = table_or_batch["image"]
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n, per_image = len(column), int(np.prod(shape))
+    if n == 0:
+        return np.zeros((0, *shape), np.uint8)
+    if isinstance(column, pa.Array):
+        offsets = np.frombuffer(column.buffers()[1], np.int64 if pa.types.is_large_binary(column.type) else np.int32)
+        offsets = offsets[column.offset:column.offset + n + 1]
+        flat = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+        sizes = np.diff(offsets)
+    else:
+        flat = np.frombuffer(b"".join(bytes(x) for x in column), np.uint8)
+        sizes = np.array([len(x) for x in column])
+    if not (sizes == per_image).all():
+        raise ValueError(f"decode_images: images of shape {list(shape)} need {per_image} bytes each, "
+                         f"found sizes {sorted(set(sizes.tolist()))[:5]}")
+    return flat.reshape(n, *shape).copy()
+
+
+def load_prepared(dir_uri: str, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """A whole split of a prepared artifact in memory: {'id', 'image' [N,H,W,C], 'label' or 'attrs'}."""
+    manifest = read_manifest(dir_uri, "prepare")
+    files = [s["file"] for s in manifest["shards"] if s["split"] == split]
+    _check(bool(files), f"{dir_uri}: no '{split}' split (has {sorted(manifest['counts'])})")
+    table = pa.concat_tables([read_table(join(dir_uri, f)) for f in files]).slice(0, limit)
+    target = "label" if "label" in table.column_names else "attrs"
+    values = table[target].combine_chunks()
+    targets = (values.to_numpy() if target == "label" else
+               values.flatten().to_numpy().reshape(len(values), -1))
+    return {"id": np.array(table["id"].to_pylist()), "image": decode_images(table, manifest["image_shape"]),
+            target: targets}
+
+
+# ---------------------------------------------------------------- the prepare stage
+
+def _reusable(out: str, config: dict) -> dict | None:
+    """The manifest of a complete artifact made with ``config``; None if absent or incomplete."""
+    if not exists(join(out, MANIFEST)):
+        return None
+    manifest = read_manifest(out)
+    _check(manifest.get("stage") == "prepare", f"{out}: holds a '{manifest.get('stage')}' artifact, not "
+                                               "prepared data; pass another --out")
+    old = manifest.get("config", {})
+    if old != config:
+        diff = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} now"
+                         for k in sorted(old.keys() | config.keys()) if old.get(k) != config.get(k))
+        raise FisherError(f"{out}: already prepared with a different config ({diff}); "
+                          "pass another --out or delete that directory")
+    return manifest if all(exists(join(out, s["file"])) for s in manifest["shards"]) else None
+
+
+def _remove_shards(out: str) -> None:
+    """Delete shard files (ours by name) and the manifest: leftovers of an interrupted or failed run."""
+    if not is_dir(out):
+        return
+    fs, _ = resolve(out)
+    for uri in list_files(out):
+        name = uri.rsplit("/", 1)[-1]
+        if SHARD_RE.match(name) or name == MANIFEST:
+            fs.delete_file(resolve(uri)[1])
+
+
+def _write_artifact(out: str, config: dict, splits: dict, shard_size: int, extra: dict) -> dict:
+    """Write all shards, then the manifest; on any failure remove what was written."""
+    try:
+        shards = [s for split, (ids, images, targets) in splits.items()
+                  for s in write_shards(out, split, ids, images, targets, shard_size)]
+        image_shape = next(list(images.shape[1:]) for _, images, _ in splits.values())
+        return write_manifest(out, "prepare", config, shards=shards, image_shape=image_shape,
+                              counts={split: len(ids) for split, (ids, _, _) in splits.items()},
+                              columns=["id", "image", "label" if config["dataset"] == "mnist" else "attrs", "split"],
+                              **extra)
+    except BaseException:
+        _remove_shards(out)
+        raise
+
+
+def _prepare(out: str, cfg: MnistConfig | CelebaConfig, build: Callable[[], tuple[dict, dict]]) -> tuple[dict, bool]:
+    config = json.loads(json.dumps(cfg.to_dict()))
+    manifest = _reusable(out, config)
+    if manifest is not None:
+        return manifest, True
+    splits, extra = build()                   # everything decoded and validated before any write
+    _remove_shards(out)
+    return _write_artifact(out, config, splits, cfg.shard_size, extra), False
+
+
+def prepare_mnist(cfg: MnistConfig, out: str) -> tuple[dict, bool]:
+    """Binarize MNIST into shards under ``out``; returns (manifest, True if it was already prepared)."""
+    return _prepare(out, cfg, lambda: _build_mnist(cfg))
+
+
+def prepare_celeba(cfg: CelebaConfig, out: str, mapper: Mapper | None = None) -> tuple[dict, bool]:
+    """Crop/resize/bit-reduce CelebA into shards under ``out``; returns (manifest, already prepared).
+
+    ``mapper(fn, chunks)`` runs ``fn`` over lists of image URIs and yields results in order
+    (default: the built-in ``map``; the CLI passes a process pool's map with progress).
+    """
+    return _prepare(out, cfg, lambda: _build_celeba(cfg, mapper))

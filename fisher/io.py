@@ -1,0 +1,168 @@
+"""Artifact I/O: local or remote (``s3://``, ``gs://``) paths through pyarrow
+filesystems, atomic writes, and the JSON manifest every artifact carries
+(DESIGN.md, "Data flow and formats").
+
+Every artifact is a directory holding data files plus ``manifest.json``:
+which stage made it, with which config and seeds, from which inputs (by
+manifest hash), with which library versions. Writes go to a temporary name
+first and are renamed into place, so a killed job never leaves a file that
+looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+
+
+class FisherError(Exception):
+    """A user-facing error: one line naming the input and what to do."""
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path) for a local path or a URI pyarrow knows."""
+    uri = str(uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise FisherError(f"{uri}: cannot open this location ({e}); pass a local path or an s3:// or gs:// URI") from e
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri).rstrip("/")
+    return "/".join([uri, *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly under directory ``uri`` ending in ``suffix``, sorted, as URIs."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FisherError(f"{uri}: not a directory; pass the artifact directory a previous stage wrote")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+                   and not i.base_name.startswith("."))
+    return [join(uri, n) for n in names]
+
+
+def _tmp_name(path: str) -> str:
+    head, tail = path.rsplit("/", 1) if "/" in path else ("", path)
+    tmp = f".{tail}.tmp-{uuid.uuid4().hex[:12]}"
+    return f"{head}/{tmp}" if head else tmp
+
+
+def atomic_write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` under a temporary name, then rename it into place."""
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = _tmp_name(path)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FisherError(f"{uri}: file not found") from e
+
+
+def atomic_write_table(uri: str, table: pa.Table) -> None:
+    """Write an Arrow table as one Parquet file, atomically."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(uri, buf.getvalue())
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(uri)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError as e:
+        raise FisherError(f"{uri}: file not found") from e
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FisherError(f"{uri}: not a readable Parquet file ({str(e).splitlines()[0]}); "
+                          "delete it and rerun the stage that wrote it") from e
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import torch
+    out = {"python": platform.python_version(), "numpy": numpy.__version__,
+           "pyarrow": pa.__version__, "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+        out["fisher-ray"] = version("fisher-ray")
+    except Exception:
+        pass
+    return out
+
+
+def write_manifest(dir_uri: str, stage: str, config: dict, inputs: dict[str, str] | None = None,
+                   **extra: Any) -> dict:
+    """Write ``manifest.json`` (atomically) into artifact directory ``dir_uri``.
+
+    ``inputs`` maps a role ("prior", "data") to the input artifact's manifest hash.
+    """
+    manifest = {"stage": stage, "config": config, "inputs": inputs or {},
+                "versions": library_versions(), **extra}
+    atomic_write_bytes(join(dir_uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest
+
+
+def read_manifest(dir_uri: str, stage: str | None = None) -> dict:
+    uri = join(dir_uri, MANIFEST)
+    if not exists(uri):
+        what = f"a '{stage}' artifact" if stage else "an artifact"
+        raise FisherError(f"{dir_uri}: no {MANIFEST}; this is not {what} (run `fisher {stage or '<stage>'}` to make one)")
+    try:
+        manifest = json.loads(read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise FisherError(f"{uri}: corrupt manifest ({e}); rerun the stage that wrote it") from e
+    if stage is not None and manifest.get("stage") != stage:
+        raise FisherError(f"{dir_uri}: made by stage '{manifest.get('stage')}', expected '{stage}'")
+    return manifest
+
+
+def manifest_hash(manifest: dict) -> str:
+    """Content hash identifying an artifact (its manifest without library versions)."""
+    core = {k: v for k, v in manifest.items() if k != "versions"}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
