@@ -188,6 +188,11 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     Returns ``Tensor[B, n_features]`` without a projection, ``Tensor[B, dim]``
     with one, or a list of those with a list of projections (all computed
     from the same gradient pass).
+
+    Images are processed ``chunk_size`` at a time; with a projection the last
+    chunk is padded to full size, so every product has the same shapes and an
+    image's embedding is bitwise identical whatever the batch it came in
+    (for a given ``chunk_size``; keep it a multiple of 16 so SIMD lanes align).
     """
     model.eval()
     single = isinstance(projection, SparseProjection)
@@ -201,6 +206,9 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     results = []
     for start in range(0, x.shape[0], chunk_size):
         xc = x[start:start + chunk_size]
+        rows = xc.shape[0]
+        if stack is not None and rows < chunk_size:      # fixed shapes: bitwise batch-size invariance
+            xc = torch.cat([xc, xc[:1].expand(chunk_size - rows, *xc.shape[1:])])
         if plan is None:
             blocks = [(0, fisher_scores_vmap(model, xc))]
         else:
@@ -213,7 +221,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
         for offset, g in blocks:
             contrib = stack.project(g, offset)
             zs = contrib if zs is None else [a + b for a, b in zip(zs, contrib)]
-        results.append(zs)
+        results.append([z[:rows] for z in zs])
     if stack is None:
         return torch.cat(results) if results else torch.zeros(0, n_features(model))
     out = [torch.cat([r[i] for r in results]) for i in range(len(projs))]

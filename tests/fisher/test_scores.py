@@ -1,0 +1,99 @@
+"""Exact per-image Fisher scores against a one-backward-per-image reference."""
+import pytest
+import torch
+
+from fisher.models import PixelCNN
+from fisher.projection import SparseProjection
+from fisher.scores import (activations, fisher_scores, fisher_scores_reference, fisher_scores_vmap,
+                           free_masks, n_features)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def binary_model():
+    torch.manual_seed(0)
+    return PixelCNN(n_layers=3, filters=8, kernel_size=5).eval()
+
+
+@pytest.fixture(scope="module")
+def rgb_model():
+    torch.manual_seed(1)
+    return PixelCNN(channels=3, levels=32, n_layers=2, filters=9).eval()
+
+
+def test_n_features_counts_only_free_weights(binary_model):
+    m = binary_model
+    total = sum(p.numel() for p in m.parameters())
+    pinned = sum(int((mod.mask == 0).sum()) for mod in [*m.hidden_layers, m.output])
+    assert n_features(m) == total - pinned
+    # kernel 5, mask A: 12 free taps; mask B: 13 free taps
+    assert int(m.hidden_layers[0].mask[0, 0].sum()) == 12 and int(m.hidden_layers[1].mask[0, 0].sum()) == 13
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_binary_matches_reference(binary_model, chunk):
+    x = torch.randint(0, 2, (6, 1, 12, 12))
+    ref = fisher_scores_reference(binary_model, x)
+    assert rel_err(fisher_scores(binary_model, x, chunk_size=chunk), ref) <= 1e-5
+
+
+def test_rgb_channel_masks_match_reference(rgb_model):
+    x = torch.randint(0, 32, (4, 3, 8, 8))
+    ref = fisher_scores_reference(rgb_model, x)
+    assert rel_err(fisher_scores(rgb_model, x), ref) <= 1e-5
+    assert rel_err(fisher_scores_vmap(rgb_model, x), ref) <= 1e-5
+
+
+def test_pinned_weights_have_zero_gradient(binary_model):
+    """The excluded entries really are pinned: their full gradient is exactly zero."""
+    x = torch.randint(0, 2, (2, 1, 12, 12))
+    masks = free_masks(binary_model)
+    grads = torch.autograd.grad(binary_model.log_prob(x).sum(), list(binary_model.parameters()))
+    for (name, _), g in zip(binary_model.named_parameters(), grads):
+        assert torch.all(g[~masks[name]] == 0), name
+
+
+def test_score_is_gradient_of_log_prob_not_nll(binary_model):
+    x = torch.randint(0, 2, (1, 1, 12, 12))
+    g = fisher_scores(binary_model, x)[0]
+    bias = binary_model.output.bias
+    eps = 1e-3
+    with torch.no_grad():
+        bias += eps
+        up = binary_model.log_prob(x)
+        bias -= 2 * eps
+        down = binary_model.log_prob(x)
+        bias += eps
+    assert float(g[-1]) == pytest.approx(float((up - down) / (2 * eps)), rel=1e-2)
+
+
+def test_projected_scores_equal_projection_of_scores(binary_model):
+    x = torch.randint(0, 2, (5, 1, 12, 12))
+    n = n_features(binary_model)
+    projs = [SparseProjection(n, 64, None, seed=0), SparseProjection(n, 32, 1.0, seed=0)]
+    g = fisher_scores(binary_model, x)
+    zs = fisher_scores(binary_model, x, projs)
+    for z, p in zip(zs, projs):
+        assert torch.allclose(z, g @ p.dense().t(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(fisher_scores(binary_model, x, projs[0]), zs[0])
+
+
+def test_embedding_independent_of_batch_size(binary_model):
+    x = torch.randint(0, 2, (11, 1, 12, 12))
+    p = SparseProjection(n_features(binary_model), 48, seed=2)
+    full = fisher_scores(binary_model, x, p, chunk_size=16)
+    for rows in (slice(3, 7), slice(10, 11), slice(0, 11)):
+        assert torch.equal(fisher_scores(binary_model, x[rows], p, chunk_size=16), full[rows])
+    halves = torch.cat([fisher_scores(binary_model, x[:5], p, chunk_size=16),
+                        fisher_scores(binary_model, x[5:], p, chunk_size=16)])
+    assert torch.equal(halves, full)
+
+
+def test_activations_are_last_hidden_layer(binary_model):
+    x = torch.randint(0, 2, (3, 1, 12, 12))
+    a = activations(binary_model, x)
+    assert a.shape == (3, 8 * 12 * 12)
+    assert torch.all(a >= 0)                              # after ReLU
