@@ -105,10 +105,13 @@ def read_bytes(uri: str) -> bytes:
         raise FisherError(f"{uri}: file not found") from e
 
 
+ROW_GROUP = 1024   # rows per Parquet row group: lets readers split a shard into several blocks
+
+
 def atomic_write_table(uri: str, table: pa.Table) -> None:
-    """Write an Arrow table as one Parquet file, atomically."""
+    """Write an Arrow table as one Parquet file (row groups of ``ROW_GROUP`` rows), atomically."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP)
     atomic_write_bytes(uri, buf.getvalue())
 
 

@@ -14,9 +14,9 @@ so the masked-out weights are pinned (their gradient is exactly zero) and
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -125,53 +125,64 @@ def to_model_input(images, device=None) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous().long().to(device)
 
 
-def nll_report(model: PixelCNN, log_prob: torch.Tensor, image_shape) -> dict:
-    """NLL in nats/image and bits/dim (the paper reports nats for MNIST, bits/dim for CelebA)."""
-    import math
-    nats = float(-log_prob.mean())
-    dims = int(torch.tensor(image_shape).prod())
-    return {"nll_nats": nats, "bits_per_dim": nats / (dims * math.log(2))}
-
-
 WEIGHTS, CONFIG = "weights.pt", "model.json"
 
 
-def save_prior(model: PixelCNN, directory) -> None:
-    """Weights as a plain state dict (loaded with ``weights_only=True``) plus the config as JSON."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / WEIGHTS)
-    (d / CONFIG).write_text(json.dumps({"arch": "pixelcnn", **asdict(model.config)}, indent=2))
+def prior_files(model: PixelCNN) -> dict[str, bytes]:
+    """A prior checkpoint's files: weights as a plain state dict of tensors, config as JSON."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return {WEIGHTS: buf.getvalue(),
+            CONFIG: json.dumps({"arch": "pixelcnn", **asdict(model.config)}, indent=2).encode()}
 
 
-def load_prior(directory, map_location="cpu") -> PixelCNN:
-    """Load a prior saved by :func:`save_prior`; never unpickles code."""
+def save_prior(model: PixelCNN, directory: str) -> None:
+    """Write :func:`prior_files` into ``directory`` (local path or URI), atomically per file."""
+    from fisher.io import atomic_write_bytes, join
+    for name, data in prior_files(model).items():
+        atomic_write_bytes(join(str(directory), name), data)
+
+
+def prior_from_files(files: dict[str, bytes], where: str = "checkpoint", map_location="cpu") -> PixelCNN:
+    """Build a PixelCNN from checkpoint files; never unpickles code (``weights_only=True``)."""
     from fisher.io import FisherError
-    d = Path(directory)
     try:
-        cfg = json.loads((d / CONFIG).read_text())
-    except FileNotFoundError as e:
-        raise FisherError(f"{d / CONFIG}: missing; pass a prior checkpoint directory made by `fisher train`") from e
+        cfg = json.loads(files[CONFIG])
+    except KeyError as e:
+        raise FisherError(f"{where}/{CONFIG}: missing; pass a prior checkpoint directory made by `fisher train-prior`") from e
+    except json.JSONDecodeError as e:
+        raise FisherError(f"{where}/{CONFIG}: not valid JSON ({e})") from e
     arch = cfg.pop("arch", None)
     if arch != "pixelcnn":
-        raise FisherError(f"{d / CONFIG}: unknown architecture {arch!r}; expected 'pixelcnn'")
+        raise FisherError(f"{where}/{CONFIG}: unknown architecture {arch!r}; expected 'pixelcnn'")
     try:
         model = PixelCNN(PixelCNNConfig(**cfg))
     except (TypeError, ValueError) as e:
-        raise FisherError(f"{d / CONFIG}: invalid model config ({e})") from e
+        raise FisherError(f"{where}/{CONFIG}: invalid model config ({e})") from e
+    if WEIGHTS not in files:
+        raise FisherError(f"{where}/{WEIGHTS}: missing; the checkpoint is incomplete, rerun `fisher train-prior`")
     try:
-        state = torch.load(d / WEIGHTS, map_location=map_location, weights_only=True)
-    except FileNotFoundError as e:
-        raise FisherError(f"{d / WEIGHTS}: missing; the checkpoint is incomplete, rerun `fisher train`") from e
-    except Exception as e:  # pickle with code, corrupt file, ...
-        raise FisherError(f"{d / WEIGHTS}: not a plain weights file ({str(e).splitlines()[0][:120]}); "
+        state = torch.load(io.BytesIO(files[WEIGHTS]), map_location=map_location, weights_only=True)
+    except Exception as e:  # a pickle carrying code, a corrupt file, ...
+        raise FisherError(f"{where}/{WEIGHTS}: not a plain weights file ({str(e).splitlines()[0][:120]}); "
                           "only state dicts of tensors are loaded") from e
+    if not isinstance(state, dict):
+        raise FisherError(f"{where}/{WEIGHTS}: not a state dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise FisherError(f"{d / WEIGHTS}: does not match the architecture in {CONFIG} "
-                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from e
+        lines = str(e).splitlines()
+        raise FisherError(f"{where}/{WEIGHTS}: does not match the architecture in {CONFIG} "
+                          f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from e
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FisherError(f"{d / WEIGHTS}: tensor '{name}' holds NaN or Inf; retrain or use an earlier checkpoint")
+            raise FisherError(f"{where}/{WEIGHTS}: tensor '{name}' holds NaN or Inf; retrain or use an earlier checkpoint")
     return model.eval()
+
+
+def load_prior(directory: str, map_location="cpu") -> PixelCNN:
+    """Load a prior saved by :func:`save_prior` from a local path or URI."""
+    from fisher.io import exists, join, read_bytes
+    directory = str(directory)
+    files = {n: read_bytes(join(directory, n)) for n in (WEIGHTS, CONFIG) if exists(join(directory, n))}
+    return prior_from_files(files, directory, map_location)
