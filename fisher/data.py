@@ -24,16 +24,18 @@ import io
 import json
 import re
 import urllib.request
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 from PIL import Image
 
 from fisher.io import (MANIFEST, FisherError, atomic_write_bytes, atomic_write_table, exists, is_dir, join,
-                       list_files, read_bytes, read_manifest, read_table, resolve, write_manifest)
+                       list_files, read_manifest, read_table, resolve, write_manifest)
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}   # also CelebA's list_eval_partition.txt codes
 MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -44,7 +46,7 @@ CELEBA_CROP = (25, 45, 153, 173)                    # (left, top, right, bottom)
 CELEBA_ATTRS, CELEBA_PARTITION, CELEBA_IMAGES = "list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"
 N_ATTRS = 40
 SHAPE_KEY = b"image_shape"
-SHARD_RE = re.compile(r"^(train|val|test)-\d{5}\.parquet$")
+SHARD_RE = re.compile(r"^\.?(train|val|test)-\d{5}\.parquet(\.tmp-[0-9a-f]+)?$")   # with atomic-write temps
 DECODE_CHUNK = 64          # CelebA files per decoding task
 SKIPPED_LISTED = 10        # bad images named in the manifest
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -95,7 +97,10 @@ class CelebaConfig:
     def __post_init__(self):
         object.__setattr__(self, "src", _norm_src(self.src))
         object.__setattr__(self, "crop", tuple(self.crop))
-        side = self.crop[2] - self.crop[0]
+        left, top, right, bottom = self.crop
+        side = right - left
+        _check(0 <= left < right <= CELEBA_IMAGE_SIZE[0] and 0 <= top < bottom <= CELEBA_IMAGE_SIZE[1]
+               and bottom - top == side, f"crop {self.crop}: must be a square box inside the 178x218 image")
         _check(1 <= self.size <= side, f"--size {self.size}: must be between 1 and the crop side {side}")
         _check(1 <= self.bits <= 8, f"--bits {self.bits}: must be between 1 and 8")
         _check_common(self.shard_size, self.limit)
@@ -114,10 +119,20 @@ def _check_common(shard_size: int, limit: int | None) -> None:
 
 # ---------------------------------------------------------------- MNIST
 
+def _read_raw(uri: str) -> bytes:
+    """File bytes as stored (pyarrow would otherwise gunzip ``*.gz`` files by their extension)."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path, compression=None) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FisherError(f"{uri}: file not found") from e
+
+
 def read_idx(path_or_uri: str) -> np.ndarray:
     """Read an idx file (gzip or raw), checking the magic number and the size."""
     uri = str(path_or_uri)
-    data = read_bytes(uri)
+    data = _read_raw(uri)
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
@@ -201,7 +216,7 @@ def _build_mnist(cfg: MnistConfig) -> tuple[dict, dict]:
 def _read_lines(uri: str) -> list[str]:
     _check(exists(uri), f"{uri}: file not found; {_CELEBA_SRC_HINT}")
     try:
-        return read_bytes(uri).decode("utf-8").splitlines()
+        return _read_raw(uri).decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise FisherError(f"{uri}: not a text file ({e}); use the official CelebA file") from e
 
@@ -218,21 +233,40 @@ def read_celeba_attrs(uri: str) -> tuple[list[str], dict[str, np.ndarray]]:
     names = lines[1].split()
     if len(names) != N_ATTRS:
         raise _line_error(uri, 2, f"expected {N_ATTRS} attribute names, found {len(names)}")
-    rows, values = {}, []
-    for lineno, line in enumerate(lines[2:], start=3):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != N_ATTRS + 1:
-            raise _line_error(uri, lineno, f"expected {N_ATTRS + 1} columns, found {len(parts)}")
-        if not set(parts[1:]) <= {"1", "-1"}:
+    rows = [(lineno, *line.strip().partition(" ")[::2]) for lineno, line in enumerate(lines[2:], start=3)
+            if line.strip()]
+    if len(rows) != int(lines[0]):
+        raise FisherError(f"{uri} line 1: says {int(lines[0])} rows, found {len(rows)}; "
+                          "the file is truncated, use the official CelebA file")
+    values = _parse_signs(rows)
+    if values is None:
+        _raise_first_bad_row(uri, rows)
+    table = (values + 1) // 2
+    return names, {name: table[i] for i, (_, name, _) in enumerate(rows)}
+
+
+def _parse_signs(rows: list[tuple[int, str, str]]) -> np.ndarray | None:
+    """Fast path: all rows' values as int8 [n, 40] in {-1, 1}, or None if anything is off."""
+    if any(rest.count("1") != N_ATTRS for _, _, rest in rows):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            values = np.fromstring(" ".join(rest for _, _, rest in rows), np.int8, sep=" ")
+        except (ValueError, DeprecationWarning):
+            return None
+    ok = values.size == len(rows) * N_ATTRS and np.isin(values, (-1, 1)).all()
+    return values.reshape(len(rows), N_ATTRS) if ok else None
+
+
+def _raise_first_bad_row(uri: str, rows: list[tuple[int, str, str]]) -> None:
+    for lineno, _, rest in rows:
+        values = rest.split()
+        if len(values) != N_ATTRS:
+            raise _line_error(uri, lineno, f"expected {N_ATTRS + 1} columns, found {len(values) + 1}")
+        if not set(values) <= {"1", "-1"}:
             raise _line_error(uri, lineno, "attribute values must be 1 or -1")
-        rows[parts[0]] = len(values)
-        values.append(parts[1:])
-    _check(len(rows) == int(lines[0]), f"{uri} line 1: says {int(lines[0])} rows, found {len(rows)}; "
-                                       "the file is truncated, use the official CelebA file")
-    table = (np.array(values, dtype=np.int8).reshape(-1, N_ATTRS) + 1) // 2
-    return names, {name: table[i] for name, i in rows.items()}
+    raise FisherError(f"{uri}: unreadable attribute values; use the official CelebA file")
 
 
 def read_celeba_partition(uri: str) -> dict[str, str]:
@@ -253,7 +287,7 @@ def load_celeba_image(uri: str, size: int = 128, bits: int = 5, crop: tuple = CE
     """One aligned CelebA JPEG → uint8 [size, size, 3] in [0, 2**bits): crop, BOX resize, bit reduction."""
     _check(exists(uri), f"{uri}: file not found; {_SKIP_HINT}")
     try:
-        with Image.open(io.BytesIO(read_bytes(uri))) as im:
+        with Image.open(io.BytesIO(_read_raw(uri))) as im:
             im.load()                                   # decode fully: truncated files fail here
             _check(im.size == CELEBA_IMAGE_SIZE, f"{uri}: image is {im.size[0]}x{im.size[1]}, expected "
                                                  f"178x218 (aligned img_align_celeba); {_SKIP_HINT}")
@@ -454,14 +488,13 @@ def _reusable(out: str, config: dict) -> dict | None:
 
 
 def _remove_shards(out: str) -> None:
-    """Delete shard files (ours by name) and the manifest: leftovers of an interrupted or failed run."""
-    if not is_dir(out):
+    """Delete shards, their temporary files and the manifest: leftovers of a killed or failed run."""
+    fs, path = resolve(out)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
         return
-    fs, _ = resolve(out)
-    for uri in list_files(out):
-        name = uri.rsplit("/", 1)[-1]
-        if SHARD_RE.match(name) or name == MANIFEST:
-            fs.delete_file(resolve(uri)[1])
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if SHARD_RE.match(info.base_name) or info.base_name == MANIFEST:
+            fs.delete_file(info.path)
 
 
 def _write_artifact(out: str, config: dict, splits: dict, shard_size: int, extra: dict) -> dict:

@@ -31,11 +31,16 @@ class PriorTrainConfig:
         return cls(model=PixelCNNConfig(**d.pop("model")), **d)
 
 
-def train_step(model: PixelCNN, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    """One Adam step on the mean NLL of batch ``x``; returns that NLL (nats/image)."""
+def train_step(model: PixelCNN, opt: torch.optim.Optimizer, x: torch.Tensor,
+               net: torch.nn.Module | None = None) -> float:
+    """One Adam step on the mean NLL of batch ``x``; returns that NLL (nats/image).
+
+    ``net`` is the module to call for the logits when it wraps ``model``
+    (DistributedDataParallel all-reduces gradients in its backward pass).
+    """
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = -model.log_prob(x).mean()
+    loss = -model.log_prob_from_logits((net or model)(x), x).mean()
     loss.backward()
     opt.step()
     return float(loss)

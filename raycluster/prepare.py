@@ -18,7 +18,9 @@ from tqdm import tqdm
 from fisher import data
 from fisher.io import FisherError, join
 
-_CELEBA_DEFAULTS = {f.name: f.default for f in fields(data.CelebaConfig)}
+_MNIST = {f.name: f.default for f in fields(data.MnistConfig)}
+_CELEBA = {f.name: f.default for f in fields(data.CelebaConfig)}
+_OUTPUT_OPTIONS = {"mnist": ("seed", "shard_size", "limit"), "celeba": ("size", "bits", "skip_bad", "shard_size", "limit")}
 
 
 def register(subparsers) -> None:
@@ -32,24 +34,23 @@ def register(subparsers) -> None:
                         "for celeba (required) the folder with img_align_celeba/, list_attr_celeba.txt and "
                         "list_eval_partition.txt")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (local path, s3:// or gs:// URI)")
-    p.add_argument("--seed", type=int, default=0, help="MNIST binarization seed (default 0; CelebA is deterministic)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="rows per Parquet shard (default 10000)")
-    p.add_argument("--size", type=int, help=f"celeba: output side in pixels (default {_CELEBA_DEFAULTS['size']}; "
-                                            "64 or 32 for small runs)")
-    p.add_argument("--bits", type=int, help=f"celeba: bits kept per sub-pixel (default {_CELEBA_DEFAULTS['bits']})")
+    p.add_argument("--seed", type=int, help=f"mnist: Bernoulli binarization seed (default {_MNIST['seed']})")
+    p.add_argument("--shard-size", type=int, metavar="ROWS",
+                   help=f"rows per Parquet shard (default {_MNIST['shard_size']})")
+    p.add_argument("--size", type=int, help=f"celeba: output side in pixels after the 128x128 crop "
+                                            f"(default {_CELEBA['size']}; 64 or 32 for small runs)")
+    p.add_argument("--bits", type=int, help=f"celeba: bits kept per sub-pixel (default {_CELEBA['bits']})")
     p.add_argument("--skip-bad", action="store_true",
                    help="celeba: skip unreadable or wrongly sized images (counted in the manifest) instead of failing")
     p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help=f"celeba: JPEG decoding processes (default: CPU count, here {os.cpu_count()})")
+                   help=f"celeba: JPEG decoding processes (default: the CPU count, here {os.cpu_count()})")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N images of each split (small runs)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.dataset == "mnist":
-        manifest, reused = _run_mnist(args)
-    else:
-        manifest, reused = _run_celeba(args)
+    options = _options(args)
+    manifest, reused = _run_mnist(args, options) if args.dataset == "mnist" else _run_celeba(args, options)
     counts = ", ".join(f"{split} {manifest['counts'][split]}" for split in data.SPLIT_CODES
                        if split in manifest["counts"])
     if reused:
@@ -61,28 +62,33 @@ def run(args: argparse.Namespace) -> dict:
     return manifest
 
 
-def _run_mnist(args) -> tuple[dict, bool]:
-    given = [flag for flag, value in (("--size", args.size), ("--bits", args.bits), ("--skip-bad", args.skip_bad))
-             if value not in (None, False)]
-    if given:
-        raise FisherError(f"{', '.join(given)}: celeba only; MNIST is prepared as 28x28 binarized images")
+def _options(args) -> dict:
+    """The config options given on the command line; refuses those the dataset does not use."""
+    given = {name: value for name in {n for names in _OUTPUT_OPTIONS.values() for n in names}
+             if (value := getattr(args, name)) not in (None, False)}
+    unused = sorted(f"--{name.replace('_', '-')}" for name in given if name not in _OUTPUT_OPTIONS[args.dataset])
+    if unused:
+        raise FisherError(f"{', '.join(unused)}: not used for {args.dataset}; "
+                          "MNIST takes --seed, CelebA takes --size, --bits and --skip-bad")
+    return given
+
+
+def _run_mnist(args, options: dict) -> tuple[dict, bool]:
     src = args.src or join(args.out, "raw")
-    cfg = data.MnistConfig(src=src, seed=args.seed, shard_size=args.shard_size, limit=args.limit)
+    cfg = data.MnistConfig(src=src, **options)
     if args.src is None:
-        print(f"fisher prepare: MNIST idx files in {src} (downloading any that are missing)", file=sys.stderr)
+        print(f"MNIST idx files: {src} (downloading any that are missing)")
         data.mnist_download(src)
     return data.prepare_mnist(cfg, args.out)
 
 
-def _run_celeba(args) -> tuple[dict, bool]:
+def _run_celeba(args, options: dict) -> tuple[dict, bool]:
     if args.src is None:
         raise FisherError("--src: required for celeba; pass the folder holding img_align_celeba/, "
                           "list_attr_celeba.txt and list_eval_partition.txt")
     if args.workers is None or args.workers < 1:
         raise FisherError(f"--workers {args.workers}: must be >= 1")
-    options = {k: v for k, v in (("size", args.size), ("bits", args.bits)) if v is not None}
-    cfg = data.CelebaConfig(src=args.src, shard_size=args.shard_size, limit=args.limit,
-                            skip_bad=args.skip_bad, **options)
+    cfg = data.CelebaConfig(src=args.src, **options)
     with _progress_pool(args.workers) as mapper:
         return data.prepare_celeba(cfg, args.out, mapper=mapper)
 

@@ -1,0 +1,118 @@
+"""Embeddings z = P·e(x) of images (paper sec. 3.4 and 4.1).
+
+``e(x)`` is the Fisher score ∇_θ log p_θ(x) (kind ``fisher``) or, for the
+baseline, the prior's last hidden activations (kind ``activation``); ``P`` is
+a seeded sparse projection (:mod:`fisher.projection`). Several (dim, density)
+pairs come from one gradient pass. Optional standardization and PCA (paper
+sec. 4.2: 16384 → 4096) are fitted on the train split and then applied
+identically to every split.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from fisher.models import PixelCNN, to_model_input
+from fisher.projection import ProjectionStack, SparseProjection
+from fisher.scores import DEFAULT_CHUNK, activations, fisher_scores, n_features
+
+KINDS = ("fisher", "activation")
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """One requested projection: output dim and density (None = 1/sqrt(n_features))."""
+    dim: int = 16384
+    density: float | None = None
+
+    def column(self, single: bool) -> str:
+        if single:
+            return "z"
+        dens = "auto" if self.density is None else f"{self.density:g}"
+        return f"z_d{self.dim}_p{dens}"
+
+
+def feature_count(model: PixelCNN, kind: str, image_shape) -> int:
+    """Length of the unprojected embedding for ``kind`` on images of ``image_shape`` (H, W, C)."""
+    if kind == "fisher":
+        return n_features(model)
+    h, w = image_shape[:2]
+    return model.config.filters * h * w
+
+
+class Embedder:
+    """Maps uint8 images (N, H, W, C) to {column: float32 array (N, dim)}.
+
+    Builds its projections once from (seed, n_features, dim, density), so every
+    process that constructs an Embedder with the same arguments computes the
+    same embeddings.
+    """
+
+    def __init__(self, model: PixelCNN, kind: str, specs: list[EmbedSpec], image_shape,
+                 seed: int = 0, chunk_size: int = DEFAULT_CHUNK, device: str = "cpu"):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        self.model, self.kind, self.device, self.chunk = model.to(device).eval(), kind, device, chunk_size
+        n = feature_count(model, kind, image_shape)
+        self.n_features = n
+        self.projections = [SparseProjection(n, s.dim, s.density, seed) for s in specs]
+        self.columns = [s.column(len(specs) == 1) for s in specs]
+        self._stack = ProjectionStack(self.projections)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = to_model_input(images, self.device)
+        if self.kind == "fisher":
+            zs = fisher_scores(self.model, x, self.projections, chunk_size=self.chunk)
+        else:
+            zs = None
+            for start in range(0, x.shape[0], self.chunk):
+                a = activations(self.model, x[start:start + self.chunk])
+                part = self._stack.project(a)
+                zs = part if zs is None else [torch.cat([u, v]) for u, v in zip(zs, part)]
+        return {c: z.detach().cpu().numpy().astype(np.float32, copy=False) for c, z in zip(self.columns, zs)}
+
+    def describe(self) -> dict:
+        return {"n_features": self.n_features, "chunk_size": self.chunk,
+                "columns": {c: {"dim": p.dim, "density": p.density, "seed": p.seed}
+                            for c, p in zip(self.columns, self.projections)}}
+
+
+@dataclass
+class Transform:
+    """Standardization and/or PCA fitted on train embeddings: z' = ((z - mean) / std) @ components.T"""
+    mean: np.ndarray
+    std: np.ndarray
+    components: np.ndarray | None = None
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        out = (z - self.mean) / self.std
+        if self.components is not None:
+            out = out @ self.components.T
+        return out.astype(np.float32)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def fit_transform(z_train: np.ndarray, standardize: bool = True, pca_dim: int | None = None,
+                  seed: int = 0) -> Transform:
+    """Fit standardization (per-coordinate mean/std) and optional PCA on the train split.
+
+    Without ``standardize`` only the mean is removed before PCA. PCA uses a
+    seeded randomized SVD (exact when ``pca_dim`` is close to the width).
+    """
+    z = torch.from_numpy(np.asarray(z_train, dtype=np.float32))
+    mean = z.mean(0)
+    std = z.std(0).clamp_min(1e-8) if standardize else torch.ones_like(mean)
+    comps = None
+    if pca_dim:
+        if pca_dim > min(z.shape):
+            from fisher.io import FisherError
+            raise FisherError(f"--pca {pca_dim}: larger than the embedding ({z.shape[1]}) or the train split ({z.shape[0]})")
+        zc = (z - mean) / std
+        torch.manual_seed(seed)
+        _, _, v = torch.svd_lowrank(zc, q=min(pca_dim + 10, min(z.shape)), niter=4)
+        comps = v[:, :pca_dim].T.contiguous().numpy()
+    return Transform(mean.numpy(), std.numpy(), comps)

@@ -1,0 +1,263 @@
+"""``fisher embed``: Fisher-score (or activation) embeddings with Ray Data.
+
+Shards stream to a pool of actors (``ActorPoolStrategy``; one GPU each when
+``--gpu``, fractional CPUs otherwise). Every actor loads the prior and builds
+the seeded projections once (:class:`fisher.embedding.Embedder`), so all
+actors on all machines apply the same matrices. Rows are collected per input
+shard and written as one Parquet shard with the same name (``id`` plus one
+float32 column per projection, sorted by id), atomically, as soon as the shard
+is complete. Existing output shards are skipped, so rerunning an interrupted
+command finishes only what is missing and gives the same bytes.
+
+All (dim, density) pairs requested (``--dim 64,256 --density 0.01,auto``
+gives their product) come from one gradient pass. Optional standardization
+and PCA are fitted on the train split afterwards and stored as
+``transform.npz``; they add a ``<column>_t`` column to every shard.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fisher.io import (MANIFEST, FisherError, atomic_write_bytes, atomic_write_table, exists, join, list_files,
+                       manifest_hash, read_bytes, read_manifest, read_table, resolve, write_manifest)
+from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
+
+PLAN = "_plan.json"     # written first: what this directory is being filled with
+
+
+def _dims(text: str) -> list[int]:
+    try:
+        dims = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dim {text!r}: expected integers like 16384 or 64,256,1024")
+    if any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"--dim {text!r}: dimensions must be >= 1")
+    return dims
+
+
+def _densities(text: str) -> list[float | None]:
+    out = []
+    for t in text.split(","):
+        if t == "auto":
+            out.append(None)
+            continue
+        try:
+            d = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--density {t!r}: expected a number in (0, 1] or 'auto'")
+        if not 0 < d <= 1:
+            raise argparse.ArgumentTypeError(f"--density {t}: must be in (0, 1] (or 'auto' for 1/sqrt(n_features))")
+        out.append(d)
+    return out
+
+
+def register(sub) -> None:
+    p = sub.add_parser("embed", help="Fisher-score or activation embeddings of prepared shards (Ray Data)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prior", required=True, help="prior checkpoint directory (from `fisher train-prior`)")
+    p.add_argument("--data", required=True, help="prepared data directory (from `fisher prepare`)")
+    p.add_argument("--out", required=True, help="embedding directory to write (local path or s3:// gs:// URI)")
+    p.add_argument("--kind", choices=("fisher", "activation"), default="fisher",
+                   help="Fisher scores (the method) or last hidden activations (the paper's baseline)")
+    p.add_argument("--dim", type=_dims, default=[16384], help="projection dimension(s), comma separated (paper: 16384)")
+    p.add_argument("--density", type=_densities, default=[None],
+                   help="projection density(ies) in (0, 1], comma separated; 'auto' = 1/sqrt(n_features)")
+    p.add_argument("--seed", type=int, default=0, help="projection seed (same seed = same matrix everywhere)")
+    p.add_argument("--splits", default=None, help="comma-separated splits to embed (default: all)")
+    p.add_argument("--standardize", action="store_true", help="standardize each coordinate (fitted on train)")
+    p.add_argument("--pca", type=int, default=None, help="reduce to this many PCA components (fitted on train)")
+    p.add_argument("--actors", type=int, default=1, help="actors in the pool")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per actor (fractional allowed)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per Ray Data batch")
+    p.add_argument("--chunk-size", type=int, default=32,
+                   help="images per gradient pass inside a batch (memory bound; part of the bitwise result)")
+    add_ray_args(p)
+    p.set_defaults(func=run)
+
+
+class _ScoreActor:
+    """Ray Data actor: one Embedder per process, applied to pyarrow batches."""
+
+    def __init__(self, prior: str, kind: str, specs: list, shape, seed: int, chunk: int, threads: int, gpu: bool):
+        import torch
+
+        from fisher.embedding import EmbedSpec, Embedder
+        from fisher.models import load_prior
+        torch.set_num_threads(threads)
+        device = "cuda" if gpu else "cpu"
+        self.shape = shape
+        self.embedder = Embedder(load_prior(prior), kind, [EmbedSpec(**s) for s in specs], shape,
+                                 seed=seed, chunk_size=chunk, device=device)
+
+    def __call__(self, batch: pa.Table) -> dict:
+        from fisher.data import decode_images
+        out = self.embedder(decode_images(batch, self.shape))
+        return {"id": np.asarray(batch["id"].to_pylist(), dtype=object),
+                "path": np.asarray(batch["path"].to_pylist(), dtype=object), **out}
+
+
+def _shard_table(ids: np.ndarray, columns: dict[str, np.ndarray], meta: dict) -> pa.Table:
+    order = np.argsort(ids, kind="stable")
+    cols = {"id": pa.array(ids[order].tolist(), pa.string())}
+    for name, z in columns.items():
+        z = np.ascontiguousarray(z[order], dtype=np.float32)
+        cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), z.shape[1])
+    return pa.table(cols).replace_schema_metadata({b"fisher": json.dumps(meta).encode()})
+
+
+def read_embeddings(dir_uri: str, split: str, column: str = "z") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, Z float32 [N, dim]) of one split of an embedding directory, in id order."""
+    manifest = read_manifest(dir_uri, "embed")
+    files = [join(dir_uri, s) for s in manifest["shards"] if s.startswith(split + "-")]
+    if column not in manifest["columns"]:
+        raise FisherError(f"{dir_uri}: no column '{column}' (has {', '.join(manifest['columns'])})")
+    tables = [read_table(f, ["id", column]) for f in files]
+    ids = np.concatenate([np.asarray(t["id"].to_pylist()) for t in tables]) if tables else np.zeros(0, str)
+    zs = [t[column].combine_chunks() for t in tables]
+    z = np.concatenate([a.flatten().to_numpy().reshape(len(a), -1) for a in zs]) if zs else np.zeros((0, 0), np.float32)
+    return ids, z
+
+
+def run(args) -> None:
+    from fisher.embedding import EmbedSpec, feature_count
+    from fisher.models import load_prior
+
+    data_manifest = read_manifest(args.data, "prepare")
+    prior_manifest = read_manifest(args.prior, "train-prior")
+    if prior_manifest.get("inputs", {}).get("data") not in (None, manifest_hash(data_manifest)):
+        print(f"note: {args.prior} was trained on other data than {args.data}", flush=True)
+    shape = data_manifest["image_shape"]
+    model = load_prior(args.prior)
+    specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)]
+    n = feature_count(model, args.kind, shape)
+    splits = args.splits.split(",") if args.splits else sorted({s["split"] for s in data_manifest["shards"]})
+    shards = [s for s in data_manifest["shards"] if s["split"] in splits]
+    if not shards:
+        raise FisherError(f"{args.data}: no shards for splits {splits}")
+    if args.chunk_size < 1 or args.batch_size < 1 or args.actors < 1:
+        raise FisherError("--chunk-size, --batch-size and --actors must be >= 1")
+    plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,
+            "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
+            "prior": manifest_hash(prior_manifest), "data": manifest_hash(data_manifest)}
+    _claim(args.out, plan)
+
+    todo = [s for s in shards if not exists(join(args.out, s["file"]))]
+    print(f"embed: {len(shards) - len(todo)} of {len(shards)} shards already done; "
+          f"{args.kind} features n={n}; columns "
+          + ", ".join(s.column(len(specs) == 1) for s in specs), flush=True)
+    started = time.time()
+    if todo:
+        _embed_shards(args, todo, shape, plan, init_ray(args))
+    elapsed = time.time() - started
+
+    columns = {s.column(len(specs) == 1): {"dim": s.dim, "density": s.density if s.density else 1 / n ** 0.5}
+               for s in specs}
+    extra = {}
+    if args.standardize or args.pca:
+        extra["transform"] = _fit_and_apply(args, shards, list(columns))
+        columns.update({f"{c}_t": {"dim": args.pca or columns[c]["dim"], "transformed_from": c} for c in list(columns)})
+    write_manifest(args.out, "embed", plan, inputs={"prior": plan["prior"], "data": plan["data"]},
+                   prior=args.prior, data=args.data, columns=columns, image_shape=shape,
+                   shards=[s["file"] for s in shards],
+                   counts={sp: sum(_rows(args.data, s) for s in shards if s["split"] == sp) for sp in splits},
+                   projection={"family": "li2006-sparse-eq1", "seed": args.seed, "n_features": n,
+                               "generator": "numpy default_rng([seed, block, dim, density*2^40]), 65536-column blocks"},
+                   seconds=round(elapsed, 2), **extra)
+    print(f"embeddings written to {args.out}", flush=True)
+
+
+def _rows(data_dir: str, shard: dict) -> int:
+    if "rows" in shard:
+        return int(shard["rows"])
+    fs, path = resolve(join(data_dir, shard["file"]))
+    return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+
+
+def _claim(out: str, plan: dict) -> None:
+    """Record what ``out`` is being filled with; refuse a directory filled with something else."""
+    uri = join(out, PLAN)
+    if exists(uri):
+        old = json.loads(read_bytes(uri))
+        if old != plan:
+            diff = ", ".join(k for k in sorted(plan) if old.get(k) != plan.get(k))
+            raise FisherError(f"{out}: holds embeddings made with a different {diff} "
+                              f"(prior {old.get('prior')} vs {plan['prior']}); pass a new --out")
+    elif exists(join(out, MANIFEST)):
+        raise FisherError(f"{out}: holds another artifact; pass a new --out")
+    else:
+        atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())
+
+
+def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) -> None:
+    from ray.data import ActorPoolStrategy
+    from tqdm import tqdm
+
+    files = [join(args.data, s["file"]) for s in todo]
+    expected = {s["file"]: _rows(args.data, s) for s in todo}
+    ds = read_shards(files, ["id", "image", "path"], include_paths=True)
+    threads = 1 if args.gpu else max(1, worker_threads(resources, args.actors))
+    ds = ds.map_batches(
+        _ScoreActor, batch_size=args.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(prior=args.prior, kind=args.kind, specs=plan["specs"], shape=shape,
+                                   seed=args.seed, chunk=args.chunk_size, threads=threads, gpu=args.gpu),
+        compute=ActorPoolStrategy(size=args.actors),
+        num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor)
+    pending: dict[str, list] = {}
+    meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
+    bar = tqdm(total=sum(expected.values()), desc="embed", unit="img")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for path in np.unique(batch["path"]):
+            name = str(path).rsplit("/", 1)[-1]
+            sel = batch["path"] == path
+            pending.setdefault(name, []).append({k: v[sel] for k, v in batch.items() if k != "path"})
+            got = sum(len(p["id"]) for p in pending[name])
+            if got == expected[name]:
+                parts = pending.pop(name)
+                ids = np.concatenate([p["id"] for p in parts])
+                cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "id"}
+                atomic_write_table(join(args.out, name), _shard_table(ids, cols, meta))
+        bar.update(len(batch["id"]))
+    bar.close()
+    if pending:
+        raise FisherError(f"{args.out}: shards {sorted(pending)} received fewer rows than their inputs hold; rerun")
+
+
+def _fit_and_apply(args, shards: list[dict], columns: list[str]) -> dict:
+    """Fit standardization/PCA per column on the train split; add ``<column>_t`` to every shard."""
+    from fisher.embedding import fit_transform
+    train = [s["file"] for s in shards if s["split"] == "train"]
+    if not train:
+        raise FisherError("--standardize/--pca need the train split among --splits")
+    transforms, arrays = {}, {}
+    for c in columns:
+        z = np.concatenate([_column(read_table(join(args.out, f), [c])[c]) for f in train])
+        t = fit_transform(z, standardize=args.standardize, pca_dim=args.pca, seed=args.seed)
+        transforms[c] = t
+        arrays.update({f"{c}.{k}": v for k, v in t.arrays().items()})
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(join(args.out, "transform.npz"), buf.getvalue())
+    for s in shards:
+        uri = join(args.out, s["file"])
+        table = read_table(uri)
+        for c, t in transforms.items():
+            if f"{c}_t" in table.column_names:
+                table = table.drop_columns([f"{c}_t"])
+            z = t(_column(table[c]))
+            table = table.append_column(f"{c}_t", pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), z.shape[1]))
+        atomic_write_table(uri, table)
+    return {"file": "transform.npz", "standardize": args.standardize, "pca": args.pca, "fitted_on": "train"}
+
+
+def _column(col) -> np.ndarray:
+    a = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return a.flatten().to_numpy().reshape(len(a), -1)

@@ -1,0 +1,47 @@
+"""Starting or joining Ray, and the options every stage shares."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' inside `ray job submit`); default: start a local Ray")
+    g.add_argument("--num-cpus", type=int, default=None,
+                   help="logical CPUs for a local Ray (default: this machine's cores)")
+
+
+def init_ray(args) -> dict:
+    """Join ``--address`` or start a local Ray bound to loopback; returns the cluster resources."""
+    import ray
+    if not ray.is_initialized():
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
+                     _node_ip_address="127.0.0.1", configure_logging=False)
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = True
+    return ray.cluster_resources()
+
+
+def worker_threads(resources: dict, workers: int) -> int:
+    """Torch threads per worker: the cluster's CPUs shared among the workers (at least 1)."""
+    return max(1, int(resources.get("CPU", 1)) // max(workers, 1))
+
+
+def read_shards(files: list[str], columns: list[str], include_paths: bool = False):
+    """Ray Dataset over Parquet shards, split into row-group-sized blocks.
+
+    Ray Data packs Parquet files into 128 MiB read units, which would turn a
+    small dataset into a single block (and a single busy actor); shards are
+    written with small row groups (``fisher.io.ROW_GROUP``) and read one row
+    group per unit.
+    """
+    import ray.data
+    os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(1 << 20))
+    return ray.data.read_parquet(files, include_paths=include_paths).select_columns(columns)
