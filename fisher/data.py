@@ -40,6 +40,7 @@ from fisher.io import (MANIFEST, FisherError, atomic_write_bytes, atomic_write_t
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}   # also CelebA's list_eval_partition.txt codes
 MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+MNIST_NAMES = tuple(name for pair in MNIST_FILES.values() for name in pair)
 MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 CELEBA_IMAGE_SIZE = (178, 218)                      # (width, height) of img_align_celeba
 CELEBA_CROP = (25, 45, 153, 173)                    # (left, top, right, bottom): 128x128 face box
@@ -50,6 +51,7 @@ SHARD_RE = re.compile(r"^\.?(train|val|test)-\d{5}\.parquet(\.tmp-[0-9a-f]+)?$")
 DECODE_CHUNK = 64          # CelebA files per decoding task
 SKIPPED_LISTED = 10        # bad images named in the manifest
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MNIST_SRC_HINT = f"pass --src with a directory holding the four MNIST idx .gz files ({', '.join(MNIST_NAMES)})"
 _CELEBA_SRC_HINT = (f"pass --src with the CelebA folder holding {CELEBA_IMAGES}/, {CELEBA_ATTRS} "
                     f"and {CELEBA_PARTITION}")
 _SKIP_HINT = "replace the file or pass --skip-bad to skip bad images"
@@ -119,20 +121,20 @@ def _check_common(shard_size: int, limit: int | None) -> None:
 
 # ---------------------------------------------------------------- MNIST
 
-def _read_raw(uri: str) -> bytes:
+def _read_raw(uri: str, hint: str) -> bytes:
     """File bytes as stored (pyarrow would otherwise gunzip ``*.gz`` files by their extension)."""
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError as e:
-        raise FisherError(f"{uri}: file not found") from e
+        raise FisherError(f"{uri}: file not found; {hint}") from e
 
 
 def read_idx(path_or_uri: str) -> np.ndarray:
     """Read an idx file (gzip or raw), checking the magic number and the size."""
     uri = str(path_or_uri)
-    data = _read_raw(uri)
+    data = _read_raw(uri, _MNIST_SRC_HINT)
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
@@ -166,7 +168,7 @@ def binarize(images: np.ndarray, seed: int, split: str, start_index: int = 0) ->
 
 def mnist_download(dir_uri: str) -> str:
     """Download the four MNIST idx .gz files into ``dir_uri`` where absent (torchvision's mirrors)."""
-    for name in (n for pair in MNIST_FILES.values() for n in pair):
+    for name in MNIST_NAMES:
         target = join(dir_uri, name)
         if exists(target):
             continue
@@ -179,21 +181,14 @@ def mnist_download(dir_uri: str) -> str:
             except (OSError, http.client.HTTPException) as e:
                 errors.append(f"{mirror}: {e}")
         else:
-            raise FisherError(f"{target}: missing and could not be downloaded ({'; '.join(errors)}); pass --src "
-                              f"with a directory holding the four MNIST idx .gz files ({', '.join(_mnist_names())})")
+            raise FisherError(f"{target}: missing and could not be downloaded ({'; '.join(errors)}); "
+                              f"{_MNIST_SRC_HINT}")
     return dir_uri
-
-
-def _mnist_names() -> list[str]:
-    return [n for pair in MNIST_FILES.values() for n in pair]
 
 
 def load_mnist_split(src: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grey images [N,28,28] uint8 and labels [N] int64 of one MNIST split, validated."""
     img_uri, lab_uri = (join(src, n) for n in MNIST_FILES[split])
-    for uri in (img_uri, lab_uri):
-        _check(exists(uri), f"{uri}: file not found; pass --src with a directory holding the four MNIST idx "
-                            f".gz files ({', '.join(_mnist_names())})")
     images, labels = read_idx(img_uri), read_idx(lab_uri)
     _check(images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == (28, 28),
            f"{img_uri}: expected uint8 images of shape [N, 28, 28], found {images.dtype} {list(images.shape)}")
@@ -214,9 +209,8 @@ def _build_mnist(cfg: MnistConfig) -> tuple[dict, dict]:
 # ---------------------------------------------------------------- CelebA
 
 def _read_lines(uri: str) -> list[str]:
-    _check(exists(uri), f"{uri}: file not found; {_CELEBA_SRC_HINT}")
     try:
-        return _read_raw(uri).decode("utf-8").splitlines()
+        return _read_raw(uri, _CELEBA_SRC_HINT).decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise FisherError(f"{uri}: not a text file ({e}); use the official CelebA file") from e
 
@@ -285,9 +279,9 @@ def read_celeba_partition(uri: str) -> dict[str, str]:
 
 def load_celeba_image(uri: str, size: int = 128, bits: int = 5, crop: tuple = CELEBA_CROP) -> np.ndarray:
     """One aligned CelebA JPEG → uint8 [size, size, 3] in [0, 2**bits): crop, BOX resize, bit reduction."""
-    _check(exists(uri), f"{uri}: file not found; {_SKIP_HINT}")
+    raw = _read_raw(uri, _SKIP_HINT)
     try:
-        with Image.open(io.BytesIO(_read_raw(uri))) as im:
+        with Image.open(io.BytesIO(raw)) as im:
             im.load()                                   # decode fully: truncated files fail here
             _check(im.size == CELEBA_IMAGE_SIZE, f"{uri}: image is {im.size[0]}x{im.size[1]}, expected "
                                                  f"178x218 (aligned img_align_celeba); {_SKIP_HINT}")
@@ -401,23 +395,20 @@ def write_shards(out_uri: str, split: str, ids: list[str], images: np.ndarray, l
         raise ValueError(f"write_shards: need images [N,H,W,C] and N ids/targets, got {images.shape}, "
                          f"{len(ids)} ids, {targets.shape} targets")
     order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-    ids, images, targets = [ids[i] for i in order], images[order], targets[order]
-    if targets.ndim == 1:
-        target_field, target_type = pa.field("label", pa.int64()), pa.int64()
-    else:
-        target_field = pa.field("attrs", pa.list_(pa.int8(), targets.shape[1]))
-        target_type = target_field.type
+    if (order != np.arange(len(order))).any():          # the builders pass sorted ids: no copy then
+        ids, images, targets = [ids[i] for i in order], images[order], targets[order]
+    target_field = (pa.field("label", pa.int64()) if targets.ndim == 1 else
+                    pa.field("attrs", pa.list_(pa.int8(), targets.shape[1])))
     schema = pa.schema([("id", pa.string()), ("image", pa.binary()), target_field, ("split", pa.string())],
                        metadata={SHAPE_KEY: json.dumps(list(images.shape[1:])).encode()})
     shards = []
     for k, start in enumerate(range(0, len(ids), shard_size)):
         sl = slice(start, start + shard_size)
         t = targets[sl]
-        target_col = (pa.array(t.astype(np.int64)) if t.ndim == 1 else
-                      pa.FixedSizeListArray.from_arrays(pa.array(t.astype(np.int8).ravel()), t.shape[1]))
-        table = pa.Table.from_arrays([pa.array(ids[sl], pa.string()), _binary_column(images[sl]),
-                                      target_col.cast(target_type), pa.array([split] * len(t), pa.string())],
-                                     schema=schema)
+        target_col = (pa.array(t, pa.int64()) if t.ndim == 1 else
+                      pa.FixedSizeListArray.from_arrays(pa.array(t.ravel(), pa.int8()), type=target_field.type))
+        table = pa.Table.from_arrays([pa.array(ids[sl], pa.string()), _binary_column(images[sl]), target_col,
+                                      pa.array([split] * len(t), pa.string())], schema=schema)
         atomic_write_table(join(out_uri, shard_name(split, k)), table)
         shards.append({"file": shard_name(split, k), "split": split, "rows": len(t)})
     return shards

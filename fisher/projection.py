@@ -55,12 +55,15 @@ def validate(n_features: int, dim: int, density: float | None) -> float:
 
 
 def _block_columns(seed: int, dim: int, density: float, block: int, ncols: int):
-    """(column-major sorted) non-zero positions and signs of one generation block."""
+    """Non-zero positions (column-major, sorted) and their signs for one generation block.
+
+    At density 1 every entry is non-zero and only the (ncols, dim) signs are returned.
+    """
     key = [int(seed), int(block), int(dim), int(round(density * 2**40))]
     rng = np.random.default_rng(key)
     total = dim * ncols
-    if density >= 1.0:
-        pos = np.arange(total, dtype=np.int64)
+    if density >= 1.0:                      # every entry non-zero: signs only, (ncols, dim)
+        return None, (rng.integers(0, 2, size=(ncols, dim), dtype=np.int8) * 2 - 1).astype(np.int8)
     else:
         chunks, end = [], -1
         expected = total * density
@@ -88,22 +91,28 @@ class SparseProjection:
         for b, start in enumerate(range(0, n_features, BLOCK)):
             ncols = min(BLOCK, n_features - start)
             pos, sg = _block_columns(seed, dim, density, b, ncols)
+            if pos is None:
+                signs.append(sg)
+                continue
             col, row = np.divmod(pos, dim)
             counts = np.bincount(col, minlength=ncols)
             indptr.append(indptr[-1][-1] + np.cumsum(counts))
             rows.append(row.astype(np.int32))
             signs.append(sg)
+        self._signs = np.concatenate(signs) if signs else np.zeros(0, np.int8)
+        self._dense = density >= 1.0     # then _signs is (n, dim): feature i's column of P
         self._indptr = np.concatenate(indptr)                  # CSC over the n columns
         self._rows = np.concatenate(rows) if rows else np.zeros(0, np.int32)
-        self._signs = np.concatenate(signs) if signs else np.zeros(0, np.int8)
         self._stack: ProjectionStack | None = None
 
     @property
     def nnz(self) -> int:
-        return int(self._rows.size)
+        return int(self._signs.size)
 
-    def columns(self, start: int, stop: int) -> sp.csc_matrix:
-        """Columns ``[start, stop)`` of ``P`` as a SciPy CSC matrix (values ±scale)."""
+    def columns(self, start: int, stop: int) -> sp.csc_matrix | np.ndarray:
+        """Columns ``[start, stop)`` of ``P`` (values ±scale): SciPy CSC, or a dense array at density 1."""
+        if self._dense:
+            return np.ascontiguousarray(self._signs[start:stop].T, dtype=np.float32) * np.float32(self.scale)
         lo, hi = self._indptr[start], self._indptr[stop]
         data = self._signs[lo:hi].astype(np.float32) * np.float32(self.scale)
         return sp.csc_matrix((data, self._rows[lo:hi], self._indptr[start:stop + 1] - lo),
@@ -113,7 +122,8 @@ class SparseProjection:
         """The whole ``dim × n_features`` matrix, for small sizes (tests, inspection)."""
         if self.dim * self.n_features > 50_000_000:
             raise ValueError("dense() is for small projections; use project()")
-        return torch.from_numpy(self.columns(0, self.n_features).toarray())
+        cols = self.columns(0, self.n_features)
+        return torch.from_numpy(cols if isinstance(cols, np.ndarray) else cols.toarray())
 
     def project(self, g: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Project ``g`` (B × m) holding features ``[offset, offset+m)``; returns (B × dim).
@@ -126,7 +136,7 @@ class SparseProjection:
         return self._stack.project(g, offset)[0]
 
 
-def _as_operator(m: sp.spmatrix, dense: bool, device):
+def _as_operator(blocks: list, dense: bool, device):
     """A stacked column block in the fastest form for ``device``.
 
     Dense members: a torch matrix. Sparse members on the CPU: SciPy CSC, whose
@@ -135,7 +145,8 @@ def _as_operator(m: sp.spmatrix, dense: bool, device):
     gradient row for every non-zero. On GPUs: torch CSR (cuSPARSE).
     """
     if dense:
-        return torch.from_numpy(m.toarray()).to(device)
+        return torch.from_numpy(np.vstack([b if isinstance(b, np.ndarray) else b.toarray() for b in blocks])).to(device)
+    m = sp.vstack(blocks)
     if torch.device(device).type == "cpu":
         return m.tocsc()
     m = m.tocsr()
@@ -166,7 +177,7 @@ class ProjectionStack:
             for dense in (False, True):
                 idx = [i for i, p in enumerate(self.projections) if (p.density > DENSE_ABOVE) == dense]
                 if idx:
-                    parts.append((idx, _as_operator(sp.vstack([cols[i] for i in idx]), dense, device)))
+                    parts.append((idx, _as_operator([cols[i] for i in idx], dense, device)))
             self._cache[key] = parts
         return self._cache[key]
 

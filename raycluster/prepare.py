@@ -20,7 +20,8 @@ from fisher.io import FisherError, join
 
 _MNIST = {f.name: f.default for f in fields(data.MnistConfig)}
 _CELEBA = {f.name: f.default for f in fields(data.CelebaConfig)}
-_OUTPUT_OPTIONS = {"mnist": ("seed", "shard_size", "limit"), "celeba": ("size", "bits", "skip_bad", "shard_size", "limit")}
+_OUTPUT_OPTIONS = {"mnist": ("seed", "shard_size", "limit"),          # options that go into each config
+                   "celeba": ("size", "bits", "skip_bad", "shard_size", "limit")}
 
 
 def register(subparsers) -> None:

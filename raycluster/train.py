@@ -124,7 +124,9 @@ def run(args) -> None:
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "limit": args.limit}
     data_hash = manifest_hash(data_manifest)
-    _check_previous(args.out, stage_config, data_hash)
+    if _finished(args.out, stage_config, data_hash):
+        print(f"{args.out}: already trained with this config and data; nothing to do")
+        return
 
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -153,14 +155,16 @@ def run(args) -> None:
           f"{result.metrics['test_bits_per_dim']:.4f} bits/dim")
 
 
-def _check_previous(out: str, stage_config: dict, data_hash: str) -> None:
-    """Refuse to mix runs: an existing output must come from the same config and data."""
+def _finished(out: str, stage_config: dict, data_hash: str) -> bool:
+    """True if ``out`` holds this exact finished run; an error if it holds another one."""
     from fisher.io import MANIFEST, exists
-    if exists(join(out, MANIFEST)):
-        old = read_manifest(out)
-        if old.get("stage") != "train-prior" or old.get("config") != stage_config or \
-                old.get("inputs", {}).get("data") != data_hash:
-            raise FisherError(f"{out}: holds a prior trained with another config or data; pass a new --out")
+    if not exists(join(out, MANIFEST)):
+        return False
+    old = read_manifest(out)
+    if old.get("stage") != "train-prior" or old.get("config") != stage_config or \
+            old.get("inputs", {}).get("data") != data_hash:
+        raise FisherError(f"{out}: holds a prior trained with another config or data; pass a new --out")
+    return True
 
 
 def _publish(result, out: str) -> None:
