@@ -99,7 +99,7 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except FileNotFoundError as e:
         raise FisherError(f"{uri}: file not found") from e
@@ -127,15 +127,13 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-    import torch
-    out = {"python": platform.python_version(), "numpy": numpy.__version__,
-           "pyarrow": pa.__version__, "torch": torch.__version__}
-    try:
-        from importlib.metadata import version
-        out["fisher-ray"] = version("fisher-ray")
-    except Exception:
-        pass
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for name in ("fisher-ray", "torch", "numpy", "pyarrow", "ray"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
     return out
 
 

@@ -121,8 +121,8 @@ class PixelCNN(nn.Module):
 
 def to_model_input(images, device=None) -> torch.Tensor:
     """uint8 images (N, H, W, C) as stored in shards → long tensor (N, C, H, W)."""
-    t = torch.as_tensor(images)
-    return t.permute(0, 3, 1, 2).contiguous().long().to(device)
+    t = torch.as_tensor(images).permute(0, 3, 1, 2)
+    return torch.empty(t.shape, dtype=torch.long).copy_(t).to(device)   # plain NCHW strides, also for C=1
 
 
 WEIGHTS, CONFIG = "weights.pt", "model.json"

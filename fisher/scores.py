@@ -180,6 +180,14 @@ def _blocks(model: nn.Module, plan: list[_ConvBlock], x: torch.Tensor):
             yield block.b_offset, delta.sum((2, 3))
 
 
+def _standard_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with plain row-major strides. A 1-channel NHWC→NCHW permute is 'contiguous' but
+    keeps channels-last strides, which makes oneDNN pick another conv algorithm (other round-off)."""
+    if x.stride() == torch.empty(x.shape, device="meta").stride():
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def fisher_scores(model: nn.Module, x: torch.Tensor,
                   projection: SparseProjection | list[SparseProjection] | None = None,
                   chunk_size: int = DEFAULT_CHUNK):
@@ -195,6 +203,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     (for a given ``chunk_size``; keep it a multiple of 16 so SIMD lanes align).
     """
     model.eval()
+    x = _standard_strides(x)
     single = isinstance(projection, SparseProjection)
     projs = [projection] if single else list(projection or [])
     for p in projs:

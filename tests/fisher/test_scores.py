@@ -97,3 +97,12 @@ def test_activations_are_last_hidden_layer(binary_model):
     a = activations(binary_model, x)
     assert a.shape == (3, 8 * 12 * 12)
     assert torch.all(a >= 0)                              # after ReLU
+
+
+def test_embedding_independent_of_memory_layout(binary_model):
+    """A 1-channel NHWC→NCHW permute keeps channels-last strides; scores must not change."""
+    x = torch.randint(0, 2, (20, 1, 12, 12))
+    odd = torch.from_numpy(x.numpy().transpose(0, 2, 3, 1).copy()).permute(0, 3, 1, 2)
+    assert odd.stride() != x.stride()
+    p = SparseProjection(n_features(binary_model), 32, seed=0)
+    assert torch.equal(fisher_scores(binary_model, odd, p, chunk_size=16), fisher_scores(binary_model, x, p, chunk_size=16))

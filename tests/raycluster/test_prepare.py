@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATA
 from fisher import data
 from raycluster import cli
 
@@ -46,8 +47,9 @@ def test_mnist_full(tmp_path, mnist_dir, capsys):
     out = tmp_path / "mnist"
     assert cli.main(["prepare", "mnist", "--src", str(mnist_dir), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    counts = {"train": 60000, "test": 10000} if len(data.read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")) == 10000 \
-        else {"train": 600, "test": 100}
+    counts = {split: len(data.read_idx(mnist_dir / labels)) for split, (_, labels) in data.MNIST_FILES.items()}
+    if mnist_dir == SHARED_DATA / "mnist":
+        assert counts == {"train": 60000, "test": 10000}
     assert manifest["stage"] == "prepare" and manifest["counts"] == counts
     assert manifest["image_shape"] == [28, 28, 1] and manifest["levels"] == 2 and manifest["config"]["seed"] == 0
     for split, n in counts.items():

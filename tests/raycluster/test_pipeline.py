@@ -1,0 +1,119 @@
+"""prepare → train-prior → embed through the ``fisher`` CLI on real MNIST (small slice).
+
+One local Ray instance serves the whole module. Checks the issue's "done"
+criteria: exact scores against a one-backward-per-image reference, eq. 1
+projection, bitwise identity across batch sizes and actor counts, idempotent
+reruns, refusal of mismatched inputs, PCA/standardization fitted on train.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fisher.data import load_prepared
+from fisher.models import load_prior, to_model_input
+from fisher.projection import SparseProjection
+from fisher.scores import fisher_scores_reference, n_features
+from raycluster import cli
+from raycluster.embed import read_embeddings
+
+N = 192          # images per split
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mnist_dir):
+    import ray
+    root = tmp_path_factory.mktemp("pipeline")
+    data, prior = root / "data", root / "prior"
+    assert cli.main(["prepare", "mnist", "--src", str(mnist_dir), "--out", str(data),
+                     "--limit", str(N), "--shard-size", "64"]) == 0
+    assert cli.main(["train-prior", "--data", str(data), "--out", str(prior), "--epochs", "1",
+                     "--layers", "2", "--filters", "8", "--batch-size", "32"]) == 0
+    yield root
+    ray.shutdown()
+
+
+def _embed(root, out, *extra):
+    return cli.main(["embed", "--prior", str(root / "prior"), "--data", str(root / "data"),
+                     "--out", str(root / out), "--dim", "48,96", "--density", "auto,1", *extra])
+
+
+def _digests(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.parquet"))}
+
+
+def test_prior_trained_and_loadable(run):
+    manifest = json.loads((run / "prior" / "manifest.json").read_text())
+    assert manifest["stage"] == "train-prior" and manifest["metrics"]["epoch"] == 1
+    assert np.isfinite(manifest["metrics"]["test_nll_nats"])
+    model = load_prior(run / "prior")
+    assert model.config.n_layers == 2 and model.config.filters == 8
+    # rerunning the same command is a no-op
+    assert cli.main(["train-prior", "--data", str(run / "data"), "--out", str(run / "prior"), "--epochs", "1",
+                     "--layers", "2", "--filters", "8", "--batch-size", "32"]) == 0
+
+
+def test_embeddings_exact_and_invariant(run, capsys):
+    assert _embed(run, "emb_a", "--actors", "1", "--batch-size", "64") == 0
+    assert _embed(run, "emb_b", "--actors", "2", "--batch-size", "40") == 0
+    a, b = _digests(run / "emb_a"), _digests(run / "emb_b")
+    assert len(a) == 6 and a == b                       # bitwise identical across batch sizes and actors
+
+    manifest = json.loads((run / "emb_a" / "manifest.json").read_text())
+    assert set(manifest["columns"]) == {"z_d48_pauto", "z_d48_p1", "z_d96_pauto", "z_d96_p1"}
+    assert manifest["counts"] == {"train": N, "test": N}
+
+    model = load_prior(run / "prior")
+    n = n_features(model)
+    images = load_prepared(str(run / "data"), "test")
+    ids, z = read_embeddings(str(run / "emb_a"), "test", "z_d96_pauto")
+    assert list(ids) == sorted(images["id"].tolist())
+    order = np.argsort(images["id"])[:6]
+    g_ref = fisher_scores_reference(model, to_model_input(images["image"][order]))
+    P = SparseProjection(n, 96, None, seed=0).dense()
+    z_ref = (g_ref @ P.t()).numpy()
+    rel = np.linalg.norm(z[:6] - z_ref) / np.linalg.norm(z_ref)
+    assert rel <= 1e-4
+    # the eq. 1 projection approximately preserves norms of real scores (JL)
+    ratio = (z_ref ** 2).sum(1) / (g_ref.numpy() ** 2).sum(1)
+    assert 0.5 < ratio.mean() < 1.5
+
+    # rerun: everything already there, same bytes
+    capsys.readouterr()
+    assert _embed(run, "emb_a", "--actors", "1", "--batch-size", "64") == 0
+    assert "6 of 6 shards already done" in capsys.readouterr().out
+    assert _digests(run / "emb_a") == a
+
+
+def test_embed_refuses_other_projection_seed(run, capsys):
+    assert _embed(run, "emb_seed", "--splits", "test") == 0
+    capsys.readouterr()
+    assert _embed(run, "emb_seed", "--splits", "test", "--seed", "1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "emb_seed" in err[0] and "seed" in err[0]
+
+
+def test_activation_baseline_with_pca(run):
+    assert cli.main(["embed", "--prior", str(run / "prior"), "--data", str(run / "data"), "--out",
+                     str(run / "act"), "--kind", "activation", "--dim", "64", "--standardize", "--pca", "16"]) == 0
+    _, z = read_embeddings(str(run / "act"), "train", "z")
+    _, zt = read_embeddings(str(run / "act"), "train", "z_t")
+    _, zt_test = read_embeddings(str(run / "act"), "test", "z_t")
+    assert z.shape == (N, 64) and zt.shape == (N, 16) and zt_test.shape == (N, 16)
+    assert np.allclose(zt.mean(0), 0, atol=1e-3)              # centred on train
+    # PCA components are orthonormal and ordered by explained variance
+    var = zt.var(0)
+    assert np.all(np.diff(var) <= 1e-3)
+    model = load_prior(run / "prior")
+    images = load_prepared(str(run / "data"), "train")
+    h = model.hidden(to_model_input(images["image"][:1])).detach().flatten(1)
+    assert h.shape[1] == 8 * 28 * 28
+    with torch.no_grad():
+        P = SparseProjection(h.shape[1], 64, None, seed=0)
+        first = np.argsort(images["id"])[0]
+        z_one = P.project(model.hidden(to_model_input(images["image"][first:first + 1])).flatten(1))
+    assert np.allclose(z[0], z_one.numpy()[0], rtol=1e-4, atol=1e-5)
