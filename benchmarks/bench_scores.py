@@ -1,0 +1,190 @@
+"""Per-sample Fisher scores: speed and memory against the obvious approaches.
+
+All numbers come from one run on the same batch of real (binarized) MNIST
+test images with the paper's 5-layer PixelCNN (kernel 7, 64 filters):
+
+  train step      one plain batched step: forward + backward of the summed NLL
+  naive loop      one backward per image (the slow reference)
+  torch.func      vmap(grad) over the batch (what most users reach for)
+  scores          fisher.scores.fisher_scores, unprojected [B, n_features]
+  scores+proj     ... with the 16384-dim projection at density 1/sqrt(n)
+  grid (12)       the paper's 12 density x dimension cells from one pass
+  memory check    scores+proj at 4x the batch: peak memory must not grow
+
+Each method runs in a fresh process: a cold run gives its peak memory (growth
+of the resident set, VmHWM after resetting it, caches included), a warm run
+its time. Then Ray Data
+embedding throughput (`fisher embed`, one actor) against the same Embedder
+in-process. Ratios are what to read; this machine is shared and noisy.
+
+    python benchmarks/bench_scores.py                  # everything (~10 min on 2 cores)
+    python benchmarks/bench_scores.py --skip-ray --batch 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+GRID_DIMS, GRID_DENSITIES = (64, 256, 1024), (0.001, 0.01, 0.1, 1.0)
+
+
+def _images(src: str, n: int):
+    from fisher.data import binarize, load_mnist_split
+    grey, _ = load_mnist_split(src, "test", limit=n)
+    return binarize(grey, seed=0, split="test")[..., None]
+
+
+def _rss_reset() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _status(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(method: str, src: str, batch: int, threads: int, q) -> None:
+    import torch
+
+    from fisher.models import PixelCNN, to_model_input
+    from fisher.projection import SparseProjection
+    from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = PixelCNN().eval()
+    x = to_model_input(_images(src, batch))
+    n = n_features(model)
+    setup = time.perf_counter()
+    projs = None
+    if method in ("scores+proj", "memory check"):
+        projs = SparseProjection(n, 16384, None, seed=0)
+    elif method == "grid (12)":
+        projs = [SparseProjection(n, d, p, seed=0) for d in GRID_DIMS for p in GRID_DENSITIES]
+    setup = time.perf_counter() - setup
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        (-model.log_prob(x).sum()).backward()
+
+    run = {
+        "train step": train_step,
+        "naive loop": lambda: fisher_scores_reference(model, x),
+        "torch.func": lambda: torch.cat([fisher_scores_vmap(model, x[i:i + 32]) for i in range(0, len(x), 32)]),
+        "scores": lambda: fisher_scores(model, x),
+        "scores+proj": lambda: fisher_scores(model, x, projs),
+        "grid (12)": lambda: fisher_scores(model, x, projs),
+        "memory check": lambda: fisher_scores(model, x, projs),
+    }[method]
+    base = _rss_reset()                              # cold run: peak memory, caches included
+    out = run()
+    peak = _status("VmHWM") - base
+    del out
+    t = time.perf_counter()                          # warm run: time
+    run()
+    seconds = time.perf_counter() - t
+    q.put({"method": method, "batch": batch, "seconds": seconds, "peak_mb": peak / 2**20,
+           "setup_seconds": setup, "n_features": n})
+
+
+def measure(method: str, src: str, batch: int, threads: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(method, src, batch, threads, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
+    """`fisher embed` through Ray Data (1 actor) vs the same Embedder in-process."""
+    import numpy as np
+    import ray
+    import torch
+
+    from fisher.data import MnistConfig, load_prepared, prepare_mnist
+    from fisher.embedding import EmbedSpec, Embedder
+    from fisher.io import write_manifest
+    from fisher.models import PixelCNN, save_prior
+    from raycluster import cli
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    prepare_mnist(MnistConfig(src=src, limit=n_images, shard_size=max(1, n_images // 4)), str(tmp / "data"))
+    torch.manual_seed(0)
+    save_prior(PixelCNN(), str(tmp / "prior"))
+    write_manifest(str(tmp / "prior"), "train-prior", {"note": "untrained prior, for timing only"})
+    test = load_prepared(str(tmp / "data"), "test")
+    torch.set_num_threads(os.cpu_count())
+    emb = Embedder(PixelCNN().eval(), "fisher", [EmbedSpec(dim, None)], test["image"].shape[1:])
+    emb(test["image"][:32])                           # warm-up, as the actor's first batch would be
+    t = time.perf_counter()
+    for i in range(0, len(test["image"]), batch):
+        emb(test["image"][i:i + batch])
+    in_process = time.perf_counter() - t
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+    t = time.perf_counter()
+    rc = cli.main(["embed", "--prior", str(tmp / "prior"), "--data", str(tmp / "data"), "--out", str(tmp / "emb"),
+                   "--splits", "test", "--dim", str(dim), "--actors", "1", "--batch-size", str(batch)])
+    ray_seconds = time.perf_counter() - t
+    ray.shutdown()
+    assert rc == 0
+    count = len(test["image"])
+    return {"images": count, "dim": dim, "in_process_img_s": count / in_process, "ray_img_s": count / ray_seconds,
+            "ratio": in_process / ray_seconds, "ray_seconds_including_startup": ray_seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mnist", default=str(SHARED), help="folder with the MNIST idx .gz files")
+    ap.add_argument("--batch", type=int, default=128, help="batch size (paper: 128)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the slow per-image loop")
+    ap.add_argument("--skip-ray", action="store_true", help="skip the Ray Data throughput comparison")
+    ap.add_argument("--ray-images", type=int, default=2048, help="test images for the Ray comparison")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    methods = ["train step", "naive loop", "torch.func", "scores", "scores+proj", "grid (12)"]
+    if args.skip_naive:
+        methods.remove("naive loop")
+    rows = [measure(m, args.mnist, args.batch, args.threads) for m in methods]
+    rows.append(measure("memory check", args.mnist, 4 * args.batch, args.threads))
+    base = rows[0]["seconds"]
+    naive = next((r["seconds"] for r in rows if r["method"] == "naive loop"), None)
+    print(f"\nPixelCNN 5x64 k7, n_features={rows[0]['n_features']}, batch {args.batch}, "
+          f"{args.threads} threads, real MNIST\n")
+    print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'naive / this':>14}{'peak MB':>10}")
+    for r in rows:
+        speed = f"{naive / r['seconds'] * r['batch'] / args.batch:>14.1f}" if naive else f"{'-':>14}"
+        print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.2f}"
+              f"{r['seconds'] / base * args.batch / r['batch']:>14.2f}{speed}{r['peak_mb']:>10.0f}")
+    proj = next(r for r in rows if r["method"] == "scores+proj")
+    mem = rows[-1]
+    print(f"\nprojection setup (16384 x n, density 1/sqrt(n)): {proj['setup_seconds']:.2f} s, once per actor")
+    print(f"peak memory, scores+proj: batch {args.batch}: {proj['peak_mb']:.0f} MB; "
+          f"batch {4 * args.batch}: {mem['peak_mb']:.0f} MB")
+    result = {"rows": rows}
+    if not args.skip_ray:
+        r = ray_throughput(args.mnist, args.ray_images, 16384, args.batch)
+        print(f"\nRay Data embed, 1 actor, {r['images']} images, dim {r['dim']}: {r['ray_img_s']:.1f} img/s "
+              f"(incl. Ray start-up of the actor) vs in-process {r['in_process_img_s']:.1f} img/s: "
+              f"ratio {r['ratio']:.2f}")
+        result["ray"] = r
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
