@@ -34,8 +34,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image
 
-from fisher.io import (MANIFEST, FisherError, atomic_write_bytes, atomic_write_table, exists, is_dir, join,
-                       list_files, read_manifest, read_table, resolve, write_manifest)
+from fisher.io import (
+    MANIFEST,
+    FisherError,
+    atomic_write_bytes,
+    atomic_write_table,
+    exists,
+    is_dir,
+    join,
+    list_files,
+    read_manifest,
+    read_table,
+    resolve,
+    write_manifest,
+)
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}   # also CelebA's list_eval_partition.txt codes
 MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -9,9 +9,11 @@ identically to every split.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from fisher.models import PixelCNN, to_model_input
@@ -116,3 +118,37 @@ def fit_transform(z_train: np.ndarray, standardize: bool = True, pca_dim: int | 
         _, _, v = torch.svd_lowrank(zc, q=min(pca_dim + 10, min(z.shape)), niter=4)
         comps = v[:, :pca_dim].T.contiguous().numpy()
     return Transform(mean.numpy(), std.numpy(), comps)
+
+
+# ---------------------------------------------------------------- storage format
+def vector_column(z: np.ndarray) -> pa.Array:
+    """float32 rows (N, dim) as an Arrow fixed-size-list column."""
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), z.shape[1])
+
+
+def column_array(col) -> np.ndarray:
+    """An Arrow fixed-size-list column back to a float32 array (N, dim)."""
+    a = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return a.flatten().to_numpy().reshape(len(a), -1)
+
+
+def embedding_table(ids: np.ndarray, columns: dict[str, np.ndarray], meta: dict) -> pa.Table:
+    """One embedding shard: ``id`` plus one vector column per projection, rows sorted by id."""
+    order = np.argsort(ids, kind="stable")
+    cols = {"id": pa.array(ids[order].tolist(), pa.string())}
+    cols.update({name: vector_column(z[order]) for name, z in columns.items()})
+    return pa.table(cols).replace_schema_metadata({b"fisher": json.dumps(meta).encode()})
+
+
+def read_embeddings(dir_uri: str, split: str, column: str = "z") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, Z float32 [N, dim]) of one split of an embedding directory, in id order."""
+    from fisher.io import FisherError, join, read_manifest, read_table
+    manifest = read_manifest(dir_uri, "embed")
+    if column not in manifest["columns"]:
+        raise FisherError(f"{dir_uri}: no column '{column}' (has {', '.join(manifest['columns'])})")
+    tables = [read_table(join(dir_uri, s), ["id", column]) for s in manifest["shards"] if s.startswith(split + "-")]
+    if not tables:
+        raise FisherError(f"{dir_uri}: no '{split}' split")
+    table = pa.concat_tables(tables)
+    return np.asarray(table["id"].to_pylist()), column_array(table[column])

@@ -71,7 +71,7 @@ def fisher_scores_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def fisher_scores_vmap(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Generic per-sample gradients with ``torch.func`` (vmap of grad); works for any model."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
     model.eval()
     masks = free_masks(model)
     params = {n: p.detach() for n, p in model.named_parameters()}

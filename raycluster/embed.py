@@ -25,8 +25,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fisher.io import (MANIFEST, FisherError, atomic_write_bytes, atomic_write_table, exists, join, list_files,
-                       manifest_hash, read_bytes, read_manifest, read_table, resolve, write_manifest)
+from fisher.embedding import column_array, embedding_table, vector_column
+from fisher.io import (
+    MANIFEST,
+    FisherError,
+    atomic_write_bytes,
+    atomic_write_table,
+    exists,
+    join,
+    manifest_hash,
+    read_bytes,
+    read_manifest,
+    read_table,
+    resolve,
+    write_manifest,
+)
 from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
 
 PLAN = "_plan.json"     # written first: what this directory is being filled with
@@ -89,7 +102,7 @@ class _ScoreActor:
     def __init__(self, prior: str, kind: str, specs: list, shape, seed: int, chunk: int, threads: int, gpu: bool):
         import torch
 
-        from fisher.embedding import EmbedSpec, Embedder
+        from fisher.embedding import Embedder, EmbedSpec
         from fisher.models import load_prior
         torch.set_num_threads(threads)
         device = "cuda" if gpu else "cpu"
@@ -102,28 +115,6 @@ class _ScoreActor:
         out = self.embedder(decode_images(batch, self.shape))
         return {"id": np.asarray(batch["id"].to_pylist(), dtype=object),
                 "path": np.asarray(batch["path"].to_pylist(), dtype=object), **out}
-
-
-def _shard_table(ids: np.ndarray, columns: dict[str, np.ndarray], meta: dict) -> pa.Table:
-    order = np.argsort(ids, kind="stable")
-    cols = {"id": pa.array(ids[order].tolist(), pa.string())}
-    for name, z in columns.items():
-        z = np.ascontiguousarray(z[order], dtype=np.float32)
-        cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), z.shape[1])
-    return pa.table(cols).replace_schema_metadata({b"fisher": json.dumps(meta).encode()})
-
-
-def read_embeddings(dir_uri: str, split: str, column: str = "z") -> tuple[np.ndarray, np.ndarray]:
-    """(ids, Z float32 [N, dim]) of one split of an embedding directory, in id order."""
-    manifest = read_manifest(dir_uri, "embed")
-    files = [join(dir_uri, s) for s in manifest["shards"] if s.startswith(split + "-")]
-    if column not in manifest["columns"]:
-        raise FisherError(f"{dir_uri}: no column '{column}' (has {', '.join(manifest['columns'])})")
-    tables = [read_table(f, ["id", column]) for f in files]
-    ids = np.concatenate([np.asarray(t["id"].to_pylist()) for t in tables]) if tables else np.zeros(0, str)
-    zs = [t[column].combine_chunks() for t in tables]
-    z = np.concatenate([a.flatten().to_numpy().reshape(len(a), -1) for a in zs]) if zs else np.zeros((0, 0), np.float32)
-    return ids, z
 
 
 def run(args) -> None:
@@ -146,17 +137,15 @@ def run(args) -> None:
         raise FisherError("--chunk-size, --batch-size and --actors must be >= 1")
     plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
-            "prior": manifest_hash(prior_manifest), "data": manifest_hash(data_manifest)}
+            "prior": manifest_hash(prior_manifest), "prior_weights_sha256": prior_manifest.get("weights_sha256"),
+            "data": manifest_hash(data_manifest)}
     _claim(args.out, plan)
 
     todo = [s for s in shards if not exists(join(args.out, s["file"]))]
     print(f"embed: {len(shards) - len(todo)} of {len(shards)} shards already done; "
           f"{args.kind} features n={n}; columns "
           + ", ".join(s.column(len(specs) == 1) for s in specs), flush=True)
-    started = time.time()
-    if todo:
-        _embed_shards(args, todo, shape, plan, init_ray(args))
-    elapsed = time.time() - started
+    timing = _embed_shards(args, todo, shape, plan, init_ray(args)) if todo else {}
 
     columns = {s.column(len(specs) == 1): {"dim": s.dim, "density": s.density if s.density else 1 / n ** 0.5}
                for s in specs}
@@ -170,7 +159,7 @@ def run(args) -> None:
                    counts={sp: sum(_rows(args.data, s) for s in shards if s["split"] == sp) for sp in splits},
                    projection={"family": "li2006-sparse-eq1", "seed": args.seed, "n_features": n,
                                "generator": "numpy default_rng([seed, block, dim, density*2^40]), 65536-column blocks"},
-                   seconds=round(elapsed, 2), **extra)
+                   timing=timing, **extra)
     print(f"embeddings written to {args.out}", flush=True)
 
 
@@ -196,7 +185,8 @@ def _claim(out: str, plan: dict) -> None:
         atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())
 
 
-def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) -> None:
+def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) -> dict:
+    """Run the actor pool over ``todo`` shards; returns timings (seconds, images)."""
     from ray.data import ActorPoolStrategy
     from tqdm import tqdm
 
@@ -213,7 +203,10 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     pending: dict[str, list] = {}
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
     bar = tqdm(total=sum(expected.values()), desc="embed", unit="img")
+    started, first, first_rows = time.time(), None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first, first_rows = time.time(), len(batch["id"])
         for path in np.unique(batch["path"]):
             name = str(path).rsplit("/", 1)[-1]
             sel = batch["path"] == path
@@ -223,11 +216,14 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
                 parts = pending.pop(name)
                 ids = np.concatenate([p["id"] for p in parts])
                 cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "id"}
-                atomic_write_table(join(args.out, name), _shard_table(ids, cols, meta))
+                atomic_write_table(join(args.out, name), embedding_table(ids, cols, meta))
         bar.update(len(batch["id"]))
     bar.close()
     if pending:
         raise FisherError(f"{args.out}: shards {sorted(pending)} received fewer rows than their inputs hold; rerun")
+    end, images = time.time(), sum(expected.values())
+    return {"images": images, "seconds": round(end - started, 3), "first_batch_seconds": round(first - started, 3),
+            "steady_images_per_second": round((images - first_rows) / max(end - first, 1e-9), 3)}
 
 
 def _fit_and_apply(args, shards: list[dict], columns: list[str]) -> dict:
@@ -238,7 +234,7 @@ def _fit_and_apply(args, shards: list[dict], columns: list[str]) -> dict:
         raise FisherError("--standardize/--pca need the train split among --splits")
     transforms, arrays = {}, {}
     for c in columns:
-        z = np.concatenate([_column(read_table(join(args.out, f), [c])[c]) for f in train])
+        z = np.concatenate([column_array(read_table(join(args.out, f), [c])[c]) for f in train])
         t = fit_transform(z, standardize=args.standardize, pca_dim=args.pca, seed=args.seed)
         transforms[c] = t
         arrays.update({f"{c}.{k}": v for k, v in t.arrays().items()})
@@ -252,12 +248,7 @@ def _fit_and_apply(args, shards: list[dict], columns: list[str]) -> dict:
         for c, t in transforms.items():
             if f"{c}_t" in table.column_names:
                 table = table.drop_columns([f"{c}_t"])
-            z = t(_column(table[c]))
-            table = table.append_column(f"{c}_t", pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), z.shape[1]))
+            z = t(column_array(table[c]))
+            table = table.append_column(f"{c}_t", vector_column(z))
         atomic_write_table(uri, table)
     return {"file": "transform.npz", "standardize": args.standardize, "pca": args.pca, "fitted_on": "train"}
-
-
-def _column(col) -> np.ndarray:
-    a = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return a.flatten().to_numpy().reshape(len(a), -1)

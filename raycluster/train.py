@@ -3,7 +3,8 @@
 Shards stream to the workers through Ray Data; each epoch ends with the
 test NLL and a checkpoint. Failed workers are restarted from the last
 reported checkpoint (``--max-failures``), and rerunning the command resumes
-the run from its last checkpoint. The output directory holds the final
+the run from its last checkpoint; rerunning a finished run with a larger
+``--epochs`` continues it. The output directory holds the final
 ``weights.pt`` / ``model.json`` (see :func:`fisher.models.load_prior`), the
 run's Ray storage under ``ray/`` and ``manifest.json``.
 """
@@ -68,6 +69,8 @@ def _train_loop(config: dict) -> None:
         with ckpt.as_directory() as d:
             files = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)}
         start = load_state(model, opt, files)
+        if ctx.get_world_rank() == 0:
+            print(f"train-prior: resuming after epoch {start} from {ckpt.path}", flush=True)
     net = ray.train.torch.prepare_model(model)
     shape = config["image_shape"]
     train_shard = ray.train.get_dataset_shard("train")
@@ -90,7 +93,8 @@ def _train_loop(config: dict) -> None:
             torch.distributed.all_reduce(t)
             total, count = float(t[0]), int(t[1])
         dims = int(shape[0] * shape[1] * shape[2])
-        metrics = {"epoch": epoch + 1, "train_nll_nats": sum(losses) / max(len(losses), 1),
+        metrics = {"epoch": epoch + 1, "resumed_after_epoch": start,
+                   "train_nll_nats": sum(losses) / max(len(losses), 1),
                    **{f"test_{k}": v for k, v in nll_metrics(total, count, dims).items()}}
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +129,7 @@ def run(args) -> None:
     stage_config = {**cfg.to_dict(), "limit": args.limit}
     data_hash = manifest_hash(data_manifest)
     if _finished(args.out, stage_config, data_hash):
-        print(f"{args.out}: already trained with this config and data; nothing to do")
+        print(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")
         return
 
     import ray.train
@@ -147,31 +151,42 @@ def run(args) -> None:
     result = trainer.fit()
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
-    _publish(result, args.out)
+    weights_sha256 = _publish(result, args.out)
     history = [m for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
     write_manifest(args.out, "train-prior", stage_config, inputs={"data": data_hash},
-                   data=args.data, metrics=result.metrics, history=history)
+                   data=args.data, metrics=result.metrics, history=history, weights_sha256=weights_sha256)
     print(f"prior written to {args.out}: test NLL {result.metrics['test_nll_nats']:.2f} nats/image, "
           f"{result.metrics['test_bits_per_dim']:.4f} bits/dim")
 
 
 def _finished(out: str, stage_config: dict, data_hash: str) -> bool:
-    """True if ``out`` holds this exact finished run; an error if it holds another one."""
+    """True if ``out`` holds this finished run. A finished run of the same config with fewer
+    epochs is continued (False); any other content of ``out`` is an error."""
     from fisher.io import MANIFEST, exists
     if not exists(join(out, MANIFEST)):
         return False
     old = read_manifest(out)
-    if old.get("stage") != "train-prior" or old.get("config") != stage_config or \
-            old.get("inputs", {}).get("data") != data_hash:
+    same = {k: v for k, v in old.get("config", {}).items() if k != "epochs"} == \
+        {k: v for k, v in stage_config.items() if k != "epochs"}
+    if old.get("stage") != "train-prior" or not same or old.get("inputs", {}).get("data") != data_hash:
         raise FisherError(f"{out}: holds a prior trained with another config or data; pass a new --out")
-    return True
+    done = old["config"]["epochs"]
+    if done > stage_config["epochs"]:
+        raise FisherError(f"{out}: already trained for {done} epochs, more than --epochs {stage_config['epochs']}")
+    return done == stage_config["epochs"]
 
 
-def _publish(result, out: str) -> None:
-    """Copy the final checkpoint's weights and config to the top of ``out``."""
+def _publish(result, out: str) -> str:
+    """Copy the final checkpoint's weights and config to the top of ``out``; returns the weights' sha256."""
+    import hashlib
+
     from fisher.io import atomic_write_bytes
     from fisher.models import CONFIG, WEIGHTS
     with result.checkpoint.as_directory() as d:
         for name in (WEIGHTS, CONFIG, "metrics.json"):
             with open(os.path.join(d, name), "rb") as f:
-                atomic_write_bytes(join(out, name), f.read())
+                data = f.read()
+            atomic_write_bytes(join(out, name), data)
+            if name == WEIGHTS:
+                digest = hashlib.sha256(data).hexdigest()
+    return digest

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_idx
 from PIL import Image
 
-from conftest import write_idx
 from fisher import data
 from fisher.io import FisherError
 

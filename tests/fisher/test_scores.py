@@ -4,8 +4,14 @@ import torch
 
 from fisher.models import PixelCNN
 from fisher.projection import SparseProjection
-from fisher.scores import (activations, fisher_scores, fisher_scores_reference, fisher_scores_vmap,
-                           free_masks, n_features)
+from fisher.scores import (
+    activations,
+    fisher_scores,
+    fisher_scores_reference,
+    fisher_scores_vmap,
+    free_masks,
+    n_features,
+)
 
 
 def rel_err(a, b):

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from fisher.data import load_prepared
+from fisher.embedding import read_embeddings
 from fisher.models import load_prior, to_model_input
 from fisher.projection import SparseProjection
 from fisher.scores import fisher_scores_reference, n_features
 from raycluster import cli
-from raycluster.embed import read_embeddings
 
 N = 192          # images per split
 
@@ -53,8 +53,23 @@ def test_prior_trained_and_loadable(run):
     model = load_prior(run / "prior")
     assert model.config.n_layers == 2 and model.config.filters == 8
     # rerunning the same command is a no-op
+    before = (run / "prior" / "weights.pt").read_bytes()
     assert cli.main(["train-prior", "--data", str(run / "data"), "--out", str(run / "prior"), "--epochs", "1",
                      "--layers", "2", "--filters", "8", "--batch-size", "32"]) == 0
+    assert (run / "prior" / "weights.pt").read_bytes() == before
+
+
+def test_prior_continues_from_last_checkpoint(run, capsys):
+    args = ["train-prior", "--data", str(run / "data"), "--out", str(run / "prior2"), "--layers", "1",
+            "--filters", "4", "--batch-size", "64"]
+    assert cli.main([*args, "--epochs", "1"]) == 0
+    assert cli.main([*args, "--epochs", "2"]) == 0          # continues: only epoch 2 is trained
+    metrics = json.loads((run / "prior2" / "manifest.json").read_text())["metrics"]
+    assert metrics["epoch"] == 2 and metrics["resumed_after_epoch"] == 1
+    capsys.readouterr()
+    assert cli.main([*args, "--epochs", "1"]) == 2          # fewer epochs than done: refused
+    assert "already trained for 2 epochs" in capsys.readouterr().err
+    assert cli.main([*args[:-2], "--batch-size", "32", "--epochs", "2"]) == 2   # another config: refused
 
 
 def test_embeddings_exact_and_invariant(run, capsys):
