@@ -222,8 +222,9 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     if pending:
         raise FisherError(f"{args.out}: shards {sorted(pending)} received fewer rows than their inputs hold; rerun")
     end, images = time.time(), sum(expected.values())
+    steady = round((images - first_rows) / (end - first), 3) if images > first_rows and end > first else None
     return {"images": images, "seconds": round(end - started, 3), "first_batch_seconds": round(first - started, 3),
-            "steady_images_per_second": round((images - first_rows) / max(end - first, 1e-9), 3)}
+            "steady_images_per_second": steady}
 
 
 def _fit_and_apply(args, shards: list[dict], columns: list[str]) -> dict:
