@@ -41,6 +41,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -328,3 +329,43 @@ def load_decoder(directory: str, map_location="cpu") -> nn.Module:
     directory = str(directory)
     files = {n: read_bytes(join(directory, n)) for n in (WEIGHTS, CONFIG) if exists(join(directory, n))}
     return decoder_from_files(files, directory, map_location)
+
+
+# ---------------------------------------------------------------- fitting on arrays
+@torch.no_grad()
+def evaluate_decoder(decoder: nn.Module, z: torch.Tensor, x: torch.Tensor, levels: int,
+                     batch_size: int = 256) -> dict:
+    """Test reconstruction error (see the module docstring) of ``decoder`` on (z, x), in eval mode."""
+    decoder.eval()
+    parts = [reconstruction_metrics(decoder(z[i:i + batch_size]), x[i:i + batch_size], levels)
+             for i in range(0, z.shape[0], batch_size)]
+    return summarize_metrics(*parts)
+
+
+def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.Tensor, z_test: torch.Tensor,
+                x_test: torch.Tensor, levels: int, image_shape, on_epoch=None, start: dict | None = None):
+    """Train a decoder z → x on in-memory arrays; returns (decoder, last test metrics).
+
+    ``on_epoch(epoch, metrics, decoder, opt)`` is called after every epoch (Ray Tune and Ray Train report
+    and checkpoint from it). ``start`` = {"weights": state_dict, "optimizer": state_dict, "epoch": k}
+    resumes after epoch k.
+    """
+    torch.manual_seed(cfg.seed)
+    decoder = build_decoder(cfg.decoder, z_train.shape[1], image_shape, levels, **cfg.decoder_config)
+    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    first = 0
+    if start:
+        decoder.load_state_dict(start["weights"])
+        opt.load_state_dict(start["optimizer"])
+        first = int(start["epoch"])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    metrics = evaluate_decoder(decoder, z_test, x_test, levels) if first >= cfg.epochs else {}
+    for epoch in range(first, cfg.epochs):
+        order = torch.randperm(z_train.shape[0], generator=gen)
+        losses = [decoder_train_step(decoder, opt, z_train[idx], x_train[idx], levels)
+                  for idx in order.split(cfg.batch_size)]
+        metrics = {"epoch": epoch + 1, "train_nll_nats_per_image": float(np.mean(losses)),
+                   **{f"test_{k}": v for k, v in evaluate_decoder(decoder, z_test, x_test, levels).items()}}
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics, decoder, opt)
+    return decoder, metrics

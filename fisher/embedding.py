@@ -152,3 +152,20 @@ def read_embeddings(dir_uri: str, split: str, column: str = "z") -> tuple[np.nda
         raise FisherError(f"{dir_uri}: no '{split}' split")
     table = pa.concat_tables(tables)
     return np.asarray(table["id"].to_pylist()), column_array(table[column])
+
+
+def load_pairs(emb_dir: str, data_dir: str, split: str, column: str = "z") -> dict:
+    """Embeddings joined to their images by ``id``: {'id', 'z' [N, dim], 'image' [N, H, W, C], targets}."""
+    from fisher.data import load_prepared
+    from fisher.io import FisherError
+    ids, z = read_embeddings(emb_dir, split, column)
+    data = load_prepared(data_dir, split)
+    order = np.argsort(data["id"])
+    pos = np.searchsorted(data["id"], ids, sorter=order)
+    pos = np.clip(pos, 0, len(order) - 1)
+    found = data["id"][order[pos]] == ids
+    if not found.all():
+        raise FisherError(f"{emb_dir}: {int((~found).sum())} ids of split '{split}' are not in {data_dir} "
+                          f"(e.g. {ids[~found][0]}); embeddings and data come from different datasets")
+    rows = order[pos]
+    return {"id": ids, "z": z, **{k: v[rows] for k, v in data.items() if k != "id"}}

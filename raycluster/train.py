@@ -128,7 +128,7 @@ def run(args) -> None:
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "limit": args.limit}
     data_hash = manifest_hash(data_manifest)
-    if _finished(args.out, stage_config, data_hash):
+    if finished_run(args.out, "train-prior", stage_config, {"data": data_hash}):
         print(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")
         return
 
@@ -151,7 +151,8 @@ def run(args) -> None:
     result = trainer.fit()
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
-    weights_sha256 = _publish(result, args.out)
+    from fisher.models import CONFIG, WEIGHTS
+    weights_sha256 = publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, CONFIG, "metrics.json"))[WEIGHTS]
     history = [m for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
     write_manifest(args.out, "train-prior", stage_config, inputs={"data": data_hash},
                    data=args.data, metrics=result.metrics, history=history, weights_sha256=weights_sha256)
@@ -159,7 +160,7 @@ def run(args) -> None:
           f"{result.metrics['test_bits_per_dim']:.4f} bits/dim")
 
 
-def _finished(out: str, stage_config: dict, data_hash: str) -> bool:
+def finished_run(out: str, stage: str, stage_config: dict, inputs: dict) -> bool:
     """True if ``out`` holds this finished run. A finished run of the same config with fewer
     epochs is continued (False); any other content of ``out`` is an error."""
     from fisher.io import MANIFEST, exists
@@ -168,25 +169,24 @@ def _finished(out: str, stage_config: dict, data_hash: str) -> bool:
     old = read_manifest(out)
     same = {k: v for k, v in old.get("config", {}).items() if k != "epochs"} == \
         {k: v for k, v in stage_config.items() if k != "epochs"}
-    if old.get("stage") != "train-prior" or not same or old.get("inputs", {}).get("data") != data_hash:
-        raise FisherError(f"{out}: holds a prior trained with another config or data; pass a new --out")
+    if old.get("stage") != stage or not same or old.get("inputs") != inputs:
+        raise FisherError(f"{out}: holds a {old.get('stage')} run with another config or inputs; pass a new --out")
     done = old["config"]["epochs"]
     if done > stage_config["epochs"]:
         raise FisherError(f"{out}: already trained for {done} epochs, more than --epochs {stage_config['epochs']}")
     return done == stage_config["epochs"]
 
 
-def _publish(result, out: str) -> str:
-    """Copy the final checkpoint's weights and config to the top of ``out``; returns the weights' sha256."""
+def publish_checkpoint(checkpoint, out: str, names) -> dict[str, str]:
+    """Copy files of a Ray checkpoint to the top of ``out`` (atomically); returns their sha256 by name."""
     import hashlib
 
     from fisher.io import atomic_write_bytes
-    from fisher.models import CONFIG, WEIGHTS
-    with result.checkpoint.as_directory() as d:
-        for name in (WEIGHTS, CONFIG, "metrics.json"):
+    digests = {}
+    with checkpoint.as_directory() as d:
+        for name in names:
             with open(os.path.join(d, name), "rb") as f:
                 data = f.read()
             atomic_write_bytes(join(out, name), data)
-            if name == WEIGHTS:
-                digest = hashlib.sha256(data).hexdigest()
-    return digest
+            digests[name] = hashlib.sha256(data).hexdigest()
+    return digests

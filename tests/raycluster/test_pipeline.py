@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -132,3 +133,21 @@ def test_activation_baseline_with_pca(run):
         first = np.argsort(images["id"])[0]
         z_one = P.project(model.hidden(to_model_input(images["image"][first:first + 1])).flatten(1))
     assert np.allclose(z[0], z_one.numpy()[0], rtol=1e-4, atol=1e-5)
+
+
+def test_train_decoder_reports_and_continues(run, capsys):
+    assert _embed(run, "emb_a", "--actors", "1", "--batch-size", "64") == 0
+    args = ["train-decoder", "--embeddings", str(run / "emb_a"), "--data", str(run / "data"),
+            "--column", "z_d48_p1", "--out", str(run / "dec"), "--batch-size", "64"]
+    assert cli.main([*args, "--epochs", "1"]) == 0
+    m = json.loads((run / "dec" / "manifest.json").read_text())["metrics"]
+    assert math.isfinite(m["test_bce_nats_per_pixel"]) and m["test_bce_nats_per_pixel"] > 0 and 0 <= m["test_mse"] <= 1
+    from fisher.decoders import load_decoder
+    decoder = load_decoder(str(run / "dec"))
+    assert decoder(torch.zeros(2, 48)).shape == (2, 1, 28, 28)
+    assert cli.main([*args, "--epochs", "2"]) == 0                    # continues after epoch 1
+    m = json.loads((run / "dec" / "manifest.json").read_text())["metrics"]
+    assert m["epoch"] == 2 and m["resumed_after_epoch"] == 1
+    capsys.readouterr()
+    assert cli.main([*args[:5], "nope", *args[6:], "--epochs", "2"]) == 2
+    assert "no column 'nope'" in capsys.readouterr().err
