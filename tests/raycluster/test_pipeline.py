@@ -149,5 +149,5 @@ def test_train_decoder_reports_and_continues(run, capsys):
     m = json.loads((run / "dec" / "manifest.json").read_text())["metrics"]
     assert m["epoch"] == 2 and m["resumed_after_epoch"] == 1
     capsys.readouterr()
-    assert cli.main([*args[:5], "nope", *args[6:], "--epochs", "2"]) == 2
+    assert cli.main([*args[:6], "nope", *args[7:], "--epochs", "2"]) == 2
     assert "no column 'nope'" in capsys.readouterr().err
