@@ -294,25 +294,9 @@ def decoder_from_files(files: dict[str, bytes], where: str = "checkpoint", map_l
         decoder = build_decoder(name, *args, **config)
     except FisherError as e:
         raise FisherError(f"{where}/{CONFIG}: {e}") from e
-    if WEIGHTS not in files:
-        raise FisherError(f"{where}/{WEIGHTS}: missing; the checkpoint is incomplete, retrain the decoder")
-    try:
-        state = torch.load(io.BytesIO(files[WEIGHTS]), map_location=map_location, weights_only=True)
-    except Exception as e:  # a pickle carrying code, a corrupt file, ...
-        raise FisherError(f"{where}/{WEIGHTS}: not a plain weights file ({str(e).splitlines()[0][:120]}); "
-                          "only state dicts of tensors are loaded") from e
-    if not isinstance(state, dict):
-        raise FisherError(f"{where}/{WEIGHTS}: not a state dict")
-    try:
-        decoder.load_state_dict(state)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise FisherError(f"{where}/{WEIGHTS}: does not match the decoder in {CONFIG} "
-                          f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from e
-    for key, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FisherError(f"{where}/{WEIGHTS}: tensor '{key}' holds NaN or Inf; retrain or use an earlier checkpoint")
-    return decoder.eval()
+    from fisher.checkpoints import load_weights
+    return load_weights(decoder, files.get(WEIGHTS), f"{where}/{WEIGHTS}", CONFIG, "retrain the decoder",
+                        map_location)
 
 
 def save_decoder(decoder: nn.Module, directory: str, name: str, z_dim: int, image_shape, levels: int,
@@ -325,10 +309,8 @@ def save_decoder(decoder: nn.Module, directory: str, name: str, z_dim: int, imag
 
 def load_decoder(directory: str, map_location="cpu") -> nn.Module:
     """Load a decoder saved by :func:`save_decoder` from a local path or URI."""
-    from fisher.io import exists, join, read_bytes
-    directory = str(directory)
-    files = {n: read_bytes(join(directory, n)) for n in (WEIGHTS, CONFIG) if exists(join(directory, n))}
-    return decoder_from_files(files, directory, map_location)
+    from fisher.checkpoints import read_files
+    return decoder_from_files(read_files(directory, (WEIGHTS, CONFIG)), str(directory), map_location)
 
 
 # ---------------------------------------------------------------- fitting on arrays

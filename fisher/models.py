@@ -159,30 +159,12 @@ def prior_from_files(files: dict[str, bytes], where: str = "checkpoint", map_loc
         model = PixelCNN(PixelCNNConfig(**cfg))
     except (TypeError, ValueError) as e:
         raise FisherError(f"{where}/{CONFIG}: invalid model config ({e})") from e
-    if WEIGHTS not in files:
-        raise FisherError(f"{where}/{WEIGHTS}: missing; the checkpoint is incomplete, rerun `fisher train-prior`")
-    try:
-        state = torch.load(io.BytesIO(files[WEIGHTS]), map_location=map_location, weights_only=True)
-    except Exception as e:  # a pickle carrying code, a corrupt file, ...
-        raise FisherError(f"{where}/{WEIGHTS}: not a plain weights file ({str(e).splitlines()[0][:120]}); "
-                          "only state dicts of tensors are loaded") from e
-    if not isinstance(state, dict):
-        raise FisherError(f"{where}/{WEIGHTS}: not a state dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise FisherError(f"{where}/{WEIGHTS}: does not match the architecture in {CONFIG} "
-                          f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from e
-    for name, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise FisherError(f"{where}/{WEIGHTS}: tensor '{name}' holds NaN or Inf; retrain or use an earlier checkpoint")
-    return model.eval()
+    from fisher.checkpoints import load_weights
+    return load_weights(model, files.get(WEIGHTS), f"{where}/{WEIGHTS}", CONFIG, "rerun `fisher train-prior`",
+                        map_location)
 
 
 def load_prior(directory: str, map_location="cpu") -> PixelCNN:
     """Load a prior saved by :func:`save_prior` from a local path or URI."""
-    from fisher.io import exists, join, read_bytes
-    directory = str(directory)
-    files = {n: read_bytes(join(directory, n)) for n in (WEIGHTS, CONFIG) if exists(join(directory, n))}
-    return prior_from_files(files, directory, map_location)
+    from fisher.checkpoints import read_files
+    return prior_from_files(read_files(directory, (WEIGHTS, CONFIG)), str(directory), map_location)

@@ -10,7 +10,7 @@ import sys
 
 from fisher.io import FisherError
 
-STAGES = ("prepare", "train", "embed", "decode", "sweep", "evaluate")   # modules of raycluster, one per stage
+STAGES = ("prepare", "train", "embed", "decode", "sweep", "evaluate", "pipeline")   # modules of raycluster, one per stage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,8 +22,8 @@ import os
 import tempfile
 
 from fisher.decoders import DECODERS, DecoderTrainConfig
-from fisher.io import FisherError, join, manifest_hash, read_manifest, write_manifest
-from raycluster.runtime import add_ray_args, init_ray, worker_threads
+from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
+from raycluster.runtime import add_ray_args, torch_trainer
 from raycluster.train import finished_run
 
 
@@ -91,9 +91,6 @@ def _loop(config: dict) -> None:
 
 
 def run(args) -> None:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     emb = read_manifest(args.embeddings, "embed")
     data = read_manifest(args.data, "prepare")
     if emb.get("inputs", {}).get("data") != manifest_hash(data):
@@ -113,18 +110,9 @@ def run(args) -> None:
     if finished_run(args.out, "train-decoder", stage_config, inputs):
         print(f"{args.out}: already trained for {args.epochs} epochs with this config; nothing to do")
         return
-    resources = init_ray(args)
-    storage = join(args.out, "ray") if "://" in args.out else os.path.abspath(join(args.out, "ray"))
-    trainer = TorchTrainer(
-        _loop,
-        train_loop_config={"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
-                           "column": args.column, "image_shape": data["image_shape"],
-                           "levels": int(data["levels"]), "threads": worker_threads(resources, 1)},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=args.gpu,
-                                               resources_per_worker={"CPU": args.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name="decoder", storage_path=storage,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                       failure_config=ray.train.FailureConfig(max_failures=args.max_failures)))
+    trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
+                                    "column": args.column, "image_shape": data["image_shape"],
+                                    "levels": int(data["levels"])}, args, "decoder")
     result = trainer.fit()
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")

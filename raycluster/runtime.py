@@ -45,3 +45,21 @@ def read_shards(files: list[str], columns: list[str], include_paths: bool = Fals
     import ray.data
     os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(1 << 20))
     return ray.data.read_parquet(files, include_paths=include_paths).select_columns(columns)
+
+
+def torch_trainer(loop, loop_config: dict, args, name: str, workers: int = 1, datasets: dict | None = None):
+    """A Ray Train ``TorchTrainer`` for a stage: checkpoints (last 2) under ``<--out>/ray/<name>``,
+    ``--max-failures`` worker restarts, ``--gpu`` / ``--cpus-per-worker`` per worker, torch threads
+    set from the cluster's CPUs (``loop_config['threads']``)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    resources = init_ray(args)
+    storage = f"{args.out.rstrip('/')}/ray" if "://" in args.out else os.path.abspath(os.path.join(args.out, "ray"))
+    return TorchTrainer(
+        loop, train_loop_config={**loop_config, "threads": worker_threads(resources, workers)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=args.gpu,
+                                               resources_per_worker={"CPU": args.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
+        datasets=datasets)

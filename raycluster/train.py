@@ -17,7 +17,7 @@ import tempfile
 from fisher.io import FisherError, join, manifest_hash, read_manifest, write_manifest
 from fisher.models import PixelCNNConfig
 from fisher.training import PriorTrainConfig
-from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
+from raycluster.runtime import add_ray_args, read_shards, torch_trainer
 
 
 def register(sub) -> None:
@@ -132,22 +132,10 @@ def run(args) -> None:
         print(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")
         return
 
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    resources = init_ray(args)
-    storage = join(args.out, "ray") if "://" in args.out else os.path.abspath(join(args.out, "ray"))
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"train": cfg.to_dict(), "image_shape": shape,
-                           "threads": worker_threads(resources, args.workers)},
-        scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=args.gpu,
-                                               resources_per_worker={"CPU": args.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name="prior", storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
-        datasets={"train": _dataset(args.data, data_manifest, "train", args.limit),
-                  "test": _dataset(args.data, data_manifest, "test", None)})
+    trainer = torch_trainer(_train_loop, {"train": cfg.to_dict(), "image_shape": shape}, args, "prior",
+                            workers=args.workers,
+                            datasets={"train": _dataset(args.data, data_manifest, "train", args.limit),
+                                      "test": _dataset(args.data, data_manifest, "test", None)})
     result = trainer.fit()
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")

@@ -1,0 +1,489 @@
+"""``fisher interpolate``, ``fisher edit``, ``fisher evaluate``: manipulations and their FID.
+
+* ``interpolate`` (paper Figures 2 and 4): random test pairs, their decoded
+  interpolations (1 - α) z₁ + α z₂ as one PNG, true images at both ends.
+* ``edit`` (paper sec. 3.5 / 5.2, Figure 5): attribute directions
+  δ = mean(z | attr) - mean(z | not attr) from the train split, applied as
+  z ∓ scale·δ to test images (datasets with attributes: CelebA).
+* ``evaluate`` (paper Algorithm 1, Figures 3b / 7): interpolation FID per α.
+  N random pairs (the same for every α) are decoded and scored by the FID
+  Inception on a Ray Data actor pool (``--actors``, ``--gpu`` or fractional
+  ``--cpus-per-actor``): each actor loads the decoder, the embeddings and the
+  Inception network once and maps batches of task ids to pool3 features.
+  The real images' statistics are computed by a second pool (streaming the
+  split's shards) and cached, keyed by the data, the split, the Inception
+  weights and the image count.
+
+The method is :mod:`fisher.evaluation`; these stages read inputs, check that
+they belong together, distribute the work and write the artifacts.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import time
+
+import numpy as np
+
+from fisher.io import (
+    MANIFEST,
+    FisherError,
+    atomic_write_bytes,
+    exists,
+    join,
+    manifest_hash,
+    read_bytes,
+    read_manifest,
+    read_table,
+)
+from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
+
+FIG_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5)        # Algorithm 1 / Figure 3b
+STRIP_ALPHAS = tuple(i / 8 for i in range(9))        # 0, 0.125, ..., 1
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        alphas = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alphas {text!r}: expected numbers like 0,0.25,0.5")
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise argparse.ArgumentTypeError(f"--alphas {text!r}: mixing coefficients must lie in [0, 1]")
+    if len(set(alphas)) != len(alphas):
+        raise argparse.ArgumentTypeError(f"--alphas {text!r}: repeated values")
+    return alphas
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder", required=True, help="decoder checkpoint directory (from `fisher train-decoder`)")
+    p.add_argument("--embeddings", required=True, help="embedding directory the decoder was trained on")
+    p.add_argument("--data", required=True, help="prepared data directory the embeddings were made from")
+    p.add_argument("--column", default="z", help="embedding column (default z)")
+    p.add_argument("--out", required=True, help="output directory (local path or s3:// gs:// URI)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("interpolate", help="decoded interpolations between random image pairs (PNG)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--split", default="test", help="split to draw pairs from (default test)")
+    p.add_argument("--pairs", type=_positive, default=8, help="pairs, one row each (default 8)")
+    p.add_argument("--alphas", type=_alphas, default=list(STRIP_ALPHAS),
+                   help="mixing coefficients (default 9 evenly spaced from 0 to 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair draw")
+    p.add_argument("--gpu", action="store_true", help="decode on the GPU")
+    add_ray_args(p)         # accepted like every stage; this one runs in the driver
+    p.set_defaults(func=run_interpolate)
+
+    p = sub.add_parser("edit", help="attribute edits z ∓ scale·δ (CelebA attributes, paper Figure 5)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--attribute", required=True,
+                   help="attribute name(s) from the dataset (e.g. Smiling or Smiling,Eyeglasses)")
+    p.add_argument("--scale", type=float, default=3.0, help="multiple of δ to add and remove (paper: 3)")
+    p.add_argument("--images", type=_positive, default=8, help="test images to edit, one row each")
+    p.add_argument("--split", default="test", help="split of the edited images (δ always comes from train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image choice")
+    p.add_argument("--gpu", action="store_true", help="decode on the GPU")
+    add_ray_args(p)
+    p.set_defaults(func=run_edit)
+
+    p = sub.add_parser("evaluate", help="interpolation FID per α (paper Algorithm 1) on a Ray actor pool",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--split", default="test", help="split for pairs and real images (default test)")
+    p.add_argument("--pairs", type=_positive, default=50000, help="pairs N per α (paper: 50 000)")
+    p.add_argument("--alphas", type=_alphas, default=list(FIG_ALPHAS),
+                   help="mixing coefficients (default 0,0.125,0.25,0.375,0.5)")
+    p.add_argument("--real-limit", type=_positive, default=None,
+                   help="real statistics from the first N images of the split only (default: all)")
+    p.add_argument("--fid-weights", default=None,
+                   help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05 .pth); default "
+                        "$FISHER_FID_WEIGHTS, else pytorch-fid downloads them")
+    p.add_argument("--cache", default=None, help="real-statistics cache directory (default DATA/fid-cache)")
+    p.add_argument("--label", default=None, help="row label in the table (default <embedding kind>/<decoder>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair draw")
+    p.add_argument("--batch-size", type=_positive, default=100, help="images per actor batch")
+    p.add_argument("--actors", type=_positive, default=1, help="actors in the pool")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per actor (fractional allowed)")
+    add_ray_args(p)
+    p.set_defaults(func=run_evaluate)
+
+
+# ---------------------------------------------------------------- inputs
+
+def _inputs(args) -> dict:
+    """Read the data, embedding and decoder artifacts and check that they belong together."""
+    from fisher.decoders import CONFIG, WEIGHTS
+    data = read_manifest(args.data, "prepare")
+    emb = read_manifest(args.embeddings, "embed")
+    if emb.get("inputs", {}).get("data") != manifest_hash(data):
+        raise FisherError(f"{args.embeddings}: embeddings were made from other data "
+                          f"({emb.get('inputs', {}).get('data')}) than {args.data} ({manifest_hash(data)}); "
+                          "pass the --data used by `fisher embed`")
+    if args.column not in emb["columns"]:
+        raise FisherError(f"{args.embeddings}: no column '{args.column}' (has {', '.join(emb['columns'])}); "
+                          "pass --column")
+    if not exists(join(args.decoder, CONFIG)):
+        raise FisherError(f"{args.decoder}: no {CONFIG}; pass a decoder checkpoint directory "
+                          "(from `fisher train-decoder`)")
+    spec_bytes = read_bytes(join(args.decoder, CONFIG))
+    try:
+        spec = json.loads(spec_bytes)
+        arch, z_dim, shape, levels = spec["arch"], int(spec["z_dim"]), list(spec["image_shape"]), int(spec["levels"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise FisherError(f"{args.decoder}/{CONFIG}: not a decoder description ({e}); retrain the decoder") from e
+    dim = emb["columns"][args.column].get("dim")
+    if dim is not None and int(dim) != z_dim:
+        raise FisherError(f"{args.decoder}: decodes {z_dim}-dim embeddings, but column '{args.column}' of "
+                          f"{args.embeddings} has dim {dim}; pass the decoder trained on these embeddings")
+    if shape != list(data["image_shape"]) or levels != int(data["levels"]):
+        raise FisherError(f"{args.decoder}: makes {shape} images with {levels} levels, but {args.data} holds "
+                          f"{data['image_shape']} with {data['levels']}; pass matching data")
+    decoder_manifest = None
+    if exists(join(args.decoder, MANIFEST)):
+        decoder_manifest = read_manifest(args.decoder)
+        if decoder_manifest.get("stage") == "train-decoder":
+            trained_on = decoder_manifest.get("inputs", {}).get("embeddings")
+            if trained_on not in (None, manifest_hash(emb)):
+                raise FisherError(f"{args.decoder}: trained on embeddings {trained_on} "
+                                  f"({decoder_manifest.get('embeddings')}), not on {args.embeddings} "
+                                  f"({manifest_hash(emb)}); pass matching --embeddings")
+            col = decoder_manifest.get("config", {}).get("column")
+            if col not in (None, args.column):
+                raise FisherError(f"{args.decoder}: trained on column '{col}', not '{args.column}'; "
+                                  f"pass --column {col}")
+    weights = read_bytes(join(args.decoder, WEIGHTS)) if exists(join(args.decoder, WEIGHTS)) else b""
+    decoder_id = hashlib.sha256(weights + spec_bytes).hexdigest()[:16]
+    kind = emb.get("config", {}).get("kind", "embedding")
+    return {"data": data, "emb": emb, "arch": arch, "levels": levels, "shape": shape, "kind": kind,
+            "decoder_id": decoder_id,
+            "inputs": {"data": manifest_hash(data), "embeddings": manifest_hash(emb), "decoder": decoder_id}}
+
+
+def _device(args) -> str:
+    if getattr(args, "gpu", False):
+        import torch
+        if not torch.cuda.is_available():
+            raise FisherError("--gpu: no CUDA device is visible here; leave out --gpu")
+        return "cuda"
+    return "cpu"
+
+
+def _claim_out(out: str, stage: str) -> None:
+    """Refuse an output directory that holds another stage's artifact."""
+    if exists(join(out, MANIFEST)):
+        old = read_manifest(out).get("stage")
+        if old != stage:
+            raise FisherError(f"{out}: holds a '{old}' artifact; pass a new --out")
+
+
+def _write_manifest(out: str, stage: str, config: dict, info: dict, **extra) -> None:
+    from fisher.io import write_manifest
+    write_manifest(out, stage, config, inputs=info["inputs"], **extra)
+
+
+# ---------------------------------------------------------------- interpolate
+
+def run_interpolate(args) -> None:
+    from fisher.decoders import load_decoder
+    from fisher.embedding import read_embeddings
+    from fisher.evaluation import decode_interpolations, load_rows
+    from fisher.fid import to_unit_float
+    from fisher.images import interpolation_strip, save_png, to_uint8
+    from fisher.manipulation import random_pairs
+
+    info = _inputs(args)
+    _claim_out(args.out, "interpolate")
+    device = _device(args)
+    ids, z = read_embeddings(args.embeddings, args.split, args.column)
+    pairs = random_pairs(len(ids), args.pairs, args.seed)
+    decoder = load_decoder(args.decoder, map_location=device)
+    decoded = decode_interpolations(decoder, z, pairs, args.alphas, info["levels"], device=device)   # (P, A, C, H, W)
+    tiles = to_uint8(decoded.flatten(0, 1)).reshape(len(pairs), len(args.alphas), *decoded.shape[3:], decoded.shape[2])
+    rows = load_rows(args.data, args.split, ids[pairs.ravel()], columns=("image",))
+    true = to_uint8(to_unit_float(rows["image"], info["levels"])).reshape(len(pairs), 2, *tiles.shape[2:])
+    strip = interpolation_strip(true[:, 0], true[:, 1], tiles)
+    save_png(join(args.out, "interpolations.png"), strip)
+    config = {"split": args.split, "pairs": args.pairs, "alphas": args.alphas, "seed": args.seed,
+              "column": args.column}
+    _write_manifest(args.out, "interpolate", config, info, embeddings=args.embeddings, data=args.data,
+                    decoder_dir=args.decoder, files={"interpolations.png": "rows = pairs; columns = x1, "
+                                                     "E[Dec((1-α) z1 + α z2)] for each α, x2"},
+                    pair_ids=[[str(a), str(b)] for a, b in ids[pairs]], image_size=list(strip.shape))
+    print(f"interpolations of {len(pairs)} {args.split} pairs at α = {', '.join(f'{a:g}' for a in args.alphas)} "
+          f"written to {join(args.out, 'interpolations.png')}", flush=True)
+
+
+# ---------------------------------------------------------------- edit
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def run_edit(args) -> None:
+    from fisher.decoders import load_decoder
+    from fisher.embedding import read_embeddings
+    from fisher.evaluation import edit_grid_images, load_rows
+    from fisher.fid import to_unit_float
+    from fisher.images import grid, save_png, to_uint8
+    from fisher.manipulation import attribute_direction
+
+    names = [a.strip() for a in args.attribute.split(",") if a.strip()]
+    data = read_manifest(args.data, "prepare")
+    attr_names = data.get("attr_names")
+    if not attr_names:
+        raise FisherError(f"{args.data}: a {data.get('config', {}).get('dataset', 'dataset')} dataset without "
+                          "attributes; edits need a dataset with attributes (prepare CelebA)")
+    unknown = [n for n in names if n not in attr_names]
+    if unknown or not names:
+        raise FisherError(f"--attribute {args.attribute!r}: unknown {', '.join(unknown) or 'attribute'}; "
+                          f"valid names include {', '.join(attr_names[:8])}, … ({len(attr_names)} in all)")
+    info = _inputs(args)
+    _claim_out(args.out, "edit")
+    device = _device(args)
+
+    train_ids, z_train = read_embeddings(args.embeddings, "train", args.column)
+    attrs = load_rows(args.data, "train", train_ids, columns=("attrs",))["attrs"]
+    ids, z = read_embeddings(args.embeddings, args.split, args.column)
+    rng = np.random.default_rng(args.seed)
+    chosen = np.sort(rng.choice(len(ids), size=min(args.images, len(ids)), replace=False))
+    true = load_rows(args.data, args.split, ids[chosen], columns=("image",))["image"]
+    true = to_uint8(to_unit_float(true, info["levels"]))
+    decoder = load_decoder(args.decoder, map_location=device)
+
+    files, directions = {}, {}
+    for name in names:
+        k = attr_names.index(name)
+        has = attrs[:, k] == 1
+        delta = attribute_direction(z_train, has, name)
+        images = edit_grid_images(decoder, z[chosen], delta, args.scale, info["levels"], device=device)
+        tiles = to_uint8(images.flatten(0, 1)).reshape(len(chosen), 3, *true.shape[1:])
+        fname = f"edit-{_slug(name)}.png"
+        save_png(join(args.out, fname), grid(np.concatenate([true[:, None], tiles], axis=1)))
+        files[fname] = f"rows = images; columns = true, z - {args.scale:g}·δ, reconstruction, z + {args.scale:g}·δ"
+        directions[name] = {"with": int(has.sum()), "without": int((~has).sum()),
+                            "delta_norm": float(np.linalg.norm(delta.double().numpy()))}
+    config = {"attributes": names, "scale": args.scale, "images": args.images, "split": args.split,
+              "seed": args.seed, "column": args.column, "directions_from": "train"}
+    _write_manifest(args.out, "edit", config, info, embeddings=args.embeddings, data=args.data,
+                    decoder_dir=args.decoder, files=files, directions=directions,
+                    image_ids=[str(i) for i in ids[chosen]])
+    print(f"edits of {len(chosen)} {args.split} images ({', '.join(names)}; scale {args.scale:g}) written to "
+          f"{args.out}", flush=True)
+
+
+# ---------------------------------------------------------------- evaluate (Algorithm 1)
+
+class _InterpActor:
+    """Ray Data actor: decoder, embeddings and Inception loaded once; task ids → pool3 features."""
+
+    def __init__(self, decoder: str, embeddings: str, split: str, column: str, pairs, alphas, levels: int,
+                 weights: str | None, weights_id: str, threads: int, gpu: bool):
+        import torch
+
+        from fisher.decoders import load_decoder
+        from fisher.embedding import read_embeddings
+        from fisher.evaluation import InterpolationFeatures
+        torch.set_num_threads(threads)
+        device = "cuda" if gpu else "cpu"
+        inception = _inception(weights, weights_id, device)
+        _, z = read_embeddings(embeddings, split, column)
+        self.scorer = InterpolationFeatures(load_decoder(decoder, map_location=device), inception, z, pairs,
+                                            alphas, levels, device)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"task": batch["id"], "features": self.scorer(batch["id"])}
+
+
+class _RealActor:
+    """Ray Data actor: Inception loaded once; image shards → pool3 features (rows outside ``keep`` dropped)."""
+
+    def __init__(self, shape, levels: int, keep, weights: str | None, weights_id: str, threads: int, gpu: bool):
+        import torch
+        torch.set_num_threads(threads)
+        self.device = "cuda" if gpu else "cpu"
+        self.shape, self.levels = shape, levels
+        self.keep = None if keep is None else set(keep)
+        self.model = _inception(weights, weights_id, self.device)
+
+    def __call__(self, batch) -> dict:
+        from fisher.data import decode_images
+        from fisher.evaluation import real_features
+        ids = np.asarray(batch["id"].to_pylist(), dtype=object)
+        images = decode_images(batch, self.shape)
+        if self.keep is not None:
+            sel = np.array([i in self.keep for i in ids], dtype=bool)
+            ids, images = ids[sel], images[sel]
+        feats = real_features(self.model, images, self.levels, device=self.device) if len(ids) else \
+            np.zeros((0, 2048), np.float32)
+        return {"id": ids, "features": feats}
+
+
+def _inception(weights: str | None, weights_id: str, device: str):
+    from fisher.fid import load_inception
+    model = load_inception(weights, device)
+    if model.weights_id != weights_id:
+        raise FisherError(f"Inception weights on this worker ({model.weights_id}) differ from the driver's "
+                          f"({weights_id}); give every node the same --fid-weights file")
+    return model
+
+
+def _real_ids(args, data: dict, limit: int | None) -> tuple[list[str], list[str] | None]:
+    """Shard files to read, and the ids to keep (None = all rows of those shards)."""
+    shards = [s for s in data["shards"] if s["split"] == args.split]
+    if not shards:
+        raise FisherError(f"{args.data}: no '{args.split}' split (has {sorted(data.get('counts', {}))})")
+    if limit is None:
+        return [join(args.data, s["file"]) for s in shards], None
+    files, keep = [], []
+    for s in shards:
+        ids = read_table(join(args.data, s["file"]), ["id"])["id"].to_pylist()
+        files.append(join(args.data, s["file"]))
+        keep += ids[:limit - len(keep)]
+        if len(keep) >= limit:
+            break
+    return files, keep
+
+
+def _pool(args, resources: dict):
+    """(torch threads per actor, map_batches options of the actor pool)."""
+    from ray.data import ActorPoolStrategy
+    threads = 1 if args.gpu else max(1, worker_threads(resources, args.actors))
+    return threads, dict(compute=ActorPoolStrategy(size=args.actors), num_gpus=1 if args.gpu else 0,
+                         num_cpus=args.cpus_per_actor)
+
+
+def _real_stats(args, info: dict, weights: str | None, weights_id: str, resources_fn):
+    """Real-image statistics of the split, from the cache or computed on an actor pool (and cached)."""
+    from tqdm import tqdm
+
+    from fisher.fid import cached_real_stats
+    data = info["data"]
+    total = int(data["counts"].get(args.split, 0))
+    count = min(args.real_limit, total) if args.real_limit else total
+    if count < 2:
+        raise FisherError(f"{args.data}: split '{args.split}' has {total} images; FID needs at least 2 real images")
+    cache = args.cache or join(args.data, "fid-cache")
+    key = f"{manifest_hash(data)}-{args.split}-{weights_id}-{count}"
+    uri = join(cache, f"fid-stats-{key}.npz")
+    if exists(uri):
+        print(f"evaluate: real statistics reused from {uri}", flush=True)
+    else:
+        print(f"evaluate: computing real statistics of {count} {args.split} images (cached as {uri})", flush=True)
+
+    def compute() -> np.ndarray:
+        files, keep = _real_ids(args, data, args.real_limit)
+        resources = resources_fn()
+        threads, pool = _pool(args, resources)
+        ds = read_shards(files, ["id", "image"]).map_batches(
+            _RealActor, batch_size=args.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs=dict(shape=data["image_shape"], levels=info["levels"], keep=keep, weights=weights,
+                                       weights_id=weights_id, threads=threads, gpu=args.gpu), **pool)
+        ids, feats = [], []
+        bar = tqdm(total=count, desc="real images", unit="img")
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ids.append(np.asarray(batch["id"], dtype=str))
+            feats.append(np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["id"]), -1))
+            bar.update(len(batch["id"]))
+        bar.close()
+        ids, feats = np.concatenate(ids), np.concatenate(feats)
+        if len(ids) != count:
+            raise FisherError(f"{args.data}: got features of {len(ids)} real images, expected {count}; rerun")
+        return feats[np.argsort(ids, kind="stable")].astype(np.float64)     # order-independent result
+
+    return cached_real_stats(cache, key, compute), {"split": args.split, "count": count, "cache": uri}
+
+
+def run_evaluate(args) -> None:
+    import ray.data
+    from tqdm import tqdm
+
+    from fisher.embedding import read_embeddings
+    from fisher.evaluation import FIDAccumulator, fid_plot, fid_table
+    from fisher.fid import WEIGHTS_ENV, load_inception
+    from fisher.manipulation import random_pairs
+
+    info = _inputs(args)
+    _claim_out(args.out, "evaluate")
+    weights = args.fid_weights or os.environ.get(WEIGHTS_ENV) or None
+    weights_id = load_inception(weights).weights_id        # fails fast (and offline) with what to pass
+    label = args.label or f"{info['kind']}/{info['arch']}"
+    ids, _ = read_embeddings(args.embeddings, args.split, args.column)
+    pairs = random_pairs(len(ids), args.pairs, args.seed)
+    config = {"split": args.split, "pairs": args.pairs, "alphas": args.alphas, "seed": args.seed,
+              "column": args.column, "real_limit": args.real_limit, "weights_id": weights_id, "label": label}
+    if exists(join(args.out, "fid.json")) and exists(join(args.out, MANIFEST)):
+        old = read_manifest(args.out, "evaluate")
+        if old.get("config") == config and old.get("inputs") == info["inputs"]:
+            print(f"{args.out}: already evaluated with this config; nothing to do", flush=True)
+            return
+
+    resources: dict = {}
+
+    def ray_resources() -> dict:
+        if not resources:
+            resources.update(init_ray(args))
+        return resources
+
+    started = time.time()
+    real, real_info = _real_stats(args, info, weights, weights_id, ray_resources)
+    t_real = time.time() - started
+
+    total = args.pairs * len(args.alphas)
+    threads, pool = _pool(args, ray_resources())
+    blocks = max(1, min(math.ceil(total / args.batch_size), 200))
+    ds = ray.data.range(total, override_num_blocks=blocks).map_batches(
+        _InterpActor, batch_size=args.batch_size, batch_format="numpy",
+        fn_constructor_kwargs=dict(decoder=args.decoder, embeddings=args.embeddings, split=args.split,
+                                   column=args.column, pairs=pairs, alphas=args.alphas, levels=info["levels"],
+                                   weights=weights, weights_id=weights_id, threads=threads, gpu=args.gpu),
+        **pool)
+    acc = FIDAccumulator(args.pairs, args.alphas, real)
+    bar = tqdm(total=total, desc="interpolations", unit="img")
+    t0, t_fid = time.time(), 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        feats = np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["task"]), -1)
+        t1 = time.time()
+        for alpha in acc.add(batch["task"], feats):
+            bar.write(f"evaluate: α = {alpha:g}: FID {acc.fid[alpha]:.3f}")
+        t_fid += time.time() - t1
+        bar.update(len(batch["task"]))
+    bar.close()
+    fids = acc.result()
+    t_gen = time.time() - t0 - t_fid
+
+    result = {"label": label, "fid": {f"{a:g}": v for a, v in fids.items()}, "alphas": args.alphas,
+              "pairs": args.pairs, "weights_id": weights_id, "real": real_info, "seed": args.seed,
+              "split": args.split, "decoder": args.decoder, "embeddings": args.embeddings, "column": args.column,
+              "regularized_alphas": acc.regularized,
+              "timing": {"real_seconds": round(t_real, 3), "generated_seconds": round(t_gen, 3),
+                         "generated_images_per_second": round(total / t_gen, 3) if t_gen > 0 else None,
+                         "frechet_seconds": round(t_fid, 3)}}
+    table = fid_table([result])
+    atomic_write_bytes(join(args.out, "fid.png"), fid_plot([result], title=f"Interpolation FID, {label}"))
+    atomic_write_bytes(join(args.out, "fid.md"), (
+        f"Interpolation FID (paper Algorithm 1; layout of Figure 3b / Figure 7): N = {args.pairs} pairs per α, "
+        f"against {real_info['count']} real {args.split} images; Inception weights {weights_id}.\n\n"
+        + table + "\n").encode())
+    _write_manifest(args.out, "evaluate", config, info, embeddings=args.embeddings, data=args.data,
+                    decoder_dir=args.decoder, fid=result["fid"], real=real_info, timing=result["timing"],
+                    files=["fid.json", "fid.md", "fid.png"])
+    atomic_write_bytes(join(args.out, "fid.json"), json.dumps(result, indent=2).encode())
+    print(table, flush=True)
+    print(f"interpolation FID written to {join(args.out, 'fid.json')}", flush=True)

@@ -1,0 +1,439 @@
+"""``fisher sweep``: the projection density × dimension reconstruction grid
+(paper Figure 3a), one decoder per grid cell, with Ray Tune.
+
+1. Embeddings. Every cell of the grid (``--grid``: the tune_spaces name
+   ``paper_grid``, densities 0.001, 0.01, 0.1, 1 × dims 64, 256, 1024, or a
+   JSON file with the same ``density`` and ``dim`` lists) is a projection of
+   the same Fisher scores, so all of them come from ONE gradient pass: the
+   sweep runs the ``fisher embed`` stage into ``OUT/embeddings`` with the
+   grid's dims and densities (columns ``z_d<dim>_p<density>``). That stage
+   skips finished shards, so a rerun reuses what is there.
+2. Decoders. Ray Tune runs one trial per cell that is not finished yet
+   (a function trainable; ``--cpus-per-trial`` may be fractional,
+   ``--max-concurrent`` trials at a time). A trial joins its column to the
+   images by id, trains ``fisher.decoders.fit_decoder`` on the train split,
+   reports the test reconstruction error to Tune after every epoch (with a
+   checkpoint, so a failed trial restarts from its last epoch,
+   ``--max-failures``), and finally writes ``OUT/cells/<column>.json``: that
+   file is the record of a finished cell.
+3. Report. ``OUT/grid.md`` holds the paper's layout (rows: dimension,
+   columns: density) of the test BCE in nats per pixel and of the MSE;
+   ``OUT/grid.png`` the same as annotated heat-maps; ``OUT/manifest.json``
+   the config, the input hashes and every cell's result.
+
+``--resume`` keeps the cells whose record exists and trains only the
+missing ones (after an interrupted or partly failed sweep); without it every
+cell is trained again. ``OUT/_plan.json`` records the config the directory
+was started with (grid, kind, seed, decoder, epochs, batch size, lr, prior
+and data); an ``--out`` started with another config is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import time
+
+from fisher.decoders import DECODERS, DecoderTrainConfig
+from fisher.embedding import EmbedSpec
+from fisher.io import (
+    MANIFEST,
+    FisherError,
+    atomic_write_bytes,
+    exists,
+    join,
+    manifest_hash,
+    read_bytes,
+    read_manifest,
+    write_manifest,
+)
+from raycluster.runtime import add_ray_args, init_ray
+
+PLAN = "_plan.json"       # the sweep's config, written on the first run and compared on every rerun
+CELLS = "cells"           # OUT/cells/<column>.json: one record per finished cell
+SPLITS = ("train", "test")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="density × dimension reconstruction grid (paper Figure 3a) with Ray Tune",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prior", required=True, help="prior checkpoint directory (from `fisher train-prior`)")
+    p.add_argument("--data", required=True, help="prepared data directory (from `fisher prepare`)")
+    p.add_argument("--out", required=True,
+                   help="sweep directory to write: embeddings/, cells/, tune/, grid.md, grid.png, manifest.json")
+    p.add_argument("--grid", default="paper_grid",
+                   help="search space: a tune_spaces name (paper_grid: densities 0.001,0.01,0.1,1 × dims "
+                        "64,256,1024) or a JSON file with 'density' and 'dim' lists")
+    p.add_argument("--kind", choices=("fisher", "activation"), default="fisher",
+                   help="Fisher scores (the method) or last hidden activations (the paper's baseline)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="projection seed and decoder initialisation/shuffling seed (default: the grid's "
+                        "'seed', else 0)")
+    d = DecoderTrainConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs, help="decoder training epochs per cell")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="decoder batch size (paper: 128)")
+    p.add_argument("--lr", type=float, default=d.lr, help="decoder Adam learning rate (paper: 1e-3)")
+    p.add_argument("--decoder", default=d.decoder, help=f"decoder architecture: {', '.join(sorted(DECODERS))}")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials running at once (default: what the cluster fits, one per whole CPU "
+                        "(or per --gpus-per-trial share of the GPUs))")
+    p.add_argument("--cpus-per-trial", type=float, default=0.5,
+                   help="CPUs reserved per trial; fractional allowed (a whole-CPU request can stall a "
+                        "2-core machine); the trial uses max(1, int(this)) torch threads")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial (fractional allowed); > 0 trains the decoders on GPU")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="times a failed trial is restarted from its last epoch checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cells already finished in OUT/cells and train only the missing ones")
+    p.add_argument("--embed-actors", type=int, default=1, help="actors computing the embeddings")
+    p.add_argument("--embed-gpu", action="store_true", help="one GPU per embedding actor")
+    add_ray_args(p)
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------- the grid
+
+def load_grid(name: str) -> dict:
+    """The search space ``name`` (tune_spaces name or JSON file), checked: {'density': [...], 'dim': [...], ...}."""
+    if name.endswith(".json") or "/" in name or os.sep in name:
+        if not exists(name):
+            raise FisherError(f"--grid {name}: file not found; pass a tune_spaces name or a JSON file "
+                              "with 'density' and 'dim' lists")
+        try:
+            space = json.loads(read_bytes(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FisherError(f"--grid {name}: not valid JSON ({e})") from e
+    else:
+        import tune_spaces
+        try:
+            space = tune_spaces.load(name)
+        except FileNotFoundError as e:
+            raise FisherError(f"--grid {name}: {e}; or pass a JSON file with 'density' and 'dim' lists") from e
+    if not isinstance(space, dict) or not isinstance(space.get("density"), list) or \
+            not isinstance(space.get("dim"), list) or not space["density"] or not space["dim"]:
+        raise FisherError(f"--grid {name}: needs non-empty 'density' and 'dim' lists")
+    dims, dens = [], []
+    for v in space["dim"]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise FisherError(f"--grid {name}: dim {v!r} is not a positive integer")
+        dims.append(v)
+    for v in space["density"]:
+        if v is None or v == "auto":
+            dens.append(None)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1:
+            dens.append(float(v))
+        else:
+            raise FisherError(f"--grid {name}: density {v!r} is not in (0, 1] (or null/'auto' for 1/sqrt(n))")
+    if len(set(dims)) < len(dims) or len(set(dens)) < len(dens):
+        raise FisherError(f"--grid {name}: repeated dim or density values")
+    return {**space, "dim": dims, "density": dens}
+
+
+def grid_cells(grid: dict) -> list[dict]:
+    """One cell per (dim, density), with its embedding column (as ``fisher embed`` names it)."""
+    single = len(grid["dim"]) * len(grid["density"]) == 1
+    return [{"dim": dim, "density": dens, "column": EmbedSpec(dim, dens).column(single)}
+            for dim in grid["dim"] for dens in grid["density"]]
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(args) -> None:
+    grid = load_grid(args.grid)
+    data_manifest = read_manifest(args.data, "prepare")
+    prior_manifest = read_manifest(args.prior, "train-prior")
+    if args.decoder not in DECODERS:
+        raise FisherError(f"--decoder {args.decoder}: unknown (have {', '.join(sorted(DECODERS))})")
+    if args.epochs < 1 or args.batch_size < 1 or args.embed_actors < 1 or args.max_failures < 0:
+        raise FisherError("--epochs, --batch-size and --embed-actors must be >= 1, --max-failures >= 0")
+    if not args.lr > 0 or not args.cpus_per_trial > 0 or args.gpus_per_trial < 0:
+        raise FisherError("--lr and --cpus-per-trial must be > 0, --gpus-per-trial >= 0")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise FisherError(f"--max-concurrent {args.max_concurrent}: must be >= 1")
+    missing = [s for s in SPLITS if s not in data_manifest.get("counts", {})]
+    if missing:
+        raise FisherError(f"{args.data}: no {'/'.join(missing)} split (has {sorted(data_manifest.get('counts', {}))}); "
+                          "the sweep trains on 'train' and reports on 'test'")
+    from fisher.decoders import build_decoder
+    build_decoder(args.decoder, min(grid["dim"]), data_manifest["image_shape"],   # refuse a misfit before any work
+                  int(data_manifest.get("levels") or 2))
+    seed = args.seed if args.seed is not None else int(grid.get("seed", 0))
+    train = DecoderTrainConfig(decoder=args.decoder, epochs=args.epochs, batch_size=args.batch_size,
+                               lr=args.lr, seed=seed)
+    plan = {"grid": {"density": grid["density"], "dim": grid["dim"]}, "kind": args.kind, "seed": seed,
+            "decoder": train.to_dict(), "prior": manifest_hash(prior_manifest),
+            "prior_weights_sha256": prior_manifest.get("weights_sha256"), "data": manifest_hash(data_manifest)}
+    plan_id = manifest_hash(plan)
+    _claim(args.out, plan)
+    cells = grid_cells(grid)
+    started = time.time()
+
+    emb_dir = join(args.out, "embeddings")
+    _embed(args, emb_dir, grid, seed)
+    emb_manifest = read_manifest(emb_dir, "embed")
+    embed_seconds = round(time.time() - started, 3)
+
+    done = {c["column"]: rec for c in cells if (rec := _finished(args.out, c, plan_id))} if args.resume else {}
+    todo = [c for c in cells if c["column"] not in done]
+    print(f"sweep: {len(done)} of {len(cells)} cells already done; training {len(todo)} decoder(s) "
+          f"({args.decoder}, {args.epochs} epoch(s)) with Ray Tune", flush=True)
+    if not args.resume and any(exists(_cell_uri(args.out, c["column"])) for c in cells):
+        print("sweep: retraining cells that already have a record (pass --resume to keep them)", flush=True)
+    if todo:
+        _tune(args, todo, {
+            "embeddings": _abs(emb_dir), "data": _abs(args.data), "out": _abs(args.out), "plan": plan_id,
+            "train": train.to_dict(), "image_shape": data_manifest["image_shape"],
+            "levels": int(data_manifest.get("levels") or 2), "kind": args.kind,
+            "threads": max(1, int(args.cpus_per_trial)), "gpu": args.gpus_per_trial > 0,
+            "density_values": {c: v.get("density") for c, v in emb_manifest["columns"].items()}})
+
+    records = []
+    for c in cells:
+        rec = _finished(args.out, c, plan_id)
+        if rec is None:
+            raise FisherError(f"{_cell_uri(args.out, c['column'])}: missing after the Tune run; "
+                              "rerun with --resume to train the missing cells")
+        records.append(rec)
+    _write_report(args, grid, records, plan)
+    write_manifest(args.out, "sweep", plan,
+                   inputs={"prior": plan["prior"], "data": plan["data"], "embeddings": manifest_hash(emb_manifest)},
+                   prior=args.prior, data=args.data, embeddings=emb_dir, grid_source=args.grid,
+                   image_shape=data_manifest["image_shape"], levels=int(data_manifest.get("levels") or 2),
+                   cells=[{k: v for k, v in r.items() if k != "history"} for r in records],
+                   table="grid.md", plot="grid.png",
+                   timing={"embed_seconds": embed_seconds, "seconds": round(time.time() - started, 3),
+                           "cells_trained": len(todo)})
+    print(f"sweep: Figure 3a table written to {join(args.out, 'grid.md')} (heat-map: grid.png)", flush=True)
+
+
+def _abs(uri: str) -> str:
+    """Absolute local path (Tune runs trials in their own working directories) or the URI unchanged."""
+    return uri if "://" in str(uri) else os.path.abspath(os.path.expanduser(str(uri)))
+
+
+def _cell_uri(out: str, column: str) -> str:
+    return join(out, CELLS, f"{column}.json")
+
+
+def _claim(out: str, plan: dict) -> None:
+    """Record what ``out`` is being filled with; refuse a directory started with another config."""
+    uri = join(out, PLAN)
+    if exists(uri):
+        try:
+            old = json.loads(read_bytes(uri))
+        except json.JSONDecodeError as e:
+            raise FisherError(f"{uri}: corrupt ({e}); pass a new --out") from e
+        if old != plan:
+            a, b = _flat(old), _flat(plan)
+            diff = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now"
+                             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+            raise FisherError(f"{out}: holds a sweep made with a different config ({diff}); pass a new --out")
+    elif exists(join(out, MANIFEST)):
+        raise FisherError(f"{out}: holds another artifact; pass a new --out")
+    else:
+        atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as {'decoder.epochs': 10, ...}, so a refusal names the exact option that differs."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _finished(out: str, cell: dict, plan_id: str) -> dict | None:
+    """The record of a finished cell made with this plan; None when absent; refuse a foreign one."""
+    uri = _cell_uri(out, cell["column"])
+    if not exists(uri):
+        return None
+    try:
+        rec = json.loads(read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise FisherError(f"{uri}: corrupt cell record ({e}); delete it and rerun with --resume") from e
+    if rec.get("plan") != plan_id:
+        raise FisherError(f"{uri}: made by a sweep with another config (plan {rec.get('plan')}, now {plan_id}); "
+                          "pass a new --out")
+    return rec
+
+
+def _embed(args, emb_dir: str, grid: dict, seed: int) -> None:
+    """All cells' projections in one gradient pass: the ``fisher embed`` stage, in-process."""
+    from raycluster import embed
+    parser = argparse.ArgumentParser(prog="fisher sweep")
+    embed.register(parser.add_subparsers(dest="command"))
+    argv = ["embed", "--prior", args.prior, "--data", args.data, "--out", emb_dir, "--kind", args.kind,
+            "--dim", ",".join(str(d) for d in grid["dim"]),
+            "--density", ",".join("auto" if d is None else repr(d) for d in grid["density"]),
+            "--seed", str(seed), "--splits", ",".join(SPLITS), "--actors", str(args.embed_actors)]
+    if args.embed_gpu:
+        argv.append("--gpu")
+    if args.address:
+        argv += ["--address", args.address]
+    if args.num_cpus:
+        argv += ["--num-cpus", str(args.num_cpus)]
+    embed.run(parser.parse_args(argv))
+
+
+# ---------------------------------------------------------------- Ray Tune
+
+def _train_cell(config: dict, job: dict) -> None:
+    """Tune function trainable: one grid cell = fisher.decoders.fit_decoder on one embedding column."""
+    import tempfile
+
+    import ray.tune
+    import torch
+
+    from fisher.decoders import fit_decoder
+    from fisher.embedding import load_pairs
+    from fisher.models import to_model_input
+
+    torch.set_num_threads(job["threads"])
+    cell, cfg = config["cell"], DecoderTrainConfig.from_dict(job["train"])
+    column, device = cell["column"], ("cuda" if job["gpu"] else "cpu")
+    started = time.time()
+    tensors = {}
+    for split in SPLITS:
+        pairs = load_pairs(job["embeddings"], job["data"], split, column)
+        tensors[split] = (torch.tensor(pairs["z"], device=device), to_model_input(pairs["image"], device))
+    start, history = None, []
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is not None:          # a restarted trial: continue after its last reported epoch
+        with ckpt.as_directory() as d:
+            start = {"weights": torch.load(os.path.join(d, "weights.pt"), weights_only=True),
+                     "optimizer": torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)}
+            with open(os.path.join(d, "progress.json")) as f:
+                progress = json.load(f)
+            start["epoch"], history = progress["epoch"], progress["history"]
+    tags = {"cell": column, "dim": cell["dim"], "density": cell["density"]}
+
+    def on_epoch(epoch, metrics, decoder, opt):
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({k: v.detach().cpu() for k, v in decoder.state_dict().items()}, os.path.join(tmp, "weights.pt"))
+            torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            with open(os.path.join(tmp, "progress.json"), "w") as f:
+                json.dump({"epoch": epoch, "history": history}, f)
+            ray.tune.report({**metrics, **tags}, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+    _, metrics = fit_decoder(cfg, *tensors["train"], *tensors["test"], job["levels"], job["image_shape"],
+                             on_epoch=on_epoch, start=start)
+    record = {**cell, "density_value": job["density_values"].get(column), "kind": job["kind"],
+              "epochs": cfg.epochs, "plan": job["plan"], "decoder": job["train"],
+              "n_train": int(tensors["train"][0].shape[0]), "n_test": int(tensors["test"][0].shape[0]),
+              **{k: v for k, v in metrics.items() if k.startswith(("test_", "train_"))},
+              "seconds": round(time.time() - started, 3), "history": history}
+    atomic_write_bytes(_cell_uri(job["out"], column), json.dumps(record, indent=2).encode())
+
+
+def _trial_name(trial) -> str:
+    return trial.config["cell"]["column"]
+
+
+def _trial_dirname(trial) -> str:
+    return f"{trial.config['cell']['column']}_{trial.trial_id}"
+
+
+def _tune(args, todo: list[dict], job: dict) -> None:
+    from ray import tune
+
+    resources = init_ray(args)
+    per_trial = {"cpu": args.cpus_per_trial, **({"gpu": args.gpus_per_trial} if args.gpus_per_trial else {})}
+    if args.max_concurrent:
+        concurrent = args.max_concurrent
+    else:
+        concurrent = max(1, int(resources.get("CPU", 1) // max(1.0, args.cpus_per_trial)))
+        if args.gpus_per_trial:
+            concurrent = min(concurrent, max(1, int(resources.get("GPU", 0) // args.gpus_per_trial)))
+    concurrent = min(concurrent, len(todo))
+    storage = join(args.out, "tune") if "://" in args.out else _abs(join(args.out, "tune"))
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_train_cell, job=job), per_trial),
+        param_space={"cell": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=1,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  failure_config=tune.FailureConfig(max_failures=args.max_failures)))
+    print(f"sweep: {len(todo)} trial(s), {concurrent} at a time, {per_trial} each; Tune results in {storage}/sweep",
+          flush=True)
+    results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        first = failed[0]
+        lines = [ln for ln in str(first.error).strip().splitlines() if ln.strip()]
+        raise FisherError(f"{len(failed)} of {len(todo)} cells failed (first: {first.config['cell']['column']}: "
+                          f"{lines[-1].strip() if lines else type(first.error).__name__}); finished cells are kept "
+                          f"in {join(args.out, CELLS)}: fix the cause and rerun with --resume")
+
+
+# ---------------------------------------------------------------- the report
+
+def _density_label(d) -> str:
+    return "auto" if d is None else f"{d:g}"
+
+
+def _matrix(grid: dict, records: list[dict], key: str) -> list[list[float]]:
+    by = {(r["dim"], r["density"]): r.get(key, math.nan) for r in records}
+    return [[float(by.get((dim, dens), math.nan)) for dens in grid["density"]] for dim in grid["dim"]]
+
+
+def _table(grid: dict, values: list[list[float]]) -> list[str]:
+    head = "| dim \\ density | " + " | ".join(_density_label(d) for d in grid["density"]) + " |"
+    rows = [head, "|---:|" + "---:|" * len(grid["density"])]
+    for dim, row in zip(grid["dim"], values):
+        rows.append(f"| {dim} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+    return rows
+
+
+def _write_report(args, grid: dict, records: list[dict], plan: dict) -> None:
+    bce, mse = _matrix(grid, records, "test_bce_nats_per_pixel"), _matrix(grid, records, "test_mse")
+    r0 = records[0]
+    d = plan["decoder"]
+    lines = ["# Reconstruction error by projection density × dimension (paper Figure 3a)", "",
+             (f"Embeddings: {plan['kind']} ({'Fisher scores' if plan['kind'] == 'fisher' else 'activation baseline'}), "
+              f"projection seed {plan['seed']}; prior `{args.prior}`, data `{args.data}`."),
+             (f"Decoder: {d['decoder']}, {d['epochs']} epoch(s), batch {d['batch_size']}, lr {d['lr']:g}, "
+              f"seed {d['seed']}; trained on {r0['n_train']} train images, evaluated on {r0['n_test']} test images."),
+             "Rows: projection dimension; columns: projection density. Lower is better.", "",
+             "## Test BCE (nats per pixel)", "", *_table(grid, bce), "",
+             "## Test MSE (pixels on [0, 1])", "", *_table(grid, mse), ""]
+    atomic_write_bytes(join(args.out, "grid.md"), "\n".join(lines).encode())
+    atomic_write_bytes(join(args.out, "grid.png"), _heatmap_png(grid, {"test BCE (nats/pixel)": bce, "test MSE": mse}))
+
+
+def _heatmap_png(grid: dict, panels: dict[str, list[list[float]]]) -> bytes:
+    """Annotated heat-maps (rows: dim, columns: density) as PNG bytes; no global matplotlib state."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols, rows = len(grid["density"]), len(grid["dim"])
+    fig = Figure(figsize=(1.6 + 1.3 * cols * len(panels), 1.2 + 0.8 * rows), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, values) in zip(axes, panels.items()):
+        v = np.asarray(values, dtype=float)
+        im = ax.imshow(v, cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(cols), [_density_label(d) for d in grid["density"]])
+        ax.set_yticks(range(rows), [str(d) for d in grid["dim"]])
+        ax.set_xlabel("projection density")
+        ax.set_ylabel("projection dimension")
+        ax.set_title(title)
+        finite = v[np.isfinite(v)]
+        mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+        for i in range(rows):
+            for j in range(cols):
+                ax.text(j, i, f"{v[i, j]:.4f}", ha="center", va="center", fontsize=8,
+                        color="white" if np.isfinite(v[i, j]) and v[i, j] > mid else "black")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
