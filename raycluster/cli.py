@@ -24,8 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PATH_OPTIONS = ("src", "out", "data", "prior", "embeddings", "decoder", "cache", "fid_weights", "grid")
+
+
+def _absolute(args) -> None:
+    """Local paths → absolute: Ray workers do not share the driver's working directory."""
+    import os
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "://" not in value and (os.sep in value or os.path.exists(value)):
+            setattr(args, name, os.path.abspath(os.path.expanduser(value)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _absolute(args)
     try:
         args.func(args)
     except FisherError as e:

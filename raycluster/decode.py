@@ -23,7 +23,7 @@ import tempfile
 
 from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
-from raycluster.runtime import add_ray_args, torch_trainer
+from raycluster.runtime import add_ray_args, fit, torch_trainer
 from raycluster.train import finished_run
 
 
@@ -113,7 +113,7 @@ def run(args) -> None:
     trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
                                     "column": args.column, "image_shape": data["image_shape"],
                                     "levels": int(data["levels"])}, args, "decoder")
-    result = trainer.fit()
+    result = fit(trainer, args.out)
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
     from raycluster.train import publish_checkpoint

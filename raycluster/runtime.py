@@ -63,3 +63,15 @@ def torch_trainer(loop, loop_config: dict, args, name: str, workers: int = 1, da
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
         datasets=datasets)
+
+
+def fit(trainer, out: str):
+    """``trainer.fit()``; a failure becomes one FisherError line carrying the workers' own error."""
+    from fisher.io import FisherError
+    try:
+        return trainer.fit()
+    except Exception as e:  # ray.train.WorkerGroupError, ControllerError, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = next((line.split("FisherError:", 1)[1].strip() for line in reversed(lines) if "FisherError:" in line),
+                     lines[-1] if lines else type(e).__name__)
+        raise FisherError(f"{out}: training failed: {cause}") from e

@@ -17,7 +17,7 @@ import tempfile
 from fisher.io import FisherError, join, manifest_hash, read_manifest, write_manifest
 from fisher.models import PixelCNNConfig
 from fisher.training import PriorTrainConfig
-from raycluster.runtime import add_ray_args, read_shards, torch_trainer
+from raycluster.runtime import add_ray_args, fit, read_shards, torch_trainer
 
 
 def register(sub) -> None:
@@ -136,7 +136,7 @@ def run(args) -> None:
                             workers=args.workers,
                             datasets={"train": _dataset(args.data, data_manifest, "train", args.limit),
                                       "test": _dataset(args.data, data_manifest, "test", None)})
-    result = trainer.fit()
+    result = fit(trainer, args.out)
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
     from fisher.models import CONFIG, WEIGHTS
