@@ -14,7 +14,15 @@ Decoders live in a registry (:data:`DECODERS`, :func:`register_decoder`,
 :func:`build_decoder`), so other decoders (RealNVP, WGAN-GP, conditional
 PixelCNN) plug in without changes to the stages. Every decoder class is built
 as ``cls(z_dim, image_shape, levels, **config)`` with ``image_shape = (H, W, C)``
-(the shard layout) and returns logits as above.
+(the shard layout), subclasses :class:`Decoder` and implements ``decode``.
+
+Input standardization: :class:`Decoder` standardizes ``z`` per coordinate
+with the train split's mean and standard deviation (buffers ``z_mean``,
+``z_scale``, set by :func:`fit_decoder`, saved with the weights). Paper sec.
+3.2: the Fisher kernel is approximated by dot products of *standardized*
+Fisher scores. Raw scores span orders of magnitude, and a decoder fed them
+unscaled learns little more than the mean image. The map is affine, so the
+paper's interpolation (1-α)z₁ + αz₂ and attribute vectors are unchanged by it.
 
 Objective and metrics (integer targets ``x`` (B, C, H, W) in [0, levels)):
 
@@ -54,6 +62,8 @@ DECODERS: dict[str, type] = {}
 def register_decoder(name: str):
     """Class decorator adding a decoder to :data:`DECODERS` under ``name``."""
     def add(cls: type) -> type:
+        if not issubclass(cls, Decoder):
+            raise TypeError(f"decoder {name!r}: {cls.__name__} must subclass fisher.decoders.Decoder")
         DECODERS[name] = cls
         return cls
     return add
@@ -71,6 +81,29 @@ def build_decoder(name: str, z_dim: int, image_shape, levels: int, **config) -> 
         return DECODERS[name](int(z_dim), (h, w, c), int(levels), **config)
     except TypeError as e:
         raise FisherError(f"decoder {name!r}: invalid config {config} ({e})") from e
+
+
+class Decoder(nn.Module):
+    """Base of every registered decoder: ``forward(z) = decode((z - z_mean) / z_scale)``."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.register_buffer("z_mean", torch.zeros(z_dim))
+        self.register_buffer("z_scale", torch.ones(z_dim))
+
+    @torch.no_grad()
+    def fit_input(self, z: torch.Tensor) -> None:
+        """Set the standardization from the train embeddings ``z`` (N, z_dim); constant coordinates keep scale 1."""
+        z = z.to(self.z_mean.device, torch.float64)
+        std = z.std(dim=0) if z.shape[0] > 1 else torch.zeros_like(z[0])
+        self.z_mean.copy_(z.mean(dim=0))
+        self.z_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode((z - self.z_mean) / self.z_scale)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def _logits_per_channel(levels: int) -> int:
@@ -112,7 +145,7 @@ def _halvings(size: int, n: int) -> list[int]:
 
 
 @register_decoder("conv")
-class ConvDecoder(nn.Module):
+class ConvDecoder(Decoder):
     """The paper's MNIST decoder (appendix 7.2.1; sec. 5.1 "a dense layer followed by
     3 transposed convolutional layers that upscale the image to 28 × 28"):
 
@@ -134,7 +167,7 @@ class ConvDecoder(nn.Module):
     """
 
     def __init__(self, z_dim: int, image_shape, levels: int, base_channels: int = 64):
-        super().__init__()
+        super().__init__(z_dim)
         h, w, c = image_shape
         self.channels, self.levels = c, levels
         hs, ws = _halvings(h, 3), _halvings(w, 3)
@@ -147,13 +180,13 @@ class ConvDecoder(nn.Module):
             up(128, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
             up(32, c * _logits_per_channel(levels), 2))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.linear(z)).view(z.shape[0], *self.start)
         return _as_logits(self.net(h), self.channels, self.levels)
 
 
 @register_decoder("celeba_conv")
-class CelebAConvDecoder(nn.Module):
+class CelebAConvDecoder(Decoder):
     """The paper's CelebA conv decoder (appendix 7.2.2):
 
     z as (z_dim, 1, 1) → ConvT(256, k4) [4 × 4] → n × [ResBlock(256), Upsample 2x]
@@ -168,7 +201,7 @@ class CelebAConvDecoder(nn.Module):
     """
 
     def __init__(self, z_dim: int, image_shape, levels: int, channels: int = 256):
-        super().__init__()
+        super().__init__(z_dim)
         h, w, c = image_shape
         n_up = math.log2(h / 4) if h >= 4 else -1
         if h != w or n_up != int(n_up) or n_up < 0:
@@ -181,7 +214,7 @@ class CelebAConvDecoder(nn.Module):
         layers += [nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, c * _logits_per_channel(levels), 1)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         return _as_logits(self.net(z[:, :, None, None]), self.channels, self.levels)
 
 
@@ -340,6 +373,8 @@ def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.T
         decoder.load_state_dict(start["weights"])
         opt.load_state_dict(start["optimizer"])
         first = int(start["epoch"])
+    else:
+        decoder.fit_input(z_train)
     gen = torch.Generator().manual_seed(cfg.seed)
     metrics = evaluate_decoder(decoder, z_test, x_test, levels) if first >= cfg.epochs else {}
     for epoch in range(first, cfg.epochs):

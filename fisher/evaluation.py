@@ -314,10 +314,15 @@ def fid_table(results: list[dict], paper: dict | None = None) -> str:
     ``results`` are ``fid.json`` contents ({'label': 'fisher/conv', 'fid': {α: FID}, 'pairs': N, ...});
     rows are the labels (embedding/decoder), columns the α values, then N. ``paper`` (e.g.
     :data:`PAPER_MNIST_FID`, ``PAPER_CELEBA_FID['pixelcnn']`` or a plain {label: {α: FID}}) adds
-    the paper's rows, marked with their source. Missing values are shown as "–".
+    the paper's rows, marked with their source. Missing values are shown as "–". A result's
+    ``real_floor`` ({'split', 'count', 'fid'}: N real images scored against the same statistics, the
+    lowest FID that N can show) becomes one row with that value under every α.
     """
     rows_paper, source, paper_n = _as_paper(paper)
     values = [(r.get("label", "?"), _fid_values(r), r.get("pairs", r.get("n"))) for r in results]
+    floors = {(f["split"], f["count"]): f["fid"] for r in results if (f := r.get("real_floor"))}
+    values += [(f"real {split} images (floor at this N)", {a: v for a in _fid_values(results[0])}, n)
+               for (split, n), v in floors.items()]
     values += [(f"{label} ({source})", {float(a): v for a, v in row.items()}, paper_n)
                for label, row in rows_paper.items()]
     alphas = sorted({a for _, row, _ in values for a in row})

@@ -115,6 +115,10 @@ def register(sub) -> None:
                    help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05 .pth); default "
                         "$FISHER_FID_WEIGHTS, else pytorch-fid downloads them")
     p.add_argument("--cache", default=None, help="real-statistics cache directory (default DATA/fid-cache)")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score N real images of --floor-split against the same statistics: the lowest FID "
+                        "this N can show (default on)")
+    p.add_argument("--floor-split", default="train", help="split of the floor's real images (default train)")
     p.add_argument("--label", default=None, help="row label in the table (default <embedding kind>/<decoder>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair draw")
     p.add_argument("--batch-size", type=_positive, default=100, help="images per actor batch")
@@ -344,11 +348,11 @@ def _inception(weights: str | None, weights_id: str, device: str):
     return model
 
 
-def _real_ids(args, data: dict, limit: int | None) -> tuple[list[str], list[str] | None]:
-    """Shard files to read, and the ids to keep (None = all rows of those shards)."""
-    shards = [s for s in data["shards"] if s["split"] == args.split]
+def _real_ids(args, data: dict, limit: int | None, split: str) -> tuple[list[str], list[str] | None]:
+    """Shard files of ``split`` to read, and the ids to keep (None = all rows of those shards)."""
+    shards = [s for s in data["shards"] if s["split"] == split]
     if not shards:
-        raise FisherError(f"{args.data}: no '{args.split}' split (has {sorted(data.get('counts', {}))})")
+        raise FisherError(f"{args.data}: no '{split}' split (has {sorted(data.get('counts', {}))})")
     if limit is None:
         return [join(args.data, s["file"]) for s in shards], None
     files, keep = [], []
@@ -369,10 +373,58 @@ def _pool(args, resources: dict):
                          num_cpus=args.cpus_per_actor)
 
 
+def _real_features(args, info: dict, split: str, count: int, limit: int | None, weights: str | None,
+                   weights_id: str, resources: dict, desc: str) -> np.ndarray:
+    """Inception features [count, D] float64 of the first ``limit`` (all: None) images of ``split``, in id order,
+    computed on an actor pool."""
+    from tqdm import tqdm
+    data = info["data"]
+    files, keep = _real_ids(args, data, limit, split)
+    threads, pool = _pool(args, resources)
+    ds = read_shards(files, ["id", "image"]).map_batches(
+        _RealActor, batch_size=args.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(shape=data["image_shape"], levels=info["levels"], keep=keep, weights=weights,
+                                   weights_id=weights_id, threads=threads, gpu=args.gpu), **pool)
+    ids, feats = [], []
+    bar = tqdm(total=count, desc=desc, unit="img")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ids.append(np.asarray(batch["id"], dtype=str))
+        feats.append(np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["id"]), -1))
+        bar.update(len(batch["id"]))
+    bar.close()
+    ids, feats = np.concatenate(ids), np.concatenate(feats)
+    if len(ids) != count:
+        raise FisherError(f"{args.data}: got features of {len(ids)} '{split}' images, expected {count}; rerun")
+    return feats[np.argsort(ids, kind="stable")].astype(np.float64)     # order-independent result
+
+
+def _real_floor(args, info: dict, real, real_key: str, weights: str | None, weights_id: str,
+                resources_fn) -> dict:
+    """FID of ``--pairs`` real images of ``--floor-split`` against the real statistics: with N samples even
+    real images score above 0 (small-sample bias), so this is the floor an N-pair FID is read against.
+    Cached beside the real statistics."""
+    from fisher.evaluation import frechet
+    total = int(info["data"]["counts"].get(args.floor_split, 0))
+    count = min(args.pairs, total)
+    if count < 2:
+        raise FisherError(f"{args.data}: split '{args.floor_split}' has {total} images; the FID floor needs at "
+                          "least 2 (pass --floor-split or --no-floor)")
+    uri = join(args.cache or join(args.data, "fid-cache"), f"fid-floor-{real_key}-{args.floor_split}-{count}.json")
+    if exists(uri):
+        try:
+            return json.loads(read_bytes(uri))
+        except json.JSONDecodeError as e:
+            raise FisherError(f"{uri}: corrupt cached FID floor ({e}); delete it and rerun") from e
+    feats = _real_features(args, info, args.floor_split, count, count, weights, weights_id, resources_fn(),
+                           f"floor ({args.floor_split} images)")
+    value, regularized = frechet(feats, real)
+    floor = {"split": args.floor_split, "count": count, "fid": value, "regularized": regularized}
+    atomic_write_bytes(uri, json.dumps(floor).encode())
+    return floor
+
+
 def _real_stats(args, info: dict, weights: str | None, weights_id: str, resources_fn):
     """Real-image statistics of the split, from the cache or computed on an actor pool (and cached)."""
-    from tqdm import tqdm
-
     from fisher.fid import cached_real_stats
     data = info["data"]
     total = int(data["counts"].get(args.split, 0))
@@ -388,26 +440,10 @@ def _real_stats(args, info: dict, weights: str | None, weights_id: str, resource
         print(f"evaluate: computing real statistics of {count} {args.split} images (cached as {uri})", flush=True)
 
     def compute() -> np.ndarray:
-        files, keep = _real_ids(args, data, args.real_limit)
-        resources = resources_fn()
-        threads, pool = _pool(args, resources)
-        ds = read_shards(files, ["id", "image"]).map_batches(
-            _RealActor, batch_size=args.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs=dict(shape=data["image_shape"], levels=info["levels"], keep=keep, weights=weights,
-                                       weights_id=weights_id, threads=threads, gpu=args.gpu), **pool)
-        ids, feats = [], []
-        bar = tqdm(total=count, desc="real images", unit="img")
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ids.append(np.asarray(batch["id"], dtype=str))
-            feats.append(np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["id"]), -1))
-            bar.update(len(batch["id"]))
-        bar.close()
-        ids, feats = np.concatenate(ids), np.concatenate(feats)
-        if len(ids) != count:
-            raise FisherError(f"{args.data}: got features of {len(ids)} real images, expected {count}; rerun")
-        return feats[np.argsort(ids, kind="stable")].astype(np.float64)     # order-independent result
+        return _real_features(args, info, args.split, count, args.real_limit, weights, weights_id,
+                              resources_fn(), "real images")
 
-    return cached_real_stats(cache, key, compute), {"split": args.split, "count": count, "cache": uri}
+    return cached_real_stats(cache, key, compute), {"split": args.split, "count": count, "cache": uri, "key": key}
 
 
 def run_evaluate(args) -> None:
@@ -427,7 +463,8 @@ def run_evaluate(args) -> None:
     ids, _ = read_embeddings(args.embeddings, args.split, args.column)
     pairs = random_pairs(len(ids), args.pairs, args.seed)
     config = {"split": args.split, "pairs": args.pairs, "alphas": args.alphas, "seed": args.seed,
-              "column": args.column, "real_limit": args.real_limit, "weights_id": weights_id, "label": label}
+              "column": args.column, "real_limit": args.real_limit, "weights_id": weights_id, "label": label,
+              "floor": args.floor_split if args.floor else None}
     if exists(join(args.out, "fid.json")) and exists(join(args.out, MANIFEST)):
         old = read_manifest(args.out, "evaluate")
         if old.get("config") == config and old.get("inputs") == info["inputs"]:
@@ -443,6 +480,11 @@ def run_evaluate(args) -> None:
 
     started = time.time()
     real, real_info = _real_stats(args, info, weights, weights_id, ray_resources)
+    floor = _real_floor(args, info, real, real_info["key"], weights, weights_id, ray_resources) if args.floor \
+        else None
+    if floor:
+        print(f"evaluate: floor: {floor['count']} real {floor['split']} images score FID {floor['fid']:.3f}",
+              flush=True)
     t_real = time.time() - started
 
     total = args.pairs * len(args.alphas)
@@ -471,7 +513,7 @@ def run_evaluate(args) -> None:
     result = {"label": label, "fid": {f"{a:g}": v for a, v in fids.items()}, "alphas": args.alphas,
               "pairs": args.pairs, "weights_id": weights_id, "real": real_info, "seed": args.seed,
               "split": args.split, "decoder": args.decoder, "embeddings": args.embeddings, "column": args.column,
-              "regularized_alphas": acc.regularized,
+              "regularized_alphas": acc.regularized, "real_floor": floor,
               "timing": {"real_seconds": round(t_real, 3), "generated_seconds": round(t_gen, 3),
                          "generated_images_per_second": round(total / t_gen, 3) if t_gen > 0 else None,
                          "frechet_seconds": round(t_fid, 3)}}
@@ -479,7 +521,9 @@ def run_evaluate(args) -> None:
     atomic_write_bytes(join(args.out, "fid.png"), fid_plot([result], title=f"Interpolation FID, {label}"))
     atomic_write_bytes(join(args.out, "fid.md"), (
         f"Interpolation FID (paper Algorithm 1; layout of Figure 3b / Figure 7): N = {args.pairs} pairs per α, "
-        f"against {real_info['count']} real {args.split} images; Inception weights {weights_id}.\n\n"
+        f"against {real_info['count']} real {args.split} images; Inception weights {weights_id}."
+        + (f" Floor: {floor['count']} real {floor['split']} images score {floor['fid']:.2f} against the same "
+           "statistics, the lowest value this N can show." if floor else "") + "\n\n"
         + table + "\n").encode())
     _write_manifest(args.out, "evaluate", config, info, embeddings=args.embeddings, data=args.data,
                     decoder_dir=args.decoder, fid=result["fid"], real=real_info, timing=result["timing"],

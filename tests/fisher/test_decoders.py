@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fisher.decoders import (DECODERS, DecoderTrainConfig, ResBlock, build_decoder, decode_mean, decode_mode,
+from fisher.decoders import (DECODERS, Decoder, DecoderTrainConfig, ResBlock, build_decoder, decode_mean, decode_mode,
                              decoder_files, decoder_from_files, decoder_train_step, load_decoder,
                              reconstruction_loss, reconstruction_metrics, register_decoder, save_decoder,
-                             summarize_metrics)
+                             fit_decoder, summarize_metrics)
 from fisher.io import FisherError
 
 
@@ -180,15 +180,18 @@ def test_registry():
     with pytest.raises(FisherError, match="invalid config"):
         build_decoder("conv", 4, (28, 28, 1), 2, widht=3)
 
+    with pytest.raises(TypeError, match="must subclass fisher.decoders.Decoder"):
+        register_decoder("plain_module")(nn.Linear)
+
     @register_decoder("toy_linear")
-    class Toy(nn.Module):
+    class Toy(Decoder):
         def __init__(self, z_dim, image_shape, levels, scale=1.0):
-            super().__init__()
+            super().__init__(z_dim)
             h, w, c = image_shape
             self.shape, self.scale = (c, h, w), scale
             self.lin = nn.Linear(z_dim, c * h * w)
 
-        def forward(self, z):
+        def decode(self, z):
             return self.scale * self.lin(z).view(len(z), *self.shape)
     try:
         dec = build_decoder("toy_linear", 5, (4, 3, 1), 2, scale=2.0)
@@ -199,3 +202,31 @@ def test_registry():
         assert reconstruction_loss(dec(z), torch.zeros(2, 1, 4, 3), 2).shape == (2,)
     finally:
         DECODERS.pop("toy_linear")
+
+
+def test_input_standardization_is_fitted_saved_and_affine_invariant(tmp_path):
+    """fit_decoder standardizes z with train statistics, so a decoder trained on a*z + b (per coordinate)
+    is the same function of its input as one trained on z; the statistics travel with the weights."""
+    torch.manual_seed(0)
+    z_train, z_test = torch.randn(32, 6), torch.randn(8, 6)
+    x_train, x_test = torch.randint(0, 2, (32, 1, 8, 8)), torch.randint(0, 2, (8, 1, 8, 8))
+    a, b = torch.tensor([1e3, 1e-2, 5.0, 1.0, 2e4, 0.5], dtype=torch.float64), torch.arange(6.0, dtype=torch.float64)
+    scaled = lambda z: (z.double() * a + b).float()
+    cfg = DecoderTrainConfig(epochs=2, batch_size=16)
+    dec, m = fit_decoder(cfg, z_train, x_train, z_test, x_test, 2, (8, 8, 1))
+    dec2, m2 = fit_decoder(cfg, scaled(z_train), x_train, scaled(z_test), x_test, 2, (8, 8, 1))
+    assert torch.allclose(dec2.z_mean, z_train.double().mean(0).mul(a).add(b).float(), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(dec2.z_scale, z_train.double().std(0).mul(a).float(), rtol=1e-4)
+    assert m["test_bce_nats_per_pixel"] == pytest.approx(m2["test_bce_nats_per_pixel"], abs=1e-3)
+    fresh = [build_decoder("conv", 6, (8, 8, 1), 2) for _ in range(2)]
+    fresh[1].load_state_dict(fresh[0].state_dict())
+    fresh[0].fit_input(z_train)
+    fresh[1].fit_input(scaled(z_train))
+    with torch.no_grad():        # same weights: the same function of the standardized input
+        assert torch.allclose(fresh[0].eval()(z_test), fresh[1].eval()(scaled(z_test)), atol=1e-5)
+    save_decoder(dec2, tmp_path / "d", "conv", 6, (8, 8, 1), 2)
+    loaded = load_decoder(tmp_path / "d")
+    assert torch.equal(loaded.z_mean, dec2.z_mean) and torch.equal(loaded.z_scale, dec2.z_scale)
+    constant = torch.ones(4, 6)                        # no spread: scale stays 1, nothing divides by 0
+    dec.fit_input(constant)
+    assert torch.equal(dec.z_scale, torch.ones(6)) and torch.isfinite(dec(constant)).all()

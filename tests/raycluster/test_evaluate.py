@@ -91,16 +91,28 @@ def test_evaluate_fid_with_cache(run, tmp_path, capsys, monkeypatch):
     stats = list(cache.glob("fid-stats-*.npz"))
     assert len(stats) == 1 and stats[0].name.endswith(f"-test-{res['weights_id']}-8.npz")
     assert "computing real statistics of 8 test images" in capsys.readouterr().out
+    # the floor: the first 4 train images scored against the same real statistics, as computed in-process
+    from fisher.data import load_prepared
+    from fisher.evaluation import frechet, real_features
+    from fisher.fid import FIDStats, load_inception
+    floor = res["real_floor"]
+    assert (floor["split"], floor["count"]) == ("train", 4)
+    train = load_prepared(run["data"], "train")
+    feats = real_features(load_inception(str(WEIGHTS)), train["image"][:4], 2)
+    assert floor["fid"] == pytest.approx(frechet(feats[np.argsort(train["id"][:4])], FIDStats.load(str(stats[0])))[0],
+                                         rel=1e-3)
+    assert f"| real train images (floor at this N) | {floor['fid']:.2f} | {floor['fid']:.2f} | 4 |" in md
     mtime = os.stat(stats[0]).st_mtime_ns
 
     out2 = tmp_path / "fid2"      # other α set, same pairs and cached real statistics
-    assert cli.main(["evaluate", *args, "--alphas", "0", "--out", str(out2)]) == 0
+    assert cli.main(["evaluate", *args, "--alphas", "0", "--no-floor", "--out", str(out2)]) == 0
     assert "real statistics reused" in capsys.readouterr().out
     assert os.stat(stats[0]).st_mtime_ns == mtime
     res2 = json.loads((out2 / "fid.json").read_text())
     assert res2["label"] == "fisher/conv"                              # default: embedding kind / decoder arch
+    assert res2["real_floor"] is None and "floor" not in (out2 / "fid.md").read_text()
     assert res2["fid"]["0"] == pytest.approx(res["fid"]["0"], rel=1e-3)
-    assert cli.main(["evaluate", *args, "--alphas", "0", "--out", str(out2)]) == 0     # finished: nothing to do
+    assert cli.main(["evaluate", *args, "--alphas", "0", "--no-floor", "--out", str(out2)]) == 0   # nothing to do
     assert "nothing to do" in capsys.readouterr().out
 
 
