@@ -24,8 +24,11 @@ def load_weights(module: nn.Module, data: bytes | None, where: str, config_name:
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # a pickle carrying code, a corrupt file, ...
-        raise FisherError(f"{where}: not a plain weights file ({str(e).splitlines()[0][:120]}); "
-                          "only state dicts of tensors are loaded") from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's first line suggests weights_only=False; the line naming the refused global is the reason
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(e).__name__)
+        raise FisherError(f"{where}: not a plain weights file ({reason[:200]}); nothing in it was run, only "
+                          "state dicts of tensors are loaded: use weights written by `fisher`") from e
     if not isinstance(state, dict):
         raise FisherError(f"{where}: not a state dict")
     try:

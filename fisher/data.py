@@ -141,6 +141,9 @@ def _read_raw(uri: str, hint: str) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise FisherError(f"{uri}: file not found; {hint}") from e
+    except OSError as e:                # a file where a directory belongs, a directory here, no permission
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FisherError(f"{uri}: cannot be read ({reason}); {hint}") from e
 
 
 def read_idx(path_or_uri: str) -> np.ndarray:
@@ -206,6 +209,7 @@ def load_mnist_split(src: str, split: str, limit: int | None = None) -> tuple[np
            f"{img_uri}: expected uint8 images of shape [N, 28, 28], found {images.dtype} {list(images.shape)}")
     _check(labels.ndim == 1 and len(labels) == len(images) and np.isin(labels, np.arange(10)).all(),
            f"{lab_uri}: expected {len(images)} labels in 0..9 matching {img_uri}")
+    _check(len(images) > 0, f"{img_uri}: holds 0 images, an empty dataset; {_MNIST_SRC_HINT}")
     return images[:limit], labels[:limit].astype(np.int64)
 
 

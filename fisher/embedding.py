@@ -141,17 +141,67 @@ def embedding_table(ids: np.ndarray, columns: dict[str, np.ndarray], meta: dict)
     return pa.table(cols).replace_schema_metadata({b"fisher": json.dumps(meta).encode()})
 
 
-def read_embeddings(dir_uri: str, split: str, column: str = "z") -> tuple[np.ndarray, np.ndarray]:
-    """(ids, Z float32 [N, dim]) of one split of an embedding directory, in id order."""
-    from fisher.io import FisherError, join, read_manifest, read_table
-    manifest = read_manifest(dir_uri, "embed")
+SHARD_META_KEYS = ("kind", "seed", "prior", "chunk_size")   # in every shard's metadata; must match the manifest
+
+
+def check_shard_meta(uri: str, schema: pa.Schema, config: dict, where: str) -> None:
+    """Refuse a shard written by another ``fisher embed`` run (another seed, prior, kind or chunk size)
+    than the one ``config`` (the embed manifest's config) describes."""
+    from fisher.io import FisherError
+    try:
+        meta = json.loads((schema.metadata or {}).get(b"fisher") or b"{}")
+    except json.JSONDecodeError:
+        meta = {}
+    diff = [k for k in SHARD_META_KEYS if k in meta and k in config and meta[k] != config[k]]
+    if diff:
+        raise FisherError(f"{uri}: made with {', '.join(f'{k} {meta[k]!r}' for k in diff)}, but {where} with "
+                          f"{', '.join(f'{k} {config[k]!r}' for k in diff)}; a shard of another `fisher embed` run "
+                          "was mixed in: delete it and rerun `fisher embed` with the same options")
+
+
+def _read_shard(dir_uri: str, manifest: dict, name: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, Z) of one shard, refusing shards of another run and non-finite values."""
+    from fisher.io import FisherError, join, read_table
+    uri = join(dir_uri, name)
+    table = read_table(uri, ["id", column])
+    check_shard_meta(uri, table.schema, manifest.get("config", {}), dir_uri)
+    ids, z = np.asarray(table["id"].to_pylist()), column_array(table[column])
+    bad = ~np.isfinite(z).all(axis=1)
+    if bad.any():
+        raise FisherError(f"{uri}: column '{column}' holds NaN or Inf in {int(bad.sum())} of {len(z)} rows "
+                          f"(e.g. id {ids[bad][0]}); delete it and rerun `fisher embed` (if it comes back, "
+                          "the prior is broken: retrain it)")
+    return ids, z
+
+
+def _split_shards(dir_uri: str, manifest: dict, split: str, column: str) -> list[str]:
+    from fisher.io import FisherError
     if column not in manifest["columns"]:
-        raise FisherError(f"{dir_uri}: no column '{column}' (has {', '.join(manifest['columns'])})")
-    tables = [read_table(join(dir_uri, s), ["id", column]) for s in manifest["shards"] if s.startswith(split + "-")]
-    if not tables:
-        raise FisherError(f"{dir_uri}: no '{split}' split")
-    table = pa.concat_tables(tables)
-    return np.asarray(table["id"].to_pylist()), column_array(table[column])
+        raise FisherError(f"{dir_uri}: no column '{column}' (has {', '.join(manifest['columns'])}); pass --column")
+    names = [s for s in manifest["shards"] if s.startswith(split + "-")]
+    if not names:
+        raise FisherError(f"{dir_uri}: no '{split}' split; rerun `fisher embed` with that split")
+    return names
+
+
+def read_embeddings(dir_uri: str, split: str, column: str = "z") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, Z float32 [N, dim]) of one split of an embedding directory, in id order.
+
+    Every shard must come from the run its manifest describes and hold finite values (else FisherError)."""
+    from fisher.io import read_manifest
+    manifest = read_manifest(dir_uri, "embed")
+    parts = [_read_shard(dir_uri, manifest, s, column) for s in _split_shards(dir_uri, manifest, split, column)]
+    return np.concatenate([i for i, _ in parts]), np.concatenate([z for _, z in parts])
+
+
+def check_embeddings(dir_uri: str, column: str, splits=("train", "test")) -> None:
+    """The checks of :func:`read_embeddings` on ``splits``, one shard in memory at a time: lets a stage
+    refuse bad embeddings before it starts any work."""
+    from fisher.io import read_manifest
+    manifest = read_manifest(dir_uri, "embed")
+    for split in splits:
+        for name in _split_shards(dir_uri, manifest, split, column):
+            _read_shard(dir_uri, manifest, name, column)
 
 
 def load_pairs(emb_dir: str, data_dir: str, split: str, column: str = "z") -> dict:

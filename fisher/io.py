@@ -77,22 +77,51 @@ def _tmp_name(path: str) -> str:
     return f"{head}/{tmp}" if head else tmp
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def check_output(uri: str) -> None:
+    """Refuse an ``s3://`` / ``gs://`` output whose bucket is missing or unreachable, before anything
+    is written (local directories are created as needed)."""
+    if "://" not in str(uri):
+        return
+    fs, path = resolve(uri)
+    if fs.type_name not in ("s3", "gcs"):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as e:
+        raise FisherError(f"{uri}: cannot reach bucket '{bucket}' ({_first_line(e)}); check the credentials "
+                          "(AWS_* / GOOGLE_* variables or the machine's IAM role) and AWS_ENDPOINT_URL") from e
+    if info.type == pafs.FileType.NotFound:
+        raise FisherError(f"{uri}: bucket '{bucket}' does not exist (or these credentials cannot see it); "
+                          "create it or pass another location")
+
+
 def atomic_write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` under a temporary name, then rename it into place."""
     fs, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
-        fs.create_dir(parent, recursive=True)
+        try:
+            fs.create_dir(parent, recursive=True)
+        except OSError as e:
+            raise FisherError(f"{uri}: cannot write ({_first_line(e)})") from e
     tmp = _tmp_name(path)
     try:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             fs.delete_file(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):      # no space, no permission, no bucket, network: one line naming the file
+            raise FisherError(f"{uri}: cannot write ({_first_line(e)})") from e
         raise
 
 
@@ -103,6 +132,8 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise FisherError(f"{uri}: file not found") from e
+    except OSError as e:                # a directory where a file belongs, no permission, ...
+        raise FisherError(f"{uri}: cannot be read ({_first_line(e)}); it must be a readable file") from e
 
 
 ROW_GROUP = 1024   # rows per Parquet row group: lets readers split a shard into several blocks
@@ -121,9 +152,26 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(path, filesystem=fs, columns=columns)
     except FileNotFoundError as e:
         raise FisherError(f"{uri}: file not found") from e
-    except (pa.ArrowInvalid, OSError) as e:
-        raise FisherError(f"{uri}: not a readable Parquet file ({str(e).splitlines()[0]}); "
+    except (pa.ArrowException, OSError) as e:
+        raise FisherError(f"{uri}: not a readable Parquet file ({_first_line(e)}); "
                           "delete it and rerun the stage that wrote it") from e
+
+
+def parquet_metadata(uri: str, rows: int | None = None,
+                     fix: str = "delete it and rerun the stage that wrote it") -> pq.FileMetaData:
+    """A Parquet file's footer, read without its data: a cheap check, before any work starts, that a
+    shard is readable (not truncated or replaced) and, given ``rows``, holds the rows its manifest says."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+    except FileNotFoundError as e:
+        raise FisherError(f"{uri}: file not found; {fix}") from e
+    except (pa.ArrowException, OSError) as e:
+        raise FisherError(f"{uri}: not a readable Parquet file ({_first_line(e)}); {fix}") from e
+    if rows is not None and meta.num_rows != rows:
+        raise FisherError(f"{uri}: holds {meta.num_rows} rows but its manifest says {rows}; {fix}")
+    return meta
 
 
 def library_versions() -> dict[str, str]:

@@ -8,13 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisher.io import FisherError
+from fisher.io import FisherError, check_output
 
 STAGES = ("prepare", "train", "embed", "decode", "sweep", "evaluate", "pipeline")   # modules of raycluster, one per stage
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``fisher <command>: error: ...``, like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fisher",
         description="Fisher-score embeddings for PixelCNN priors (Yan, Ho, Abbeel), scaled out on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -36,13 +43,32 @@ def _absolute(args) -> None:
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
 
 
+def _check_out_dir(out: str) -> None:
+    """Refuse a local ``--out`` that exists but is not a directory (before any work)."""
+    import os
+    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
+        raise FisherError(f"--out {out}: exists and is not a directory; pass a new directory path")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:             # --help (0) or a usage error, already printed as one line (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     _absolute(args)
     try:
+        if isinstance(getattr(args, "out", None), str):
+            check_output(args.out)      # a missing bucket is refused before any work or write
+            _check_out_dir(args.out)
         args.func(args)
     except FisherError as e:
         print(f"fisher {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                # a path the stage did not expect to be unreadable, or a lost connection
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = ("check --address and that the Ray cluster is reachable" if isinstance(e, ConnectionError) else
+                "check that the path exists and that this user may read (and for --out, write) it")
+        print(f"fisher {args.command}: error: {reason}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fisher {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)

@@ -110,6 +110,8 @@ def run(args) -> None:
     if finished_run(args.out, "train-decoder", stage_config, inputs):
         print(f"{args.out}: already trained for {args.epochs} epochs with this config; nothing to do")
         return
+    from fisher.embedding import check_embeddings
+    check_embeddings(args.embeddings, args.column)      # mixed-in shards, NaN/Inf: refused before Ray starts
     trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
                                     "column": args.column, "image_shape": data["image_shape"],
                                     "levels": int(data["levels"])}, args, "decoder")

@@ -34,6 +34,7 @@ from fisher.io import (
     exists,
     join,
     manifest_hash,
+    parquet_metadata,
     read_bytes,
     read_manifest,
     read_table,
@@ -43,6 +44,7 @@ from fisher.io import (
 from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
 
 PLAN = "_plan.json"     # written first: what this directory is being filled with
+_NODE = "_node"         # per-row Ray node id from the actors; not written to the shards
 
 
 def _dims(text: str) -> list[int]:
@@ -100,6 +102,7 @@ class _ScoreActor:
     """Ray Data actor: one Embedder per process, applied to pyarrow batches."""
 
     def __init__(self, prior: str, kind: str, specs: list, shape, seed: int, chunk: int, threads: int, gpu: bool):
+        import ray
         import torch
 
         from fisher.embedding import Embedder, EmbedSpec
@@ -107,6 +110,7 @@ class _ScoreActor:
         torch.set_num_threads(threads)
         device = "cuda" if gpu else "cpu"
         self.shape = shape
+        self.node = ray.get_runtime_context().get_node_id()     # recorded per shard in the manifest
         self.embedder = Embedder(load_prior(prior), kind, [EmbedSpec(**s) for s in specs], shape,
                                  seed=seed, chunk_size=chunk, device=device)
 
@@ -114,7 +118,8 @@ class _ScoreActor:
         from fisher.data import decode_images
         out = self.embedder(decode_images(batch, self.shape))
         return {"id": np.asarray(batch["id"].to_pylist(), dtype=object),
-                "path": np.asarray(batch["path"].to_pylist(), dtype=object), **out}
+                "path": np.asarray(batch["path"].to_pylist(), dtype=object),
+                _NODE: np.full(batch.num_rows, self.node, dtype=object), **out}
 
 
 def run(args) -> None:
@@ -135,6 +140,8 @@ def run(args) -> None:
         raise FisherError(f"{args.data}: no shards for splits {splits}")
     if args.chunk_size < 1 or args.batch_size < 1 or args.actors < 1:
         raise FisherError("--chunk-size, --batch-size and --actors must be >= 1")
+    for s in shards:        # truncated or replaced input shards: refused before anything is written
+        parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}")
     plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
             "prior": manifest_hash(prior_manifest), "prior_weights_sha256": prior_manifest.get("weights_sha256"),
@@ -142,10 +149,11 @@ def run(args) -> None:
     _claim(args.out, plan)
 
     todo = [s for s in shards if not exists(join(args.out, s["file"]))]
+    _check_done(args, [s for s in shards if s not in todo], plan)
     print(f"embed: {len(shards) - len(todo)} of {len(shards)} shards already done; "
           f"{args.kind} features n={n}; columns "
           + ", ".join(s.column(len(specs) == 1) for s in specs), flush=True)
-    timing = _embed_shards(args, todo, shape, plan, init_ray(args)) if todo else {}
+    timing = _run_pool(args, todo, shape, plan) if todo else {}
 
     columns = {s.column(len(specs) == 1): {"dim": s.dim, "density": s.density if s.density else 1 / n ** 0.5}
                for s in specs}
@@ -185,6 +193,32 @@ def _claim(out: str, plan: dict) -> None:
         atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())
 
 
+def _check_done(args, done: list[dict], plan: dict) -> None:
+    """Output shards already there (a rerun) must be complete and come from this plan (seed, prior, ...)."""
+    from fisher.embedding import check_shard_meta
+    for s in done:
+        uri = join(args.out, s["file"])
+        meta = parquet_metadata(uri, _rows(args.data, s), fix="delete it and rerun the same command")
+        check_shard_meta(uri, meta.schema.to_arrow_schema(), plan, args.out)
+
+
+def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
+    """:func:`_embed_shards`; a failure inside Ray becomes one line, naming the input shard when one is unreadable
+    (corrupt pages pass the footer check and only fail when a worker decodes them)."""
+    try:
+        return _embed_shards(args, todo, shape, plan, init_ray(args))
+    except FisherError:
+        raise
+    except Exception as e:      # ray.exceptions.RayTaskError, ...
+        import traceback
+        traceback.clear_frames(e.__traceback__)     # closes the pool's progress bar now, not after the error line
+        for s in todo:
+            read_table(join(args.data, s["file"]))          # FisherError naming a corrupt shard
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise FisherError(f"{args.out}: embedding failed ({lines[-1] if lines else type(e).__name__}); finished "
+                          "shards are kept: fix the cause (see the Ray log above) and rerun the same command") from e
+
+
 def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) -> dict:
     """Run the actor pool over ``todo`` shards; returns timings (seconds, images)."""
     from ray.data import ActorPoolStrategy
@@ -201,6 +235,7 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
         compute=ActorPoolStrategy(size=args.actors),
         num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor)
     pending: dict[str, list] = {}
+    nodes: dict[str, set] = {}          # Ray node id -> shards it computed rows of
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
     bar = tqdm(total=sum(expected.values()), desc="embed", unit="img")
     started, first, first_rows = time.time(), None, 0
@@ -210,7 +245,9 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
         for path in np.unique(batch["path"]):
             name = str(path).rsplit("/", 1)[-1]
             sel = batch["path"] == path
-            pending.setdefault(name, []).append({k: v[sel] for k, v in batch.items() if k != "path"})
+            for node in np.unique(batch[_NODE][sel]):
+                nodes.setdefault(str(node), set()).add(name)
+            pending.setdefault(name, []).append({k: v[sel] for k, v in batch.items() if k not in ("path", _NODE)})
             got = sum(len(p["id"]) for p in pending[name])
             if got == expected[name]:
                 parts = pending.pop(name)
@@ -224,7 +261,7 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     end, images = time.time(), sum(expected.values())
     steady = round((images - first_rows) / (end - first), 3) if images > first_rows and end > first else None
     return {"images": images, "seconds": round(end - started, 3), "first_batch_seconds": round(first - started, 3),
-            "steady_images_per_second": steady}
+            "steady_images_per_second": steady, "nodes": {n: sorted(s) for n, s in sorted(nodes.items())}}
 
 
 def _fit_and_apply(args, shards: list[dict], columns: list[str]) -> dict:

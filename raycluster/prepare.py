@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
 def _options(args) -> dict:
     """The config options given on the command line; refuses those the dataset does not use."""
     given = {name: value for name in {n for names in _OUTPUT_OPTIONS.values() for n in names}
-             if (value := getattr(args, name)) not in (None, False)}
+             if (value := getattr(args, name)) is not None and value is not False}   # keeps 0: --limit 0 is checked
     unused = sorted(f"--{name.replace('_', '-')}" for name in given if name not in _OUTPUT_OPTIONS[args.dataset])
     if unused:
         raise FisherError(f"{', '.join(unused)}: not used for {args.dataset}; "

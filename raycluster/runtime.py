@@ -21,12 +21,23 @@ def init_ray(args) -> dict:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
+            loopback_only()
             ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
                      _node_ip_address="127.0.0.1", configure_logging=False)
     from ray.data import DataContext
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
     return ray.cluster_resources()
+
+
+def loopback_only() -> None:
+    """Keep a local Ray on 127.0.0.1. Ray turns a 127.0.0.1 node address into this machine's own IP
+    (``resolve_ip_for_localhost``), and its GCS, raylet and workers then listen on every interface;
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps them on loopback. Set for this process (whose
+    ``ray_constants`` is already imported) and the Ray processes it starts."""
+    from ray._private import ray_constants
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def worker_threads(resources: dict, workers: int) -> int:

@@ -14,10 +14,12 @@ import argparse
 import os
 import tempfile
 
-from fisher.io import FisherError, join, manifest_hash, read_manifest, write_manifest
+from fisher.io import FisherError, join, manifest_hash, parquet_metadata, read_manifest, write_manifest
 from fisher.models import PixelCNNConfig
 from fisher.training import PriorTrainConfig
 from raycluster.runtime import add_ray_args, fit, read_shards, torch_trainer
+
+HISTORY = "history.json"    # in each checkpoint: the metrics of every epoch so far
 
 
 def register(sub) -> None:
@@ -63,12 +65,13 @@ def _train_loop(config: dict) -> None:
     model = PixelCNN(cfg.model)
     device = ray.train.torch.get_device()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start = 0
+    start, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             files = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)}
         start = load_state(model, opt, files)
+        history = json.loads(files[HISTORY]) if HISTORY in files else []
         if ctx.get_world_rank() == 0:
             print(f"train-prior: resuming after epoch {start} from {ckpt.path}", flush=True)
     net = ray.train.torch.prepare_model(model)
@@ -96,6 +99,7 @@ def _train_loop(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "resumed_after_epoch": start,
                    "train_nll_nats": sum(losses) / max(len(losses), 1),
                    **{f"test_{k}": v for k, v in nll_metrics(total, count, dims).items()}}
+        history.append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 for name, data in state_bytes(model, opt, epoch + 1).items():
@@ -103,15 +107,20 @@ def _train_loop(config: dict) -> None:
                         f.write(data)
                 with open(os.path.join(tmp, "metrics.json"), "w") as f:
                     json.dump(metrics, f)
+                with open(os.path.join(tmp, HISTORY), "w") as f:
+                    json.dump(history, f)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
 
 
 def _dataset(data_dir: str, manifest: dict, split: str, limit: int | None):
-    files = [join(data_dir, s["file"]) for s in manifest["shards"] if s["split"] == split]
-    if not files:
+    shards = [s for s in manifest["shards"] if s["split"] == split]
+    if not shards:
         raise FisherError(f"{data_dir}: no '{split}' shards; run `fisher prepare` with that split")
+    files = [join(data_dir, s["file"]) for s in shards]
+    for uri, s in zip(files, shards):      # truncated or replaced shards: refused before Ray starts
+        parquet_metadata(uri, s.get("rows"), fix=f"rerun `fisher prepare` for {data_dir}")
     ds = read_shards(files, ["image"])
     return ds.limit(limit) if limit else ds
 
@@ -123,6 +132,8 @@ def run(args) -> None:
     for name in ("layers", "filters", "kernel", "epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise FisherError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise FisherError(f"--limit {args.limit}: must be >= 1 (leave it out to train on all images)")
     cfg = PriorTrainConfig(model=PixelCNNConfig(channels=int(shape[2]), levels=levels, n_layers=args.layers,
                                                 filters=args.filters, kernel_size=args.kernel),
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -141,11 +152,24 @@ def run(args) -> None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
     from fisher.models import CONFIG, WEIGHTS
     weights_sha256 = publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, CONFIG, "metrics.json"))[WEIGHTS]
-    history = [m for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
+    history = _history(result)
     write_manifest(args.out, "train-prior", stage_config, inputs={"data": data_hash},
                    data=args.data, metrics=result.metrics, history=history, weights_sha256=weights_sha256)
     print(f"prior written to {args.out}: test NLL {result.metrics['test_nll_nats']:.2f} nats/image, "
           f"{result.metrics['test_bits_per_dim']:.4f} bits/dim")
+
+
+def _history(result) -> list[dict]:
+    """Every epoch's metrics, carried from checkpoint to checkpoint (``history.json``): Ray's
+    ``metrics_dataframe`` only holds the kept checkpoints (the last 2), and after a worker restart
+    only what the restarted workers reported."""
+    import json
+    with result.checkpoint.as_directory() as d:
+        path = os.path.join(d, HISTORY)
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
 
 
 def finished_run(out: str, stage: str, stage_config: dict, inputs: dict) -> bool:

@@ -1,0 +1,494 @@
+"""The bad-input corpus (issue "Running on real clusters": bad input and security).
+
+Each case derives one bad input from copies of good artifacts built once for the module (a 64-image
+MNIST slice, a 1-layer 8-filter prior, 16-dim Fisher embeddings, a 1-epoch conv decoder) or from a
+tiny generated CelebA folder, runs the ``fisher`` command in-process and checks:
+
+* the exit status is 2;
+* stderr ends with exactly one ``fisher <command>: error: ...`` line, the only such line, matching the
+  case's pattern (which names the bad file or option and what to do about it);
+* stderr holds no Python traceback (the one case that fails inside a Ray task is allowed Ray's own log
+  lines, which carry Ray Data's internal traceback, but no frame of this project's code);
+* nothing in ``--out`` looks finished: no ``manifest.json``, no weights, images or FID results, no
+  temporary files; an ``--out`` that existed before (a rerun) is left byte-for-byte unchanged;
+* a pickle carrying code (where weights are expected) is refused without running it.
+
+Tests run as root here, where ``chmod 000`` does not stop reads, so the "unreadable path" cases use a
+file where a directory is expected and a directory where a file is expected instead.
+
+Almost every case fails before Ray starts; the corrupt-Parquet embed case runs on the module's Ray.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import MNIST_NAMES, write_idx
+from PIL import Image
+
+from raycluster import cli
+
+N = 64                      # images per split of the good data
+Z_DIM = 16
+FINISHED = ("manifest.json", "weights.pt", "model.json", "decoder.json", "fid.json", "fid.md",
+            "interpolations.png", "report.md")      # files that mark --out as a finished artifact
+
+
+# ---------------------------------------------------------------- good artifacts, built once
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, mnist_dir) -> dict[str, Path]:
+    import ray
+    root = tmp_path_factory.mktemp("good")
+    p = {k: root / k for k in ("data", "prior", "emb", "dec")}
+    p["mnist"] = Path(mnist_dir)
+    if not ray.is_initialized():        # one local Ray for the module; the stages join it
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    steps = [
+        ["prepare", "mnist", "--src", str(mnist_dir), "--out", str(p["data"]), "--limit", str(N),
+         "--shard-size", str(N)],
+        ["train-prior", "--data", str(p["data"]), "--out", str(p["prior"]), "--epochs", "1", "--layers", "1",
+         "--filters", "8", "--batch-size", "32", "--cpus-per-worker", "0.5"],
+        ["embed", "--prior", str(p["prior"]), "--data", str(p["data"]), "--out", str(p["emb"]),
+         "--dim", str(Z_DIM), "--cpus-per-actor", "0.5"],
+        ["train-decoder", "--embeddings", str(p["emb"]), "--data", str(p["data"]), "--out", str(p["dec"]),
+         "--epochs", "1", "--batch-size", "32", "--cpus-per-worker", "0.5"],
+    ]
+    for argv in steps:
+        assert cli.main(argv) == 0, argv
+    yield p
+    ray.shutdown()
+
+
+@dataclass
+class Ctx:
+    """What a case builder gets: the good artifacts (read-only), its own tmp dir and helpers."""
+    good: dict
+    tmp: Path
+    make_celeba: object
+    paths: dict = field(default_factory=dict)     # placeholder → path, filled with good values and overrides
+
+    def copy(self, name: str, as_name: str | None = None) -> Path:
+        dst = self.tmp / (as_name or f"{name}-copy")
+        shutil.copytree(self.good[name], dst)
+        return dst
+
+
+# ---------------------------------------------------------------- builders of bad inputs
+
+def _celeba(c: Ctx) -> Path:
+    root, _ = c.make_celeba(counts={"train": 5, "val": 2, "test": 2}, unlisted=0, root=c.tmp / "celeba")
+    return root
+
+
+def jpeg_corrupt(c):
+    root = _celeba(c)
+    (root / "img_align_celeba" / "000002.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000))
+    return {"celeba": root}
+
+
+def jpeg_truncated(c):
+    root = _celeba(c)
+    f = root / "img_align_celeba" / "000003.jpg"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 5])
+    return {"celeba": root}
+
+
+def jpeg_wrong_size(c):
+    root = _celeba(c)
+    Image.new("RGB", (100, 120), (90, 40, 20)).save(root / "img_align_celeba" / "000004.jpg")
+    return {"celeba": root}
+
+
+def attr_wrong_columns(c):
+    root = _celeba(c)
+    f = root / "list_attr_celeba.txt"
+    lines = f.read_bytes().decode().split("\r\n")
+    assert lines[6].startswith("000005.jpg ")              # line 7 of the file
+    lines[6] = lines[6].rsplit(" ", 1)[0].rstrip()          # drop the last attribute: 40 columns
+    f.write_bytes("\r\n".join(lines).encode())
+    return {"celeba": root}
+
+
+def _mnist_links(c, skip=()) -> Path:
+    src = c.tmp / "mnist"
+    src.mkdir()
+    for name in (n for pair in MNIST_NAMES.values() for n in pair):
+        if name not in skip:
+            (src / name).symlink_to(c.good["mnist"] / name)
+    return src
+
+
+def mnist_missing_file(c):
+    return {"src": _mnist_links(c, skip=("t10k-labels-idx1-ubyte.gz",))}
+
+
+def mnist_empty(c):
+    src = _mnist_links(c, skip=MNIST_NAMES["train"])
+    write_idx(src / MNIST_NAMES["train"][0], np.zeros((0, 28, 28), np.uint8))
+    write_idx(src / MNIST_NAMES["train"][1], np.zeros(0, np.uint8))
+    return {"src": src}
+
+
+def src_is_file(c):
+    f = c.tmp / "mnist.tar.gz"
+    f.write_bytes(gzip.compress(b"not a folder"))
+    return {"src": f}
+
+
+def out_is_file(c):
+    (c.tmp / "out").write_text("an existing file\n")
+    return {}
+
+
+def data_is_file(c):
+    return {"data": c.good["data"] / "train-00000.parquet"}
+
+
+def data_parquet_truncated(c):
+    d = c.copy("data")
+    f = d / "train-00000.parquet"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return {"data": d}
+
+
+def data_shard_replaced(c):
+    d = c.copy("data")
+    t = pq.read_table(d / "test-00000.parquet")
+    pq.write_table(t.slice(0, 10), d / "test-00000.parquet")
+    return {"data": d}
+
+
+def data_parquet_corrupt(c):
+    """Zeros over the compressed image pages: the footer is intact, so this only fails when read (on Ray)."""
+    d = c.copy("data")
+    f = d / "test-00000.parquet"
+    meta = pq.ParquetFile(f).metadata.row_group(0)
+    image = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "image")
+    start = image.dictionary_page_offset or image.data_page_offset
+    raw = bytearray(f.read_bytes())
+    raw[start + 200:start + 264] = bytes(64)
+    f.write_bytes(bytes(raw))
+    with pytest.raises(OSError):
+        pq.read_table(f)                                      # really corrupt
+    return {"data": d}
+
+
+def data_manifest_corrupt(c):
+    d = c.copy("data")
+    m = d / "manifest.json"
+    m.write_bytes(m.read_bytes()[:100])
+    return {"data": d}
+
+
+def _edit_state(directory: Path, fn) -> None:
+    f = directory / "weights.pt"
+    state = torch.load(f, weights_only=True)
+    fn(state)
+    torch.save(state, f)
+
+
+def _poison(value):
+    def fn(state):
+        name = next(k for k, v in state.items() if v.is_floating_point())
+        state[name].view(-1)[0] = value
+    return fn
+
+
+def prior_nan(c):
+    d = c.copy("prior")
+    _edit_state(d, _poison(float("nan")))
+    return {"prior": d}
+
+
+def prior_inf(c):
+    d = c.copy("prior")
+    _edit_state(d, _poison(float("inf")))
+    return {"prior": d}
+
+
+def prior_wrong_arch(c):
+    d = c.copy("prior")
+    cfg = json.loads((d / "model.json").read_text())
+    cfg["n_layers"] = 5                                       # the weights hold 1 layer
+    (d / "model.json").write_text(json.dumps(cfg))
+    return {"prior": d}
+
+
+class _RunsCode:
+    """Pickles to ``os.system("touch <marker>")``: code that runs on a plain ``pickle.load``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant_pickle(c, directory: Path) -> None:
+    control = c.tmp / "control-ran"
+    torch.save(_RunsCode(control), c.tmp / "control.pt")
+    torch.load(c.tmp / "control.pt", weights_only=False)     # the payload is live: unsafe loading runs it
+    assert control.exists()
+    torch.save(_RunsCode(c.tmp / "payload-ran"), directory / "weights.pt")
+
+
+def prior_pickle(c):
+    d = c.copy("prior")
+    _plant_pickle(c, d)
+    return {"prior": d}
+
+
+def prior_weights_is_dir(c):
+    d = c.copy("prior")
+    (d / "weights.pt").unlink()
+    (d / "weights.pt").mkdir()
+    return {"prior": d}
+
+
+def _rewrite_shard(f: Path, meta_update=None, z_update=None) -> None:
+    from fisher.embedding import column_array, embedding_table
+    from fisher.io import atomic_write_table
+    t = pq.read_table(f)
+    meta = {**json.loads(t.schema.metadata[b"fisher"]), **(meta_update or {})}
+    z = column_array(t["z"]).copy()
+    if z_update:
+        z_update(z)
+    atomic_write_table(str(f), embedding_table(np.asarray(t["id"].to_pylist()), {"z": z}, meta))
+
+
+def emb_mixed_seed(c):
+    d = c.copy("emb")
+    _rewrite_shard(d / "test-00000.parquet", meta_update={"seed": 1})
+    return {"emb": d}
+
+
+def emb_mixed_seed_rerun(c):
+    """An interrupted embed (no manifest yet) into which a shard of a seed-1 run was copied; rerun."""
+    d = c.copy("emb", "out")
+    (d / "manifest.json").unlink()
+    _rewrite_shard(d / "test-00000.parquet", meta_update={"seed": 1})
+    return {}
+
+
+def emb_nan(c):
+    d = c.copy("emb")
+    _rewrite_shard(d / "train-00000.parquet", z_update=lambda z: z.__setitem__((3, 0), np.nan))
+    return {"emb": d}
+
+
+def emb_inf(c):
+    d = c.copy("emb")
+    _rewrite_shard(d / "test-00000.parquet", z_update=lambda z: z.__setitem__((5, 2), np.inf))
+    return {"emb": d}
+
+
+def emb_other_prior(c):
+    """The same embedding directory as if made with another prior (its manifest names another prior)."""
+    d = c.copy("emb")
+    m = json.loads((d / "manifest.json").read_text())
+    m["config"]["prior"] = m["inputs"]["prior"] = "0123456789abcdef"
+    (d / "manifest.json").write_text(json.dumps(m))
+    return {"emb": d}
+
+
+def emb_other_prior_resume(c):
+    c.copy("dec", "out")                                      # continue the good decoder's --out
+    return emb_other_prior(c)
+
+
+def data_other(c):
+    d = c.copy("data")
+    m = json.loads((d / "manifest.json").read_text())
+    m["config"]["seed"] = 7                                   # another binarization of MNIST
+    (d / "manifest.json").write_text(json.dumps(m))
+    return {"data": d}
+
+
+def dec_inf(c):
+    d = c.copy("dec")
+    _edit_state(d, _poison(float("-inf")))
+    return {"dec": d}
+
+
+def dec_pickle(c):
+    d = c.copy("dec")
+    _plant_pickle(c, d)
+    return {"dec": d}
+
+
+def dec_zdim(c):
+    from fisher.decoders import build_decoder, save_decoder
+    d = c.tmp / "dec8"
+    save_decoder(build_decoder("conv", 8, (28, 28, 1), 2), str(d), "conv", 8, (28, 28, 1), 2)
+    return {"dec": d}
+
+
+def dec_weights_zdim(c):
+    """decoder.json says z_dim 16, weights.pt holds an 8-dim decoder."""
+    from fisher.decoders import build_decoder
+    d = c.copy("dec")
+    torch.save(build_decoder("conv", 8, (28, 28, 1), 2).state_dict(), d / "weights.pt")
+    return {"dec": d}
+
+
+# ---------------------------------------------------------------- the corpus
+
+PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
+DECODE = ["train-decoder", "--embeddings", "{emb}", "--data", "{data}", "--out", "{out}", "--epochs", "1",
+          "--batch-size", "32"]
+INPUTS = ["--decoder", "{dec}", "--embeddings", "{emb}", "--data", "{data}", "--out", "{out}"]
+CELEBA = ["prepare", "celeba", "--src", "{celeba}", "--out", "{out}", "--size", "32", "--workers", "1"]
+MNIST = ["prepare", "mnist", "--src", "{src}", "--out", "{out}", "--limit", "8"]
+TRAIN = ["train-prior", "--data", "{data}", "--out", "{out}", "--epochs", "1", "--layers", "1", "--filters", "8"]
+PARQUET_FIX = r"rerun `fisher prepare` for "
+
+CASES = [
+    # id, builder (bad input in tmp_path), argv, pattern the error line must match
+    ("jpeg-corrupt", jpeg_corrupt, CELEBA,
+     r"000002\.jpg: not a readable JPEG \(.+\); replace the file or pass --skip-bad"),
+    ("jpeg-truncated", jpeg_truncated, CELEBA,
+     r"000003\.jpg: not a readable JPEG \(image file is truncated.*\); replace the file or pass --skip-bad"),
+    ("jpeg-wrong-size", jpeg_wrong_size, CELEBA,
+     r"000004\.jpg: image is 100x120, expected 178x218 .*pass --skip-bad"),
+    ("attr-wrong-columns", attr_wrong_columns, CELEBA,
+     r"list_attr_celeba\.txt line 7: expected 41 columns, found 40; use the official CelebA file"),
+    ("mnist-missing-file", mnist_missing_file, MNIST,
+     r"t10k-labels-idx1-ubyte\.gz: file not found; pass --src with a directory holding the four MNIST"),
+    ("mnist-empty", mnist_empty, MNIST,
+     r"train-images-idx3-ubyte\.gz: holds 0 images, an empty dataset; pass --src"),
+    ("prepare-limit-0", None, [*MNIST[:-1], "0"], r"--limit 0: must be >= 1"),
+    ("src-is-a-file", src_is_file, MNIST,
+     r"mnist\.tar\.gz/train-images-idx3-ubyte\.gz: cannot be read \(.*Not a directory\); pass --src with a "
+     r"directory"),
+    ("out-is-a-file", out_is_file, MNIST,
+     r"--out .*/out: exists and is not a directory; pass a new directory path"),
+    ("data-is-a-file", data_is_file, TRAIN,
+     r"train-00000\.parquet: no manifest\.json; this is not a 'prepare' artifact \(run `fisher prepare`"),
+    ("data-manifest-corrupt", data_manifest_corrupt, TRAIN,
+     r"data-copy/manifest\.json: corrupt manifest \(.+\); rerun the stage that wrote it"),
+    ("parquet-truncated", data_parquet_truncated, TRAIN,
+     r"data-copy/train-00000\.parquet: not a readable Parquet file \(.+\); " + PARQUET_FIX),
+    ("train-limit-0", None, [*TRAIN, "--limit", "0"], r"--limit 0: must be >= 1"),
+    ("parquet-shard-replaced", data_shard_replaced, ["embed", *PRIOR, "--dim", "16"],
+     r"test-00000\.parquet: holds 10 rows but its manifest says 64; " + PARQUET_FIX),
+    ("density-0", None, ["embed", *PRIOR, "--density", "0"], r"--density 0: must be in \(0, 1\]"),
+    ("density-above-1", None, ["embed", *PRIOR, "--density", "1.5"], r"--density 1\.5: must be in \(0, 1\]"),
+    ("dim-0", None, ["embed", *PRIOR, "--dim", "0"], r"--dim '0': dimensions must be >= 1"),
+    ("prior-nan", prior_nan, ["embed", *PRIOR, "--dim", "16"],
+     r"prior-copy/weights\.pt: tensor '.+' holds NaN or Inf; rerun `fisher train-prior`"),
+    ("prior-inf", prior_inf, ["embed", *PRIOR, "--dim", "16"],
+     r"prior-copy/weights\.pt: tensor '.+' holds NaN or Inf; rerun `fisher train-prior`"),
+    ("prior-wrong-architecture", prior_wrong_arch, ["embed", *PRIOR, "--dim", "16"],
+     r"prior-copy/weights\.pt: does not match the architecture in model\.json \(Missing key"),
+    ("prior-pickle-with-code", prior_pickle, ["embed", *PRIOR, "--dim", "16"],
+     r"prior-copy/weights\.pt: not a plain weights file \(.*GLOBAL (posix|os)\.system.*\); nothing in it was run"),
+    ("prior-weights-is-a-dir", prior_weights_is_dir, ["embed", *PRIOR, "--dim", "16"],
+     r"prior-copy/weights\.pt: cannot be read \(.*is a directory\); it must be a readable file"),
+    ("embed-rerun-mixed-seed", emb_mixed_seed_rerun, ["embed", *PRIOR, "--dim", "16"],
+     r"out/test-00000\.parquet: made with seed 1, but .*/out with seed 0; a shard of another `fisher embed` "
+     r"run was mixed in: delete it"),
+    ("decoder-mixed-seed", emb_mixed_seed, DECODE,
+     r"emb-copy/test-00000\.parquet: made with seed 1, but .*emb-copy with seed 0; .*delete it"),
+    ("decoder-emb-nan", emb_nan, DECODE,
+     r"emb-copy/train-00000\.parquet: column 'z' holds NaN or Inf in 1 of 64 rows .*rerun `fisher embed`"),
+    ("decoder-other-data", data_other, DECODE,
+     r"embeddings were made from other data than .*data-copy; pass the --data used by `fisher embed`"),
+    ("decoder-other-prior-resume", emb_other_prior_resume, DECODE,
+     r"/out: holds a train-decoder run with another config or inputs; pass a new --out"),
+    ("evaluate-other-prior", emb_other_prior, ["evaluate", *INPUTS, "--pairs", "2"],
+     r"dec: trained on embeddings \w+ \(.*\), not on .*emb-copy \(\w+\); pass matching --embeddings"),
+    ("interpolate-other-prior", emb_other_prior, ["interpolate", *INPUTS],
+     r"dec: trained on embeddings \w+ \(.*\), not on .*emb-copy \(\w+\); pass matching --embeddings"),
+    ("interpolate-emb-inf", emb_inf, ["interpolate", *INPUTS],
+     r"emb-copy/test-00000\.parquet: column 'z' holds NaN or Inf in 1 of 64 rows"),
+    ("evaluate-decoder-z-dim", dec_zdim, ["evaluate", *INPUTS, "--pairs", "2"],
+     r"dec8: decodes 8-dim embeddings, but column 'z' of .* has dim 16; pass the decoder trained on these"),
+    ("interpolate-decoder-weights-z-dim", dec_weights_zdim, ["interpolate", *INPUTS],
+     r"dec-copy/weights\.pt: does not match the architecture in decoder\.json \(size mismatch"),
+    ("interpolate-decoder-inf", dec_inf, ["interpolate", *INPUTS],
+     r"dec-copy/weights\.pt: tensor '.+' holds NaN or Inf; retrain the decoder"),
+    ("interpolate-decoder-pickle-with-code", dec_pickle, ["interpolate", *INPUTS],
+     r"dec-copy/weights\.pt: not a plain weights file \(.*GLOBAL (posix|os)\.system.*\); nothing in it was run"),
+    ("run-unknown-preset", None, ["run", "--preset", "mnist-huge", "--out", "{out}"],
+     r"--preset mnist-huge: no such preset \(have .*mnist-small.*, or pass a \.json file\)"),
+    ("run-bad-set", None, ["run", "--set", "prior=5", "--out", "{out}"],
+     r"--set prior=5: expected SECTION\.KEY=VALUE with SECTION one of .*prior"),
+    ("run-bad-set-section", None, ["run", "--set", "priors.epochs=5", "--out", "{out}"],
+     r"--set priors\.epochs=5: expected SECTION\.KEY=VALUE"),
+    # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
+    ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
+     r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
+]
+INSIDE_RAY = {"parquet-corrupt-pages"}     # Ray's own logs (with Ray Data's internal traceback) come first
+RAY_LOG = re.compile(r"^(\x1b\[\d+m)?\((\S+ )?pid=|^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def _snapshot(path: Path) -> dict[str, str] | None:
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if not path.is_dir():
+        return None
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "dir"
+            for f in sorted(path.rglob("*"))}
+
+
+def run_case(build, argv_template, pattern, ctx: Ctx, capsys, inside_ray: bool = False) -> str:
+    """Build the bad input, run the command, check the one-line error and --out; returns the error line.
+
+    ``inside_ray``: the failure happens in a Ray task, whose own log lines may precede the error line (and,
+    forwarded from workers, follow it); then no traceback may come from this project's code."""
+    ctx.paths = {k: str(v) for k, v in ctx.good.items()}
+    ctx.paths.update(out=str(ctx.tmp / "out"), tmp=str(ctx.tmp), src=str(ctx.good["mnist"]))
+    if build is not None:
+        ctx.paths.update({k: str(v) for k, v in build(ctx).items()})
+    argv = [a.format(**ctx.paths) for a in argv_template]
+    out = ctx.tmp / "out"
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    code = cli.main(argv)
+
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit status {code}; stderr:\n{err}"
+    if inside_ray:
+        assert not re.search(r'File ".*/(fisher|raycluster)/\w+\.py"', err), err
+        while lines and RAY_LOG.match(lines[-1]):
+            lines.pop()
+    else:
+        assert "Traceback" not in err, err
+    prefix = f"fisher {argv[0]}: error: "
+    assert lines and lines[-1].startswith(prefix), err
+    assert [line for line in lines if line.startswith("fisher ") and ": error:" in line] == [lines[-1]], err
+    assert re.search(pattern, lines[-1]), f"{lines[-1]!r} does not match {pattern!r}"
+    if before is not None:                                   # an existing --out is left as it was
+        assert _snapshot(out) == before
+    elif out.exists():
+        left = {p.name for p in out.iterdir()}
+        assert not left & set(FINISHED), left
+        assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not (ctx.tmp / "payload-ran").exists()            # pickled code was never executed
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, good, tmp_path, make_celeba, capsys):
+    case_id, build, argv, pattern = case
+    run_case(build, argv, pattern, Ctx(good, tmp_path, make_celeba), capsys, inside_ray=case_id in INSIDE_RAY)
+
+
+def test_corpus_is_large_and_distinct():
+    assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)
+    assert {c[2][0] for c in CASES} >= {"prepare", "train-prior", "embed", "train-decoder", "interpolate",
+                                        "evaluate", "run"}
