@@ -52,7 +52,9 @@ def good(tmp_path_factory, mnist_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("good")
     p = {k: root / k for k in ("data", "prior", "emb", "dec")}
     p["mnist"] = Path(mnist_dir)
-    if not ray.is_initialized():        # one local Ray for the module; the stages join it
+    if not ray.is_initialized():        # one local Ray for the module, on loopback only; the stages join it
+        from raycluster.runtime import loopback_only
+        loopback_only()
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     steps = [
         ["prepare", "mnist", "--src", str(mnist_dir), "--out", str(p["data"]), "--limit", str(N),
