@@ -14,7 +14,9 @@ small 64/32 presets; then ``v >> (8 - bits)`` keeps ``2**bits`` levels.
 A prepared artifact is a directory of ``{split}-{k:05d}.parquet`` shards
 (columns ``id``, ``image`` = raw HxWxC uint8 bytes, ``label`` int64 or
 ``attrs`` 40 x int8 in {0,1}, ``split``; rows sorted by id; image shape in the
-schema metadata key ``image_shape``) plus ``manifest.json``, written last.
+schema metadata key ``image_shape``, the config under ``fisher_prepare_config``)
+plus ``manifest.json``, written last. Shard k holds inputs k*S..(k+1)*S-1, so an
+interrupted run's finished shards are found again and kept by a rerun.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ import re
 import urllib.request
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from PIL import Image
 
 from fisher.io import (
@@ -59,6 +62,7 @@ CELEBA_CROP = (25, 45, 153, 173)                    # (left, top, right, bottom)
 CELEBA_ATTRS, CELEBA_PARTITION, CELEBA_IMAGES = "list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"
 N_ATTRS = 40
 SHAPE_KEY = b"image_shape"
+CONFIG_KEY, SKIPPED_KEY = b"fisher_prepare_config", b"fisher_skipped"   # shard metadata: what made it, bad inputs
 SHARD_RE = re.compile(r"^\.?(train|val|test)-\d{5}\.parquet(\.tmp-[0-9a-f]+)?$")   # with atomic-write temps
 DECODE_CHUNK = 64          # CelebA files per decoding task
 SKIPPED_LISTED = 10        # bad images named in the manifest
@@ -213,13 +217,17 @@ def load_mnist_split(src: str, split: str, limit: int | None = None) -> tuple[np
     return images[:limit], labels[:limit].astype(np.int64)
 
 
-def _build_mnist(cfg: MnistConfig) -> tuple[dict, dict]:
-    splits = {}
-    for split in MNIST_FILES:
-        grey, labels = load_mnist_split(cfg.src, split, cfg.limit)
-        ids = [f"{split}-{i:05d}" for i in range(len(grey))]
-        splits[split] = (ids, binarize(grey, cfg.seed, split)[..., None], labels)
-    return splits, {"levels": 2, "label_names": [str(d) for d in range(10)], "skipped": {"count": 0, "first": []}}
+def _mnist_source(cfg: MnistConfig) -> _Source:
+    """All of MNIST is read (and checked) up front, it is small; shards are binarized as they are written."""
+    splits = {split: load_mnist_split(cfg.src, split, cfg.limit) for split in MNIST_FILES}
+
+    def make(jobs: list[_Job]) -> Iterator[tuple[_Job, list[str], np.ndarray, np.ndarray, list[dict]]]:
+        for job in jobs:
+            grey, labels = (a[job.start:job.stop] for a in splits[job.split])
+            ids = [f"{job.split}-{i:05d}" for i in range(job.start, job.stop)]
+            yield job, ids, binarize(grey, cfg.seed, job.split, job.start)[..., None], labels, []
+    return ({split: len(grey) for split, (grey, _) in splits.items()},
+            {"image_shape": [28, 28, 1], "levels": 2, "label_names": [str(d) for d in range(10)]}, make)
 
 
 # ---------------------------------------------------------------- CelebA
@@ -303,7 +311,7 @@ def load_celeba_image(uri: str, size: int = 128, bits: int = 5, crop: tuple = CE
                                                  f"178x218 (aligned img_align_celeba); {_SKIP_HINT}")
             im = im.convert("RGB").crop(crop)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = re.sub(r" <[^<>]* at 0x[0-9a-f]+>", "", (str(e).splitlines() or [type(e).__name__])[0])  # no address
         raise FisherError(f"{uri}: not a readable JPEG ({reason}); {_SKIP_HINT}") from e
     if im.size != (size, size):
         im = im.resize((size, size), Image.Resampling.BOX)
@@ -346,34 +354,32 @@ def celeba_files(src: str, limit: int | None = None) -> dict[str, list[str]]:
 Mapper = Callable[[Callable, list], Iterable]
 
 
-def _build_celeba(cfg: CelebaConfig, mapper: Mapper | None) -> tuple[dict, dict]:
+def _celeba_source(cfg: CelebaConfig, mapper: Mapper | None) -> _Source:
+    """Attributes and partition are read (and checked) up front; JPEGs are decoded shard by shard, so
+    memory holds one shard's worth of images and a rerun decodes only the shards not yet written."""
     attr_names, attrs = read_celeba_attrs(join(cfg.src, CELEBA_ATTRS))
     files = celeba_files(cfg.src, cfg.limit)
     for uri in (u for split_files in files.values() for u in split_files):
         name = uri.rsplit("/", 1)[-1]
         _check(name in attrs, f"{uri}: no row for {name} in {join(cfg.src, CELEBA_ATTRS)}; "
                               "use the official attribute file or remove the image")
-    tasks = [(split, uris[i:i + DECODE_CHUNK]) for split, uris in files.items()
-             for i in range(0, len(uris), DECODE_CHUNK)]
     decode = _Decoder(cfg.size, cfg.bits, cfg.crop, cfg.skip_bad)
-    results = list((mapper or map)(decode, [chunk for _, chunk in tasks]))
-    splits, bad = {}, []
-    for split in files:
-        ok_uris, arrays = [], []
-        for (task_split, chunk), (images, chunk_bad) in zip(tasks, results):
-            if task_split == split:
-                ok_uris += [u for i, u in enumerate(chunk) if i not in chunk_bad]
+
+    def make(jobs: list[_Job]) -> Iterator[tuple[_Job, list[str], np.ndarray, np.ndarray, list[dict]]]:
+        tasks = [(job, files[job.split][i:min(i + DECODE_CHUNK, job.stop)])
+                 for job in jobs for i in range(job.start, job.stop, DECODE_CHUNK)]
+        results = iter((mapper or map)(decode, [chunk for _, chunk in tasks]))
+        for job in jobs:                      # tasks are in job order: gather each job's chunks
+            names, arrays, bad = [], [], []
+            for _, chunk in (t for t in tasks if t[0] is job):
+                images, chunk_bad = next(results)
+                names += [u.rsplit("/", 1)[-1] for i, u in enumerate(chunk) if i not in chunk_bad]
                 bad += [{"name": chunk[i].rsplit("/", 1)[-1], "error": msg} for i, msg in chunk_bad.items()]
                 arrays.append(images)
-        names = [u.rsplit("/", 1)[-1] for u in ok_uris]
-        stacked = np.concatenate(arrays) if arrays else np.zeros((0, cfg.size, cfg.size, 3), np.uint8)
-        targets = np.stack([attrs[n] for n in names]) if names else np.zeros((0, N_ATTRS), np.int8)
-        splits[split] = ([n.rsplit(".", 1)[0] for n in names], stacked, targets)
-    if not any(len(ids) for ids, _, _ in splits.values()):
-        raise FisherError(f"{join(cfg.src, CELEBA_IMAGES)}: none of the {len(bad)} images could be read "
-                          f"(first: {bad[0]['error']})")
-    return splits, {"levels": 2 ** cfg.bits, "attr_names": attr_names,
-                    "skipped": {"count": len(bad), "first": bad[:SKIPPED_LISTED]}}
+            targets = np.stack([attrs[n] for n in names]) if names else np.zeros((0, N_ATTRS), np.int8)
+            yield job, [n.rsplit(".", 1)[0] for n in names], np.concatenate(arrays), targets, bad
+    extra = {"image_shape": [cfg.size, cfg.size, 3], "levels": 2 ** cfg.bits, "attr_names": attr_names}
+    return {split: len(uris) for split, uris in files.items()}, extra, make
 
 
 @dataclass(frozen=True)
@@ -401,10 +407,11 @@ def _binary_column(images: np.ndarray) -> pa.Array:
 
 
 def write_shards(out_uri: str, split: str, ids: list[str], images: np.ndarray, labels_or_attrs: np.ndarray,
-                 shard_size: int = 10_000) -> list[dict]:
+                 shard_size: int = 10_000, first: int = 0, metadata: dict[bytes, bytes] | None = None) -> list[dict]:
     """Write one split as ``{split}-{k:05d}.parquet`` shards sorted by id; returns [{file, split, rows}].
 
     ``labels_or_attrs`` is [N] (→ ``label`` int64) or [N, 40] in {0,1} (→ ``attrs`` list<int8>[40]).
+    Shards are numbered from ``first``; ``metadata`` is added to each shard's schema metadata.
     """
     images, targets = np.asarray(images, np.uint8), np.asarray(labels_or_attrs)
     if images.ndim != 4 or len(images) != len(ids) or len(targets) != len(ids):
@@ -416,9 +423,9 @@ def write_shards(out_uri: str, split: str, ids: list[str], images: np.ndarray, l
     target_field = (pa.field("label", pa.int64()) if targets.ndim == 1 else
                     pa.field("attrs", pa.list_(pa.int8(), targets.shape[1])))
     schema = pa.schema([("id", pa.string()), ("image", pa.binary()), target_field, ("split", pa.string())],
-                       metadata={SHAPE_KEY: json.dumps(list(images.shape[1:])).encode()})
+                       metadata={SHAPE_KEY: json.dumps(list(images.shape[1:])).encode(), **(metadata or {})})
     shards = []
-    for k, start in enumerate(range(0, len(ids), shard_size)):
+    for k, start in enumerate(range(0, len(ids), shard_size), start=first):
         sl = slice(start, start + shard_size)
         t = targets[sl]
         target_col = (pa.array(t, pa.int64()) if t.ndim == 1 else
@@ -494,44 +501,93 @@ def _reusable(out: str, config: dict) -> dict | None:
     return manifest if all(exists(join(out, s["file"])) for s in manifest["shards"]) else None
 
 
-def _remove_shards(out: str) -> None:
-    """Delete shards, their temporary files and the manifest: leftovers of a killed or failed run."""
+@dataclass(frozen=True)
+class _Job:
+    """One output shard: inputs ``start:stop`` of ``split`` (by input, so a rerun finds the same shards)."""
+    split: str
+    k: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.k)
+
+
+_Source = tuple[dict, dict, Callable[[list[_Job]], Iterable[tuple]]]   # (input counts, manifest extras, make)
+
+
+def _finished(out: str, config: dict, job: _Job) -> tuple[int, list[dict]] | None:
+    """(rows, skipped images) of a shard that an earlier, interrupted run with ``config`` completed."""
+    fs, path = resolve(join(out, job.name))
+    try:
+        footer = pq.read_metadata(path, filesystem=fs)
+    except (OSError, pa.ArrowException):
+        return None                           # absent, or not a whole Parquet file
+    meta = footer.metadata or {}
+    if meta.get(CONFIG_KEY) != _config_bytes(config):
+        return None
+    skipped = json.loads(meta.get(SKIPPED_KEY, b"[]"))
+    return (footer.num_rows, skipped) if footer.num_rows + len(skipped) == job.stop - job.start else None
+
+
+def _config_bytes(config: dict) -> bytes:
+    return json.dumps(config, sort_keys=True).encode()
+
+
+def _remove_shards(out: str, keep: Iterable[str] = ()) -> None:
+    """Delete shards (but ``keep``), their temporary files and the manifest: leftovers of a killed or failed run."""
     fs, path = resolve(out)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return
+    keep = set(keep)
     for info in fs.get_file_info(pafs.FileSelector(path)):
-        if SHARD_RE.match(info.base_name) or info.base_name == MANIFEST:
+        if (SHARD_RE.match(info.base_name) and info.base_name not in keep) or info.base_name == MANIFEST:
             fs.delete_file(info.path)
 
 
-def _write_artifact(out: str, config: dict, splits: dict, shard_size: int, extra: dict) -> dict:
-    """Write all shards, then the manifest; on any failure remove what was written."""
-    try:
-        shards = [s for split, (ids, images, targets) in splits.items()
-                  for s in write_shards(out, split, ids, images, targets, shard_size)]
-        image_shape = next(list(images.shape[1:]) for _, images, _ in splits.values())
-        return write_manifest(out, "prepare", config, shards=shards, image_shape=image_shape,
-                              counts={split: len(ids) for split, (ids, _, _) in splits.items()},
-                              columns=["id", "image", "label" if config["dataset"] == "mnist" else "attrs", "split"],
-                              **extra)
-    except BaseException:
-        _remove_shards(out)
-        raise
+def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _Source],
+             log: Callable[[str], None] = print) -> tuple[dict, bool]:
+    """Write the shards a previous run did not finish, then the manifest.
 
-
-def _prepare(out: str, cfg: MnistConfig | CelebaConfig, build: Callable[[], tuple[dict, dict]]) -> tuple[dict, bool]:
+    Shards are cut by input position (``shard_size`` inputs each) and carry the config in their
+    metadata, so rerunning an interrupted command keeps the finished shards and the result is the
+    same bytes. Bad input found on the way (a corrupt JPEG) removes all shards: nothing half-written.
+    """
     config = json.loads(json.dumps(cfg.to_dict()))
     manifest = _reusable(out, config)
     if manifest is not None:
         return manifest, True
-    splits, extra = build()                   # everything decoded and validated before any write
-    _remove_shards(out)
-    return _write_artifact(out, config, splits, cfg.shard_size, extra), False
+    counts, extra, make = source()            # everything but the pixels read and checked before any write
+    jobs = [_Job(split, k, start, min(start + cfg.shard_size, n)) for split, n in counts.items()
+            for k, start in enumerate(range(0, n, cfg.shard_size))]
+    done = {job.name: found for job in jobs if (found := _finished(out, config, job))}
+    _remove_shards(out, keep=done)
+    if done:
+        log(f"prepare: {len(done)} of {len(jobs)} shards already done")
+    meta = {CONFIG_KEY: _config_bytes(config)}
+    try:
+        for job, ids, images, targets, bad in make([j for j in jobs if j.name not in done]):
+            if ids:
+                write_shards(out, job.split, ids, images, targets, len(ids), first=job.k,
+                             metadata={**meta, SKIPPED_KEY: json.dumps(bad).encode()} if bad else meta)
+            done[job.name] = (len(ids), bad)
+        bad = [b for job in jobs for b in done[job.name][1]]
+        if not any(done[job.name][0] for job in jobs):
+            raise FisherError(f"{out}: no image could be read" + (f" (first: {bad[0]['error']})" if bad else ""))
+    except FisherError:
+        _remove_shards(out)
+        raise
+    shards = [{"file": job.name, "split": job.split, "rows": done[job.name][0]} for job in jobs if done[job.name][0]]
+    return write_manifest(out, "prepare", config, shards=shards,
+                          counts={split: sum(s["rows"] for s in shards if s["split"] == split) for split in counts},
+                          columns=["id", "image", "label" if config["dataset"] == "mnist" else "attrs", "split"],
+                          skipped={"count": len(bad), "first": bad[:SKIPPED_LISTED]}, **extra), False
 
 
 def prepare_mnist(cfg: MnistConfig, out: str) -> tuple[dict, bool]:
     """Binarize MNIST into shards under ``out``; returns (manifest, True if it was already prepared)."""
-    return _prepare(out, cfg, lambda: _build_mnist(cfg))
+    return _prepare(out, cfg, lambda: _mnist_source(cfg))
 
 
 def prepare_celeba(cfg: CelebaConfig, out: str, mapper: Mapper | None = None) -> tuple[dict, bool]:
@@ -540,4 +596,4 @@ def prepare_celeba(cfg: CelebaConfig, out: str, mapper: Mapper | None = None) ->
     ``mapper(fn, chunks)`` runs ``fn`` over lists of image URIs and yields results in order
     (default: the built-in ``map``; the CLI passes a process pool's map with progress).
     """
-    return _prepare(out, cfg, lambda: _build_celeba(cfg, mapper))
+    return _prepare(out, cfg, lambda: _celeba_source(cfg, mapper))

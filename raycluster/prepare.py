@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "prepare", help="turn raw MNIST or CelebA into Parquet shards",
         description="Binarize MNIST (paper sec. 5.1) or crop/resize/bit-reduce CelebA (sec. 5.2) into "
-                    "{split}-NNNNN.parquet shards plus manifest.json. Rerunning with the same options is a no-op.")
+                    "{split}-NNNNN.parquet shards plus manifest.json. Rerunning with the same options is a no-op; "
+                    "rerunning an interrupted run keeps its finished shards and writes the rest.")
     p.add_argument("dataset", choices=("mnist", "celeba"), help="which dataset to prepare")
     p.add_argument("--src", metavar="DIR",
                    help="input folder: for mnist the four idx .gz files (default: download them into OUT/raw); "

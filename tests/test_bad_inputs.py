@@ -200,23 +200,16 @@ def _edit_state(directory: Path, fn) -> None:
     torch.save(state, f)
 
 
-def _poison(value):
-    def fn(state):
-        name = next(k for k, v in state.items() if v.is_floating_point())
-        state[name].view(-1)[0] = value
-    return fn
-
-
-def prior_nan(c):
-    d = c.copy("prior")
-    _edit_state(d, _poison(float("nan")))
-    return {"prior": d}
-
-
-def prior_inf(c):
-    d = c.copy("prior")
-    _edit_state(d, _poison(float("inf")))
-    return {"prior": d}
+def _poisoned(key: str, value: float):
+    """A builder: a copy of the ``key`` checkpoint with ``value`` in its first float weight."""
+    def build(c):
+        def poison(state):
+            name = next(k for k, v in state.items() if v.is_floating_point())
+            state[name].view(-1)[0] = value
+        d = c.copy(key)
+        _edit_state(d, poison)
+        return {key: d}
+    return build
 
 
 def prior_wrong_arch(c):
@@ -245,10 +238,13 @@ def _plant_pickle(c, directory: Path) -> None:
     torch.save(_RunsCode(c.tmp / "payload-ran"), directory / "weights.pt")
 
 
-def prior_pickle(c):
-    d = c.copy("prior")
-    _plant_pickle(c, d)
-    return {"prior": d}
+def _pickled(key: str):
+    """A builder: a copy of the ``key`` checkpoint whose weights.pt is a live code-running pickle."""
+    def build(c):
+        d = c.copy(key)
+        _plant_pickle(c, d)
+        return {key: d}
+    return build
 
 
 def prior_weights_is_dir(c):
@@ -317,18 +313,6 @@ def data_other(c):
     return {"data": d}
 
 
-def dec_inf(c):
-    d = c.copy("dec")
-    _edit_state(d, _poison(float("-inf")))
-    return {"dec": d}
-
-
-def dec_pickle(c):
-    d = c.copy("dec")
-    _plant_pickle(c, d)
-    return {"dec": d}
-
-
 def dec_zdim(c):
     from fisher.decoders import build_decoder, save_decoder
     d = c.tmp / "dec8"
@@ -387,13 +371,13 @@ CASES = [
     ("density-0", None, ["embed", *PRIOR, "--density", "0"], r"--density 0: must be in \(0, 1\]"),
     ("density-above-1", None, ["embed", *PRIOR, "--density", "1.5"], r"--density 1\.5: must be in \(0, 1\]"),
     ("dim-0", None, ["embed", *PRIOR, "--dim", "0"], r"--dim '0': dimensions must be >= 1"),
-    ("prior-nan", prior_nan, ["embed", *PRIOR, "--dim", "16"],
+    ("prior-nan", _poisoned("prior", float("nan")), ["embed", *PRIOR, "--dim", "16"],
      r"prior-copy/weights\.pt: tensor '.+' holds NaN or Inf; rerun `fisher train-prior`"),
-    ("prior-inf", prior_inf, ["embed", *PRIOR, "--dim", "16"],
+    ("prior-inf", _poisoned("prior", float("inf")), ["embed", *PRIOR, "--dim", "16"],
      r"prior-copy/weights\.pt: tensor '.+' holds NaN or Inf; rerun `fisher train-prior`"),
     ("prior-wrong-architecture", prior_wrong_arch, ["embed", *PRIOR, "--dim", "16"],
      r"prior-copy/weights\.pt: does not match the architecture in model\.json \(Missing key"),
-    ("prior-pickle-with-code", prior_pickle, ["embed", *PRIOR, "--dim", "16"],
+    ("prior-pickle-with-code", _pickled("prior"), ["embed", *PRIOR, "--dim", "16"],
      r"prior-copy/weights\.pt: not a plain weights file \(.*GLOBAL (posix|os)\.system.*\); nothing in it was run"),
     ("prior-weights-is-a-dir", prior_weights_is_dir, ["embed", *PRIOR, "--dim", "16"],
      r"prior-copy/weights\.pt: cannot be read \(.*is a directory\); it must be a readable file"),
@@ -418,9 +402,9 @@ CASES = [
      r"dec8: decodes 8-dim embeddings, but column 'z' of .* has dim 16; pass the decoder trained on these"),
     ("interpolate-decoder-weights-z-dim", dec_weights_zdim, ["interpolate", *INPUTS],
      r"dec-copy/weights\.pt: does not match the architecture in decoder\.json \(size mismatch"),
-    ("interpolate-decoder-inf", dec_inf, ["interpolate", *INPUTS],
+    ("interpolate-decoder-inf", _poisoned("dec", float("-inf")), ["interpolate", *INPUTS],
      r"dec-copy/weights\.pt: tensor '.+' holds NaN or Inf; retrain the decoder"),
-    ("interpolate-decoder-pickle-with-code", dec_pickle, ["interpolate", *INPUTS],
+    ("interpolate-decoder-pickle-with-code", _pickled("dec"), ["interpolate", *INPUTS],
      r"dec-copy/weights\.pt: not a plain weights file \(.*GLOBAL (posix|os)\.system.*\); nothing in it was run"),
     ("run-unknown-preset", None, ["run", "--preset", "mnist-huge", "--out", "{out}"],
      r"--preset mnist-huge: no such preset \(have .*mnist-small.*, or pass a \.json file\)"),

@@ -217,9 +217,14 @@ PROPERTY_BREAKS = {
 
 @pytest.mark.parametrize("mutate,expected", PROPERTY_BREAKS.values(), ids=PROPERTY_BREAKS.keys())
 def test_property_checks_catch_broken_copies(mutate, expected):
-    broken = load_cluster()
+    _assert_check_catches(load_cluster, cluster_problems, mutate, expected)
+
+
+def _assert_check_catches(load, check, mutate, expected):
+    """A fresh copy of a shipped config, broken by ``mutate``, must draw a problem naming ``expected``."""
+    broken = load()
     mutate(broken)
-    problems = cluster_problems(broken)
+    problems = check(broken)
     assert any(expected in p for p in problems), problems
 
 
@@ -374,10 +379,7 @@ RAYJOB_BREAKS = {
 
 @pytest.mark.parametrize("mutate,expected", RAYJOB_BREAKS.values(), ids=RAYJOB_BREAKS.keys())
 def test_rayjob_checks_catch_broken_copies(mutate, expected):
-    broken = load_rayjob()
-    mutate(broken)
-    problems = rayjob_problems(broken)
-    assert any(expected in p for p in problems), problems
+    _assert_check_catches(load_rayjob, rayjob_problems, mutate, expected)
 
 
 def test_rayjob_check_catches_a_loadbalancer_service_beside_the_job():

@@ -8,6 +8,8 @@ import urllib.error
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pathlib import Path
+
 import pytest
 from conftest import write_idx
 from PIL import Image
@@ -217,9 +219,11 @@ def test_prepare_mnist_reuse_and_config_mismatch(tmp_path):
         data.prepare_mnist(data.MnistConfig(str(src), seed=2, shard_size=8), str(out))
 
 
-def test_prepare_removes_partial_output_on_failure(tmp_path, monkeypatch):
+def test_prepare_interrupted_then_rerun_keeps_finished_shards(tmp_path, monkeypatch):
+    """A run that dies after 3 shards (disk full) leaves no manifest and no temporary file; the
+    rerun keeps those 3 shards, writes only the rest, and the result is a clean run's bytes."""
     src = _small_mnist(tmp_path / "src")
-    written = []
+    out, clean, written = tmp_path / "out", tmp_path / "clean", []
 
     def flaky(uri, table):
         if len(written) == 3:
@@ -228,9 +232,62 @@ def test_prepare_removes_partial_output_on_failure(tmp_path, monkeypatch):
         real_write(uri, table)
     real_write = data.atomic_write_table
     monkeypatch.setattr(data, "atomic_write_table", flaky)
+    cfg = data.MnistConfig(str(src), shard_size=8)
     with pytest.raises(OSError, match="disk full"):
-        data.prepare_mnist(data.MnistConfig(str(src), shard_size=8), str(tmp_path / "out"))
-    assert len(written) == 3 and _artifact_files(tmp_path / "out") == []
+        data.prepare_mnist(cfg, str(out))
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(kept) == sorted(Path(u).name for u in written) and len(kept) == 3    # no manifest, no temp file
+
+    written.clear()
+    monkeypatch.setattr(data, "atomic_write_table", real_write)
+    logged = []
+    manifest, reused = data._prepare(str(out), cfg, lambda: data._mnist_source(cfg), log=logged.append)
+    assert not reused and logged == [f"prepare: 3 of {len(manifest['shards'])} shards already done"]
+    assert all(((out / name).stat().st_mtime_ns == t) for name, t in kept.items())          # not rewritten
+    data.prepare_mnist(cfg, str(clean))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
+
+
+def test_prepare_rerun_rewrites_shards_of_another_config_or_damaged(tmp_path):
+    src = _small_mnist(tmp_path / "src")
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    data.prepare_mnist(data.MnistConfig(str(src), seed=5, shard_size=8), str(out))
+    (out / "manifest.json").unlink()                       # an interrupted run of another seed
+    (out / "train-00001.parquet").write_bytes(b"PAR1 truncated")
+    (out / "train-00099.parquet").write_bytes(b"a stray shard")
+    cfg = data.MnistConfig(str(src), seed=0, shard_size=8)
+    data.prepare_mnist(cfg, str(out))
+    data.prepare_mnist(cfg, str(clean))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
+
+
+def test_prepare_celeba_rerun_decodes_only_unfinished_shards(tmp_path, make_celeba):
+    """Shards are cut by input position, so a bad image skipped in a finished shard stays counted
+    and a rerun decodes only the images of the shards that were not written."""
+    root, _ = make_celeba(counts={"train": 7, "val": 2, "test": 3}, unlisted=0)
+    (root / "img_align_celeba" / "000002.jpg").write_bytes(b"garbage")
+    cfg = data.CelebaConfig(str(root), size=8, shard_size=3, skip_bad=True)
+    decoded = []
+
+    def mapper(fn, chunks):                   # dies after the first two chunks (= shards at size 3)
+        for i, chunk in enumerate(chunks):
+            if fail and i == 2:
+                raise RuntimeError("killed")
+            decoded.extend(chunk)
+            yield fn(chunk)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    fail = True
+    with pytest.raises(RuntimeError, match="killed"):
+        data.prepare_celeba(cfg, str(out), mapper=mapper)
+    assert _artifact_files(out) == ["train-00000.parquet", "train-00001.parquet"]
+    fail, decoded[:] = False, []
+    manifest, _ = data.prepare_celeba(cfg, str(out), mapper=mapper)
+    assert len(decoded) == 12 - 6                                  # the first 6 train images were not decoded again
+    assert manifest["skipped"]["count"] == 1 and manifest["skipped"]["first"][0]["name"] == "000002.jpg"
+    assert manifest["counts"] == {"train": 6, "val": 2, "test": 3}
+    assert [s["rows"] for s in manifest["shards"]] == [2, 3, 1, 2, 3]     # by input: 3 + 3 + 1 train images
+    data.prepare_celeba(cfg, str(clean))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
 
 
 def test_prepare_celeba_skip_bad_and_missing_rows(tmp_path, make_celeba):
