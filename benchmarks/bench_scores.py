@@ -117,6 +117,7 @@ def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
     from fisher.io import write_manifest
     from fisher.models import PixelCNN, save_prior
     from raycluster import cli
+    from raycluster.runtime import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     prepare_mnist(MnistConfig(src=src, limit=n_images, shard_size=max(1, n_images // 4)), str(tmp / "data"))
@@ -132,7 +133,7 @@ def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
         emb(test["image"][i:i + batch])
     in_process = time.perf_counter() - t
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+    init_ray(argparse.Namespace(address=None, num_cpus=os.cpu_count()))      # the local Ray `fisher` starts
     t = time.perf_counter()
     rc = cli.main(["embed", "--prior", str(tmp / "prior"), "--data", str(tmp / "data"), "--out", str(tmp / "emb"),
                    "--splits", "test", "--dim", str(dim), "--actors", "1", "--batch-size", str(batch)])
@@ -147,6 +148,13 @@ def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
             "ray_first_batch_seconds": timing["first_batch_seconds"]}
 
 
+def _ray_line(r: dict) -> str:
+    return (f"\nRay Data embed, 1 actor, {r['images']} images, dim {r['dim']}, in-process {r['in_process_img_s']:.1f} img/s:\n"
+            f"  end to end (actor start-up {r['ray_first_batch_seconds']:.1f} s to the first batch included): "
+            f"{r['ray_img_s']:.1f} img/s, ratio {r['ratio']:.2f}\n"
+            f"  after the first batch: {r['ray_steady_img_s']:.1f} img/s, ratio {r['steady_ratio']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mnist", default=str(SHARED), help="folder with the MNIST idx .gz files")
@@ -154,10 +162,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow per-image loop")
     ap.add_argument("--skip-ray", action="store_true", help="skip the Ray Data throughput comparison")
+    ap.add_argument("--only-ray", action="store_true", help="only the Ray Data throughput comparison")
     ap.add_argument("--ray-images", type=int, default=2048, help="test images for the Ray comparison")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
+    if args.only_ray:
+        r = ray_throughput(args.mnist, args.ray_images, 16384, args.batch)
+        print(_ray_line(r))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"ray": r}, indent=2))
+        return
     methods = ["train step", "naive loop", "torch.func", "scores", "scores+proj", "grid (12)"]
     if args.skip_naive:
         methods.remove("naive loop")
@@ -180,10 +195,7 @@ def main() -> None:
     result = {"rows": rows}
     if not args.skip_ray:
         r = ray_throughput(args.mnist, args.ray_images, 16384, args.batch)
-        print(f"\nRay Data embed, 1 actor, {r['images']} images, dim {r['dim']}, in-process {r['in_process_img_s']:.1f} img/s:\n"
-              f"  end to end (actor start-up {r['ray_first_batch_seconds']:.1f} s to the first batch included): "
-              f"{r['ray_img_s']:.1f} img/s, ratio {r['ratio']:.2f}\n"
-              f"  after the first batch: {r['ray_steady_img_s']:.1f} img/s, ratio {r['steady_ratio']:.2f}")
+        print(_ray_line(r))
         result["ray"] = r
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

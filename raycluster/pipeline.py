@@ -63,8 +63,30 @@ def load_preset(name: str, overrides: list[str]) -> dict:
             preset[section][field] = json.loads(value)
         except json.JSONDecodeError:
             preset[section][field] = value
+    _check_keys(preset, path, overrides)
     preset["_name"] = path.stem
     return preset
+
+
+SECTION_STAGES = {"prepare": "prepare", "prior": "train-prior", "embed": "embed", "decoder": "train-decoder",
+                  "interpolate": "interpolate", "evaluate": "evaluate", "sweep": "sweep"}   # preset section → command
+
+
+def _check_keys(preset: dict, path: Path, overrides: list[str]) -> None:
+    """Every key of a section must be an option of its command: a typo fails now, not after an hour of steps."""
+    import difflib
+
+    from raycluster import cli
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for section, stage in SECTION_STAGES.items():
+        flags = {f for a in commands[stage]._actions for f in a.option_strings if f.startswith("--")}
+        for key in preset.get(section) or {}:
+            flag = "--" + key.replace("_", "-")
+            if flag not in flags:
+                where = next((f"--set {o}" for o in overrides if o.partition("=")[0] == f"{section}.{key}"), str(path))
+                close = difflib.get_close_matches(flag, flags, n=1)
+                raise FisherError(f"{where}: `fisher {stage}` has no option {flag}"
+                                  + (f"; did you mean {section}.{close[0][2:].replace('-', '_')}?" if close else ""))
 
 
 def _flags(section: dict, skip: tuple = ()) -> list[str]:
@@ -138,7 +160,7 @@ def run(args) -> None:
                          *_flags(sweep)], "sweep/manifest.json")
     in_grid = grid is not None and spec.dim in grid["dim"] and spec.density in grid["density"] and not emb.get("pca")
     if in_grid:             # the Fisher embedding is one of the sweep's cells: reuse that gradient pass
-        fisher_dir, fisher_col = d("sweep", "embeddings"), spec.column(single=False)
+        fisher_dir, fisher_col = d("sweep", "embeddings"), spec.column(single=len(grid["dim"]) * len(grid["density"]) == 1)
     else:
         fisher_dir, fisher_col = d("emb-fisher"), "z_t" if emb.get("pca") or emb.get("standardize") else "z"
     projection = ["--dim", str(spec.dim), "--density", "auto" if density is None else str(density),
@@ -190,7 +212,12 @@ def write_report(out: str, preset: dict, kinds: dict, timings: dict) -> str:
                   "| dim \\ density | 0.001 | 0.01 | 0.1 | 1.0 |", "|---|---|---|---|---|",
                   "| 64 | 0.641 | 0.638 | 0.678 | 0.633 |", "| 256 | 0.653 | 0.456 | 0.170 | 0.155 |",
                   "| 1024 | 0.142 | 0.154 | 0.129 | 0.122 |", "", "![grid](sweep/grid.png)", ""]
-    lines += ["## Decoders (test split)", "", "| embedding | column | BCE nats/pixel | MSE |", "|---|---|---|---|"]
+    binary = int(read_manifest(d("data"), "prepare").get("levels", 2)) == 2
+    loss = "BCE nats/pixel" if binary else "NLL nats/sub-pixel"
+    lines += ["## Decoders (test split)", ""]
+    if not binary:
+        lines += ["NLL: categorical cross-entropy of each sub-pixel's levels; MSE on [0, 1] values.", ""]
+    lines += [f"| embedding | column | {loss} | MSE |", "|---|---|---|---|"]
     for kind, (_, col) in kinds.items():
         dm = read_manifest(d(f"decoder-{kind}"), "train-decoder")["metrics"]
         lines.append(f"| {kind} | `{col}` | {dm['test_bce_nats_per_pixel']:.4f} | {dm['test_mse']:.4f} |")
@@ -212,6 +239,12 @@ def write_report(out: str, preset: dict, kinds: dict, timings: dict) -> str:
     lines += [f"![FID vs alpha, {k}](fid-{k}/fid.png)" for k in kinds] + [""]
     lines += ["## Interpolations (paper Figures 2 and 4)", ""]
     lines += [f"{k}:\n\n![{k}](interpolate-{k}/interpolations.png)\n" for k in kinds]
+    if preset.get("edit"):
+        scale = preset["edit"]["scale"]
+        lines += ["## Attribute edits (paper Figure 5)", "",
+                  f"Each row: a test image, then the decoded z − {scale:g}·δ, z (the reconstruction) and z + {scale:g}·δ, "
+                  "with δ the difference of the attribute's train-split means in embedding space.", ""]
+        lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds for a in preset["edit"]["attributes"]]
     lines += ["## How this run compares with the paper", "", _scale_note(preset, prior), ""]
     lines += ["## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
@@ -247,15 +280,23 @@ def _mean_image_baseline(data_dir: str) -> dict | None:
 
 def _scale_note(preset: dict, prior: dict) -> str:
     """What differs from the paper's setup in this preset, in one paragraph (so numbers are read right)."""
-    model, train = prior["config"]["model"], prior["config"].get("train", {})
+    model = prior["config"]["model"]
     limit = preset.get("prepare", {}).get("limit")
-    data = f"the first {limit} images of each split" if limit else "the full dataset"
+    data = f"the first {limit} images of each split" if limit else "all the images given"
     dec = preset.get("decoder", {})
-    return (f"This run used {data}, a {model['n_layers']}-layer, {model['filters']}-filter PixelCNN trained for "
-            f"{prior['metrics']['epoch']} epoch(s), decoders trained for {dec.get('epochs', '?')} epoch(s) (sweep "
-            f"cells: {preset.get('sweep', {}).get('epochs', '?')}), and {preset.get('evaluate', {}).get('pairs', '?')}"
-            " FID pairs per α. The paper's MNIST prior has 5 layers of 64 filters trained on all 60 000 images, "
-            "its decoders train to convergence, and its FID uses 50 000 pairs. The protocol, models' shapes, "
-            "projections and table layouts here are the paper's; the values are comparable with the paper's "
-            "only for a paper-scale preset (`--preset mnist-paper`). The paper does not define its Figure 3a "
-            "reconstruction error precisely; ours is the test BCE in nats per pixel.")
+    paper_name = f"{preset['dataset']}-paper"
+    paper = json.loads((PRESETS / f"{paper_name}.json").read_text())
+    size = preset.get("prepare", {}).get("size")
+    return (f"This run used {data}" + (f" at {size}×{size}" if size else "") + f", a {model['n_layers']}-layer, "
+            f"{model['filters']}-filter PixelCNN trained for {prior['metrics']['epoch']} epoch(s), "
+            f"{dec.get('decoder', '?')} decoders trained for {dec.get('epochs', '?')} epoch(s) (sweep cells: "
+            f"{(preset.get('sweep') or {}).get('epochs', 'no sweep')}), and "
+            f"{preset.get('evaluate', {}).get('pairs', '?')} FID pairs per α. The paper's setting (preset "
+            f"`{paper_name}`) has all the data" + (f" at {paper['prepare']['size']}×{paper['prepare']['size']}"
+                                                    if "size" in paper.get("prepare", {}) else "") +
+            f", a {paper['prior']['layers']}-layer, "
+            f"{paper['prior']['filters']}-filter prior, {paper['decoder']['decoder']} decoders and "
+            f"{paper['evaluate']['pairs']} FID pairs. The protocol, models' shapes, projections and table layouts "
+            f"here are the paper's; the values are comparable with the paper's only for a paper-scale preset "
+            f"(`--preset {paper_name}`). The paper does not define its Figure 3a reconstruction error precisely; "
+            "ours is the test BCE in nats per pixel.")

@@ -54,6 +54,8 @@ def read_shards(files: list[str], columns: list[str], include_paths: bool = Fals
     group per unit.
     """
     import ray.data
+    if not ray.is_initialized():        # Ray Data would start a default Ray: every interface, a dashboard
+        raise RuntimeError("read_shards: call init_ray(args) first")
     os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(1 << 20))
     return ray.data.read_parquet(files, include_paths=include_paths).select_columns(columns)
 

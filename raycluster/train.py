@@ -17,7 +17,7 @@ import tempfile
 from fisher.io import FisherError, join, manifest_hash, parquet_metadata, read_manifest, write_manifest
 from fisher.models import PixelCNNConfig
 from fisher.training import PriorTrainConfig
-from raycluster.runtime import add_ray_args, fit, read_shards, torch_trainer
+from raycluster.runtime import add_ray_args, fit, init_ray, read_shards, torch_trainer
 
 HISTORY = "history.json"    # in each checkpoint: the metrics of every epoch so far
 
@@ -143,6 +143,7 @@ def run(args) -> None:
         print(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")
         return
 
+    init_ray(args)                      # before the datasets: Ray Data must not start a Ray of its own
     trainer = torch_trainer(_train_loop, {"train": cfg.to_dict(), "image_shape": shape}, args, "prior",
                             workers=args.workers,
                             datasets={"train": _dataset(args.data, data_manifest, "train", args.limit),

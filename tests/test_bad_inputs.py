@@ -412,6 +412,8 @@ CASES = [
      r"--set prior=5: expected SECTION\.KEY=VALUE with SECTION one of .*prior"),
     ("run-bad-set-section", None, ["run", "--set", "priors.epochs=5", "--out", "{out}"],
      r"--set priors\.epochs=5: expected SECTION\.KEY=VALUE"),
+    ("run-set-misspelt-key", None, ["run", "--set", "prior.epocs=5", "--out", "{out}"],
+     r"--set prior\.epocs=5: `fisher train-prior` has no option --epocs; did you mean prior\.epochs\?"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),

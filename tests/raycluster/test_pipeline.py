@@ -47,6 +47,16 @@ def _digests(path):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.glob("*.parquet"))}
 
 
+def test_local_ray_listens_on_loopback_only(run):
+    """The Ray that train-prior started (it is the first stage to need one) binds 127.0.0.1 only."""
+    import ray
+    from _ray_helpers import LOOPBACK, listen_addresses
+    session = ray._private.worker._global_node.get_session_dir_path()
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    listening = listen_addresses(session)
+    assert listening and listening <= LOOPBACK, listening
+
+
 def test_prior_trained_and_loadable(run):
     manifest = json.loads((run / "prior" / "manifest.json").read_text())
     assert manifest["stage"] == "train-prior" and manifest["metrics"]["epoch"] == 1

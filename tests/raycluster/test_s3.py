@@ -1,16 +1,18 @@
-"""Remote storage: prepare → train-prior → embed → train-decoder with every ``--out`` an ``s3://`` URI.
+"""Remote storage: prepare → train-prior → embed → train-decoder → sweep → interpolate → evaluate,
+every ``--out`` an ``s3://`` URI.
 
 A real S3-compatible server (moto's server mode) runs on 127.0.0.1 for the
 module; pyarrow (driver, Ray Data read tasks, Ray Train workers and their
 checkpoint uploads) finds it through ``AWS_ENDPOINT_URL``, set before the
 module's local Ray starts so every Ray process inherits it. Checks the
 objects written (shards, manifests, Ray Train checkpoints under
-``<out>/ray``, decoder weights), that nothing lands on local disk outside
+``<out>/ray``, the sweep's Ray Tune storage, decoder weights, the FID cache), that nothing lands on local disk outside
 tmp, that the embeddings equal those of the same run on local paths bit for
 bit, and that a missing bucket is refused with one line before any write.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,11 +26,14 @@ import pytest
 pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[test]')")
 boto3 = pytest.importorskip("boto3")
 
+from conftest import SHARED_DATA  # noqa: E402
+
 from fisher.embedding import read_embeddings  # noqa: E402
 from fisher.io import read_manifest  # noqa: E402
 from raycluster import cli  # noqa: E402
 
 BUCKET = "fisher-s3-test"
+WEIGHTS = SHARED_DATA / "pt_inception-2015-12-05-nofc.pth"
 N = 64                       # images per split
 PRIOR = ["--epochs", "1", "--layers", "1", "--filters", "4", "--batch-size", "32", "--cpus-per-worker", "0.5"]
 EMBED = ["--dim", "32", "--batch-size", "32", "--cpus-per-actor", "0.5"]
@@ -98,6 +103,17 @@ def run(s3, tmp_path_factory, mnist_dir):
         assert cli.main(["train-decoder", "--embeddings", f"{base}/emb", "--data", f"{base}/data",
                          "--out", f"{base}/dec", "--epochs", "1", "--batch-size", "32",
                          "--cpus-per-worker", "0.5"]) == 0
+        grid = tmp_path_factory.mktemp("grid") / "grid.json"      # one cell: the sweep's Tune storage on S3
+        grid.write_text(json.dumps({"density": [1.0], "dim": [16]}))
+        assert cli.main(["sweep", "--prior", f"{base}/prior", "--data", f"{base}/data", "--out", f"{base}/sweep",
+                         "--grid", str(grid), "--epochs", "1", "--batch-size", "32", "--cpus-per-trial", "0.5",
+                         "--embed-actors", "1"]) == 0
+        views = ["--decoder", f"{base}/dec", "--embeddings", f"{base}/emb", "--data", f"{base}/data"]
+        assert cli.main(["interpolate", *views, "--out", f"{base}/interp", "--pairs", "2"]) == 0
+        if WEIGHTS.exists():          # FID with the real statistics cached in the bucket (DATA/fid-cache)
+            assert cli.main(["evaluate", *views, "--out", f"{base}/fid", "--pairs", "4", "--alphas", "0",
+                             "--real-limit", "8", "--no-floor", "--fid-weights", str(WEIGHTS),
+                             "--batch-size", "4"]) == 0
     finally:
         os.chdir(old_cwd)
     local = {"cwd": sorted(os.listdir(cwd)), "repo_new": sorted(set(os.listdir(repo)) - repo_before),
@@ -117,6 +133,14 @@ def test_objects_written(run):
     for out, run_name in (("prior", "prior"), ("dec", "decoder")):
         pattern = re.compile(rf"{out}/ray/{run_name}/checkpoint_[^/]+/weights\.pt")
         assert any(pattern.fullmatch(k) for k in keys), (out, [k for k in keys if k.startswith(out + "/ray")])
+    for name in ("sweep/manifest.json", "sweep/grid.md", "sweep/grid.png", "sweep/cells/z.json",
+                 "sweep/embeddings/manifest.json", "interp/manifest.json", "interp/interpolations.png"):
+        assert name in keys, (name, keys)
+    assert any(re.fullmatch(r"sweep/tune/sweep/[^/]+/checkpoint_[^/]+/weights\.pt", k) for k in keys), \
+        [k for k in keys if k.startswith("sweep/tune")]                 # Ray Tune's storage_path is the bucket
+    if WEIGHTS.exists():
+        assert {"fid/fid.json", "fid/fid.md", "fid/manifest.json"} <= set(keys)
+        assert any(re.fullmatch(r"data/fid-cache/fid-stats-[^/]+-8\.npz", k) for k in keys), keys
     assert not [k for k in keys if ".tmp-" in k]           # every atomic write was renamed into place
     # manifests read back through pyarrow, and they chain by hash
     assert read_manifest(f"s3://{BUCKET}/dec", "train-decoder")["inputs"]["embeddings"]
