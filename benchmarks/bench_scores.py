@@ -12,13 +12,18 @@ test images with the paper's 5-layer PixelCNN (kernel 7, 64 filters):
   memory check    scores+proj at 4x the batch: peak memory must not grow
 
 Each method runs in a fresh process: a cold run gives its peak memory (growth
-of the resident set, VmHWM after resetting it, caches included), a warm run
-its time. Then Ray Data
-embedding throughput (`fisher embed`, one actor) against the same Embedder
-in-process. Ratios are what to read; this machine is shared and noisy.
+of the resident set, VmHWM after resetting it, caches included; on CUDA the
+growth of allocated device memory), warm runs its time. Then Ray Data
+embedding throughput (`fisher embed`, one actor, Ray already started) against
+the same work in-process, two ways: the Embedder alone on images already in
+memory, warm (the strict bound), and the whole job in a fresh process
+(imports, prior, projection, reading and writing the shards; its shards must
+equal Ray's byte for byte). Ratios are what to read; this machine is shared
+and noisy.
 
     python benchmarks/bench_scores.py                  # everything (~10 min on 2 cores)
     python benchmarks/bench_scores.py --skip-ray --batch 64
+    python benchmarks/bench_scores.py --skip-ray --device cuda      # on a GPU machine
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 GRID_DIMS, GRID_DENSITIES = (64, 256, 1024), (0.001, 0.01, 0.1, 1.0)
@@ -54,7 +61,9 @@ def _status(key: str) -> int:
     return 0
 
 
-def _child(method: str, src: str, batch: int, threads: int, q) -> None:
+def _child(method: str, src: str, batch: int, threads: int, device: str, reps: int, q) -> None:
+    import statistics
+
     import torch
 
     from fisher.models import PixelCNN, to_model_input
@@ -62,8 +71,9 @@ def _child(method: str, src: str, batch: int, threads: int, q) -> None:
     from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = PixelCNN().eval()
-    x = to_model_input(_images(src, batch))
+    model = PixelCNN().eval().to(device)
+    x = to_model_input(_images(src, batch), device)
+    cuda = torch.device(device).type == "cuda"
     n = n_features(model)
     setup = time.perf_counter()
     projs = None
@@ -86,29 +96,70 @@ def _child(method: str, src: str, batch: int, threads: int, q) -> None:
         "grid (12)": lambda: fisher_scores(model, x, projs),
         "memory check": lambda: fisher_scores(model, x, projs),
     }[method]
-    base = _rss_reset()                              # cold run: peak memory, caches included
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()                                           # cold run: peak memory, caches included
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_reset()
     out = run()
-    peak = _status("VmHWM") - base
+    sync()
+    peak = (torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")) - base
     del out
-    t = time.perf_counter()                          # warm run: time
-    run()
-    seconds = time.perf_counter() - t
+    times = []                                       # warm runs: time (median)
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t)
+    seconds = statistics.median(times)
     q.put({"method": method, "batch": batch, "seconds": seconds, "peak_mb": peak / 2**20,
            "setup_seconds": setup, "n_features": n})
 
 
-def measure(method: str, src: str, batch: int, threads: int) -> dict:
+def measure(method: str, src: str, batch: int, threads: int, device: str, reps: int) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(method, src, batch, threads, q))
+    p = ctx.Process(target=_child, args=(method, src, batch, threads, device, reps, q))
     p.start()
     res = q.get()
     p.join()
     return res
 
 
+def _embed_job(prior: str, data: str, out: str, dim: int, batch: int, threads: int) -> None:
+    """What `fisher embed --splits test --dim DIM` does, in this process and without Ray."""
+    import torch
+
+    from fisher.data import decode_images
+    from fisher.embedding import Embedder, EmbedSpec, embedding_table
+    from fisher.io import atomic_write_table, manifest_hash, read_manifest, read_table
+    from fisher.models import load_prior
+    torch.set_num_threads(threads)
+    manifest = read_manifest(data, "prepare")
+    shape = manifest["image_shape"]
+    emb = Embedder(load_prior(prior), "fisher", [EmbedSpec(dim, None)], shape)
+    meta = {"kind": "fisher", "seed": 0, "prior": manifest_hash(read_manifest(prior)), "chunk_size": emb.chunk}
+    for shard in (s for s in manifest["shards"] if s["split"] == "test"):
+        table = read_table(f"{data}/{shard['file']}", ["id", "image"])
+        images = decode_images(table, shape)
+        parts = [emb(images[i:i + batch]) for i in range(0, len(images), batch)]
+        ids = table["id"].to_numpy(zero_copy_only=False).astype(object)
+        atomic_write_table(f"{out}/{shard['file']}", embedding_table(ids, {"z": np.concatenate([p["z"] for p in parts])},
+                                                                     meta))
+
+
+def _digests(folder: Path) -> dict:
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+
 def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
-    """`fisher embed` through Ray Data (1 actor) vs the same Embedder in-process."""
+    """`fisher embed` through Ray Data (1 actor) vs the same work in-process."""
     import ray
     import torch
 
@@ -132,6 +183,14 @@ def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
     for i in range(0, len(test["image"]), batch):
         emb(test["image"][i:i + batch])
     in_process = time.perf_counter() - t
+    (tmp / "job").mkdir()
+    t = time.perf_counter()
+    job = mp.get_context("spawn").Process(target=_embed_job, args=(str(tmp / "prior"), str(tmp / "data"),
+                                                                   str(tmp / "job"), dim, batch, os.cpu_count()))
+    job.start()
+    job.join()
+    job_seconds = time.perf_counter() - t
+    assert job.exitcode == 0
 
     init_ray(argparse.Namespace(address=None, num_cpus=os.cpu_count()))      # the local Ray `fisher` starts
     t = time.perf_counter()
@@ -143,16 +202,22 @@ def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
     count = len(test["image"])
     timing = json.loads((tmp / "emb" / "manifest.json").read_text())["timing"]
     steady = timing["steady_images_per_second"]
-    return {"images": count, "dim": dim, "in_process_img_s": count / in_process, "ray_img_s": count / ray_seconds,
-            "ray_steady_img_s": steady, "ratio": in_process / ray_seconds, "steady_ratio": steady * in_process / count,
-            "ray_first_batch_seconds": timing["first_batch_seconds"]}
+    return {"images": count, "dim": dim, "in_process_img_s": count / in_process, "job_img_s": count / job_seconds,
+            "ray_img_s": count / ray_seconds, "ray_steady_img_s": steady, "ratio": in_process / ray_seconds,
+            "job_ratio": job_seconds / ray_seconds, "steady_ratio": steady * in_process / count,
+            "ray_first_batch_seconds": timing["first_batch_seconds"],
+            "identical_shards": _digests(tmp / "job") == _digests(tmp / "emb")}
 
 
 def _ray_line(r: dict) -> str:
-    return (f"\nRay Data embed, 1 actor, {r['images']} images, dim {r['dim']}, in-process {r['in_process_img_s']:.1f} img/s:\n"
-            f"  end to end (actor start-up {r['ray_first_batch_seconds']:.1f} s to the first batch included): "
-            f"{r['ray_img_s']:.1f} img/s, ratio {r['ratio']:.2f}\n"
-            f"  after the first batch: {r['ray_steady_img_s']:.1f} img/s, ratio {r['steady_ratio']:.2f}")
+    return (f"\nRay Data embed, 1 actor, {r['images']} images, dim {r['dim']}:\n"
+            f"  in-process, Embedder alone (images in memory, warm): {r['in_process_img_s']:.1f} img/s\n"
+            f"  in-process, whole job in a fresh process:             {r['job_img_s']:.1f} img/s\n"
+            f"  fisher embed on Ray Data, end to end:                 {r['ray_img_s']:.1f} img/s "
+            f"(first batch after {r['ray_first_batch_seconds']:.1f} s); ratio {r['ratio']:.2f} to the Embedder alone, "
+            f"{r['job_ratio']:.2f} to the whole job\n"
+            f"  after the first batch: {r['ray_steady_img_s']:.1f} img/s, ratio {r['steady_ratio']:.2f} to the Embedder alone\n"
+            f"  shards identical to the in-process job's: {'yes' if r['identical_shards'] else 'NO'}")
 
 
 def main() -> None:
@@ -160,6 +225,10 @@ def main() -> None:
     ap.add_argument("--mnist", default=str(SHARED), help="folder with the MNIST idx .gz files")
     ap.add_argument("--batch", type=int, default=128, help="batch size (paper: 128)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--device", default="cpu", help="torch device for the method table: cpu or cuda (the Ray "
+                    "comparison always runs on the CPU)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="warm runs per method, median reported (default: 1 on cpu, 10 on cuda)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow per-image loop")
     ap.add_argument("--skip-ray", action="store_true", help="skip the Ray Data throughput comparison")
     ap.add_argument("--only-ray", action="store_true", help="only the Ray Data throughput comparison")
@@ -176,16 +245,18 @@ def main() -> None:
     methods = ["train step", "naive loop", "torch.func", "scores", "scores+proj", "grid (12)"]
     if args.skip_naive:
         methods.remove("naive loop")
-    rows = [measure(m, args.mnist, args.batch, args.threads) for m in methods]
-    rows.append(measure("memory check", args.mnist, 4 * args.batch, args.threads))
+    reps = args.reps or (1 if args.device == "cpu" else 10)
+    rows = [measure(m, args.mnist, args.batch, args.threads, args.device, reps) for m in methods]
+    rows.append(measure("memory check", args.mnist, 4 * args.batch, args.threads, args.device, reps))
     base = rows[0]["seconds"]
     naive = next((r["seconds"] for r in rows if r["method"] == "naive loop"), None)
-    print(f"\nPixelCNN 5x64 k7, n_features={rows[0]['n_features']}, batch {args.batch}, "
-          f"{args.threads} threads, real MNIST\n")
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
+    print(f"\nPixelCNN 5x64 k7, n_features={rows[0]['n_features']}, batch {args.batch}, {where}, "
+          f"median of {reps} warm run(s), real MNIST\n")
     print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'naive / this':>14}{'peak MB':>10}")
     for r in rows:
         speed = f"{naive / r['seconds'] * r['batch'] / args.batch:>14.1f}" if naive else f"{'-':>14}"
-        print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.2f}"
+        print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.4f}"
               f"{r['seconds'] / base * args.batch / r['batch']:>14.2f}{speed}{r['peak_mb']:>10.0f}")
     proj = next(r for r in rows if r["method"] == "scores+proj")
     mem = rows[-1]

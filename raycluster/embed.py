@@ -234,6 +234,10 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
                                    seed=args.seed, chunk=args.chunk_size, threads=threads, gpu=args.gpu),
         compute=ActorPoolStrategy(size=args.actors),
         num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor)
+    # One output block per batch: Ray Data holds an actor's output until it exceeds target_max_block_size
+    # (128 MiB: 2048 rows at 16384 dims) or its input bundle ends, so shards would reach the driver in
+    # bursts, late. 3/4 of a batch's vectors: every full batch exceeds it, and none is sliced (that takes 1.5x).
+    ds.context.target_max_block_size = 3 * args.batch_size * 4 * sum(s["dim"] for s in plan["specs"]) // 4
     pending: dict[str, list] = {}
     nodes: dict[str, set] = {}          # Ray node id -> shards it computed rows of
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
