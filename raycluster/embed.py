@@ -242,10 +242,11 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     nodes: dict[str, set] = {}          # Ray node id -> shards it computed rows of
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
     bar = tqdm(total=sum(expected.values()), desc="embed", unit="img")
-    started, first, first_rows = time.time(), None, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    started, first, first_rows, largest = time.time(), None, 0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):       # one block at a time
         if first is None:
             first, first_rows = time.time(), len(batch["id"])
+        largest = max(largest, len(batch["id"]))
         for path in np.unique(batch["path"]):
             name = str(path).rsplit("/", 1)[-1]
             sel = batch["path"] == path
@@ -265,7 +266,8 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     end, images = time.time(), sum(expected.values())
     steady = round((images - first_rows) / (end - first), 3) if images > first_rows and end > first else None
     return {"images": images, "seconds": round(end - started, 3), "first_batch_seconds": round(first - started, 3),
-            "steady_images_per_second": steady, "nodes": {n: sorted(s) for n, s in sorted(nodes.items())}}
+            "steady_images_per_second": steady, "largest_block_rows": largest,
+            "nodes": {n: sorted(s) for n, s in sorted(nodes.items())}}
 
 
 def _fit_and_apply(args, shards: list[dict], columns: list[str]) -> dict:

@@ -92,6 +92,10 @@ def test_embeddings_exact_and_invariant(run, capsys):
     manifest = json.loads((run / "emb_a" / "manifest.json").read_text())
     assert set(manifest["columns"]) == {"z_d48_pauto", "z_d48_p1", "z_d96_pauto", "z_d96_p1"}
     assert manifest["counts"] == {"train": N, "test": N}
+    # output streams batch by batch: a block holds at most one batch plus a short remainder (< 3/4 batch),
+    # not Ray Data's default 128 MiB or a whole input bundle
+    assert 0 < manifest["timing"]["largest_block_rows"] < 2 * 64
+    assert 0 < json.loads((run / "emb_b" / "manifest.json").read_text())["timing"]["largest_block_rows"] < 2 * 40
 
     model = load_prior(run / "prior")
     n = n_features(model)
