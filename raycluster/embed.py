@@ -243,7 +243,9 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
     bar = tqdm(total=sum(expected.values()), desc="embed", unit="img")
     started, first, first_rows, largest = time.time(), None, 0, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):       # one block at a time
+    # One block at a time, as soon as it exists: with prefetching, Ray Data's iterator waits for block k+1
+    # before it hands over block k (the whole batch of compute after it).
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
         if first is None:
             first, first_rows = time.time(), len(batch["id"])
         largest = max(largest, len(batch["id"]))
