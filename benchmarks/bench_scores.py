@@ -66,7 +66,7 @@ def _child(method: str, src: str, batch: int, threads: int, device: str, reps: i
 
     import torch
 
-    from fisher.models import PixelCNN, to_model_input
+    from fisher.priors import PixelCNN, to_model_input
     from fisher.projection import SparseProjection
     from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
     torch.set_num_threads(threads)
@@ -138,7 +138,7 @@ def _embed_job(prior: str, data: str, out: str, dim: int, batch: int, threads: i
     from fisher.data import decode_images
     from fisher.embedding import Embedder, EmbedSpec, embedding_table
     from fisher.io import atomic_write_table, manifest_hash, read_manifest, read_table
-    from fisher.models import load_prior
+    from fisher.priors import load_prior
     torch.set_num_threads(threads)
     manifest = read_manifest(data, "prepare")
     shape = manifest["image_shape"]
@@ -166,7 +166,7 @@ def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
     from fisher.data import MnistConfig, load_prepared, prepare_mnist
     from fisher.embedding import Embedder, EmbedSpec
     from fisher.io import write_manifest
-    from fisher.models import PixelCNN, save_prior
+    from fisher.priors import PixelCNN, save_prior
     from raycluster import cli
     from raycluster.runtime import init_ray
 

@@ -597,3 +597,12 @@ def prepare_celeba(cfg: CelebaConfig, out: str, mapper: Mapper | None = None) ->
     (default: the built-in ``map``; the CLI passes a process pool's map with progress).
     """
     return _prepare(out, cfg, lambda: _celeba_source(cfg, mapper))
+
+
+def data_levels(manifest: dict) -> int:
+    """Values per sub-pixel of a prepared dataset (its ``prepare`` manifest): 2 for binarized MNIST."""
+    value = manifest.get("levels") or manifest.get("config", {}).get("levels") or 2
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise FisherError(f"manifest of the prepared data: 'levels' is {value!r}, not an integer >= 2; "
+                          "rerun `fisher prepare`")
+    return value

@@ -1,10 +1,11 @@
-"""Embeddings z = P·e(x) of images (paper sec. 3.4 and 4.1).
+"""Embeddings z = P·e(x) of images (paper sec. 3.2 and 4.1).
 
-``e(x)`` is the Fisher score ∇_θ log p_θ(x) (kind ``fisher``) or, for the
-baseline, the prior's last hidden activations (kind ``activation``); ``P`` is
-a seeded sparse projection (:mod:`fisher.projection`). Several (dim, density)
-pairs come from one gradient pass. Optional standardization and PCA (paper
-sec. 4.2: 16384 → 4096) are fitted on the train split and then applied
+``e(x)`` is an embedding kind from :data:`EMBEDDINGS`: the Fisher score
+∇_θ log p_θ(x) (kind ``fisher``) or, for the baseline, the prior's hidden
+activations (kind ``activation``); ``P`` is a seeded sparse projection
+(:mod:`fisher.projection`, paper eq. 1). Several (dim, density) pairs come from
+one gradient pass. Optional standardization and PCA (paper sec. 5.2:
+16384 → 4096) are fitted on the train split and then applied
 identically to every split.
 """
 from __future__ import annotations
@@ -16,11 +17,54 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fisher.models import PixelCNN, to_model_input
+from fisher.priors import Prior, to_model_input
 from fisher.projection import ProjectionStack, SparseProjection
+from fisher.registry import Registry
 from fisher.scores import DEFAULT_CHUNK, activations, fisher_scores, n_features
 
-KINDS = ("fisher", "activation")
+
+class EmbeddingKind:
+    """An embedding kind e(x) of a prior (registered in :data:`EMBEDDINGS`): its length, and the
+    projected embeddings of a batch ``x`` (B, C, H, W) for every projection."""
+
+    def n_features(self, model: Prior, image_shape) -> int:
+        raise NotImplementedError
+
+    def project(self, model: Prior, x: torch.Tensor, projections: list[SparseProjection], stack: ProjectionStack,
+                chunk_size: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+EMBEDDINGS = Registry("embedding kind", EmbeddingKind, base_name="fisher.embedding.EmbeddingKind")
+
+
+@EMBEDDINGS.register("fisher")
+class FisherScoreKind(EmbeddingKind):
+    """The method (paper sec. 3.2): exact per-image ∇_θ log p_θ(x) over the free parameters."""
+
+    def n_features(self, model, image_shape):
+        return n_features(model)
+
+    def project(self, model, x, projections, stack, chunk_size):
+        return fisher_scores(model, x, projections, chunk_size=chunk_size)
+
+
+@EMBEDDINGS.register("activation")
+class ActivationKind(EmbeddingKind):
+    """The paper's baseline (sec. 5.1): the prior's :meth:`Prior.hidden` activations, flattened."""
+
+    def n_features(self, model, image_shape):
+        return model.hidden_size(image_shape)
+
+    def project(self, model, x, projections, stack, chunk_size):
+        zs = None
+        for start in range(0, x.shape[0], chunk_size):
+            part = stack.project(activations(model, x[start:start + chunk_size]))
+            zs = part if zs is None else [torch.cat([u, v]) for u, v in zip(zs, part)]
+        return zs
+
+
+KINDS = tuple(EMBEDDINGS.names())
 
 
 @dataclass(frozen=True)
@@ -36,12 +80,9 @@ class EmbedSpec:
         return f"z_d{self.dim}_p{dens}"
 
 
-def feature_count(model: PixelCNN, kind: str, image_shape) -> int:
+def feature_count(model: Prior, kind: str, image_shape) -> int:
     """Length of the unprojected embedding for ``kind`` on images of ``image_shape`` (H, W, C)."""
-    if kind == "fisher":
-        return n_features(model)
-    h, w = image_shape[:2]
-    return model.config.filters * h * w
+    return EMBEDDINGS.build(kind).n_features(model, image_shape)
 
 
 class Embedder:
@@ -52,12 +93,13 @@ class Embedder:
     same embeddings.
     """
 
-    def __init__(self, model: PixelCNN, kind: str, specs: list[EmbedSpec], image_shape,
+    def __init__(self, model: Prior, kind: str, specs: list[EmbedSpec], image_shape,
                  seed: int = 0, chunk_size: int = DEFAULT_CHUNK, device: str = "cpu"):
-        if kind not in KINDS:
+        if kind not in EMBEDDINGS:
             raise ValueError(f"kind must be one of {KINDS}")
         self.model, self.kind, self.device, self.chunk = model.to(device).eval(), kind, device, chunk_size
-        n = feature_count(model, kind, image_shape)
+        self._kind = EMBEDDINGS.build(kind)
+        n = self._kind.n_features(model, image_shape)
         self.n_features = n
         self.projections = [SparseProjection(n, s.dim, s.density, seed) for s in specs]
         self.columns = [s.column(len(specs) == 1) for s in specs]
@@ -65,14 +107,7 @@ class Embedder:
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = to_model_input(images, self.device)
-        if self.kind == "fisher":
-            zs = fisher_scores(self.model, x, self.projections, chunk_size=self.chunk)
-        else:
-            zs = None
-            for start in range(0, x.shape[0], self.chunk):
-                a = activations(self.model, x[start:start + self.chunk])
-                part = self._stack.project(a)
-                zs = part if zs is None else [torch.cat([u, v]) for u, v in zip(zs, part)]
+        zs = self._kind.project(self.model, x, self.projections, self._stack, self.chunk)
         return {c: z.detach().cpu().numpy().astype(np.float32, copy=False) for c, z in zip(self.columns, zs)}
 
     def describe(self) -> dict:

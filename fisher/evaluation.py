@@ -1,5 +1,5 @@
-"""Interpolation FID (paper Algorithm 1, sec. 4.3), interpolation strips and
-attribute edits (Figures 2, 4, 5), and the FID-vs-α tables of Figures 3b / 7.
+"""Interpolation FID (paper Algorithm 1, sec. 4.3) and the decoding of
+interpolation strips and attribute edits (Figures 2, 4, 5).
 
 Algorithm 1 for several mixing coefficients is a list of tasks. For N fixed
 random pairs (:func:`fisher.manipulation.random_pairs`, one seed, the same
@@ -13,59 +13,29 @@ real statistics as soon as its N tasks are in. :func:`interpolation_fid` is
 the whole protocol in one process (a notebook on one GPU).
 
 Decoded images are the decoder's expected value E[x̂] on [0, 1]
-(:func:`fisher.decoders.decode_mean`); real images are the dataset's values
+(:meth:`fisher.decoders.Decoder.generate`: the expected image E[x̂] for the conv
+decoders, a sample for decoders that generate by sampling); real images are the dataset's values
 scaled to [0, 1] (:func:`fisher.fid.to_unit_float`). The Fréchet distance is
 pytorch-fid's (:func:`fisher.fid.fid`).
+
+The FID-vs-α tables and plots of Figures 3b / 7 are :mod:`fisher.reports.figure3b` and the paper's
+numbers :mod:`fisher.reports.paper`; ``fid_table``, ``fid_plot``, ``PAPER_MNIST_FID`` and
+``PAPER_CELEBA_FID`` stay importable from here.
 
 Pure PyTorch/NumPy/pyarrow: never imports ray.
 """
 from __future__ import annotations
-
-import io
-import math
-import warnings
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fisher.decoders import decode_mean
 from fisher.fid import FIDStats, fid, inception_features, stats_from_features, to_unit_float
 from fisher.io import FisherError
 from fisher.manipulation import ALPHAS, random_pairs
-
-# Figure 3b (MNIST, 5-layer PixelCNN prior, conv decoder, N = 50 000 pairs).
-PAPER_MNIST_FID = {
-    "source": "paper, Figure 3b (MNIST)",
-    "pairs": 50000,
-    "rows": {
-        "activation/conv": dict(zip(ALPHAS, (0.68, 0.60, 2.69, 12.84, 25.42))),
-        "fisher/conv": dict(zip(ALPHAS, (1.21, 1.14, 1.03, 2.21, 5.43))),
-    },
-}
-
-
-def _celeba(rows: dict) -> dict:
-    return {"source": "paper, Figure 7 (CelebA)", "pairs": 50000,
-            "rows": {k: dict(zip(ALPHAS, v)) for k, v in rows.items()}}
-
-
-# Figure 7 (CelebA 128x128, 5 bits), one table per prior; rows are "embedding/decoder".
-PAPER_CELEBA_FID = {
-    "pixelcnn": _celeba({"activation/conv": (54.40, 55.75, 61.63, 89.38, 127.85),
-                         "fisher/conv": (132.47, 131.85, 132.33, 133.76, 134.43),
-                         "activation/realnvp": (22.29, 26.42, 34.41, 42.92, 46.99),
-                         "fisher/realnvp": (30.27, 32.14, 35.53, 39.65, 41.83)}),
-    "gated": _celeba({"activation/conv": (56.31, 56.92, 61.28, 77.38, 101.59),
-                      "fisher/conv": (129.45, 128.99, 129.90, 132.50, 134.38),
-                      "activation/realnvp": (24.42, 30.20, 41.76, 53.87, 59.00),
-                      "fisher/realnvp": (33.46, 36.60, 41.74, 48.31, 52.17)}),
-    "pyramid": _celeba({"activation/conv": (63.23, 63.38, 67.19, 74.98, 80.10),
-                        "fisher/conv": (136.05, 130.70, 127.98, 127.62, 128.36),
-                        "activation/realnvp": (24.52, 28.32, 36.81, 46.98, 51.75),
-                        "fisher/realnvp": (31.16, 33.85, 37.30, 40.75, 42.38)}),
-}
+from fisher.reports.figure3b import fid_plot, fid_table  # noqa: F401  (re-exported)
+from fisher.reports.paper import PAPER_CELEBA_FID, PAPER_MNIST_FID  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------- mixtures and decoding
@@ -84,10 +54,11 @@ def mixtures(z, pairs, pair_idx, alpha) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_batches(decoder, z, levels: int, batch_size: int = 256, device="cpu") -> torch.Tensor:
-    """E[x̂] of every row of ``z`` (float (N, C, H, W) on the CPU, clamped to [0, 1]), decoder in eval mode."""
+    """``decoder.generate`` of every row of ``z`` (float (N, C, H, W) on the CPU, clamped to [0, 1]), in eval
+    mode: E[x̂] for mean decoders, a sample for sampling ones. ``levels`` is unused (kept for callers)."""
     decoder.eval()
     z = torch.as_tensor(z)
-    out = [decode_mean(decoder(z[i:i + batch_size].to(device)), levels).clamp_(0, 1).cpu()
+    out = [decoder.generate(z[i:i + batch_size].to(device)).clamp_(0, 1).cpu()
            for i in range(0, len(z), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
@@ -287,83 +258,3 @@ def load_rows(data_dir: str, split: str, ids, columns=("id", "image")) -> dict[s
         else:
             out[c] = table[c].to_numpy()
     return out
-
-
-# ---------------------------------------------------------------- tables and plots
-
-def _alpha_key(a: float) -> str:
-    return f"{float(a):g}"
-
-
-def _as_paper(paper: dict | None) -> tuple[dict, str, int | None]:
-    """(rows {label: {α: FID}}, source, pairs) of a paper constant or a plain {label: {α: FID}}."""
-    if not paper:
-        return {}, "paper", None
-    if "rows" in paper:
-        return paper["rows"], paper.get("source", "paper"), paper.get("pairs")
-    return paper, "paper", None
-
-
-def _fid_values(result: dict) -> dict[float, float | None]:
-    return {float(k): (None if v is None else float(v)) for k, v in result["fid"].items()}
-
-
-def fid_table(results: list[dict], paper: dict | None = None) -> str:
-    """Markdown FID-vs-α table in the layout of paper Figure 3b / Figure 7.
-
-    ``results`` are ``fid.json`` contents ({'label': 'fisher/conv', 'fid': {α: FID}, 'pairs': N, ...});
-    rows are the labels (embedding/decoder), columns the α values, then N. ``paper`` (e.g.
-    :data:`PAPER_MNIST_FID`, ``PAPER_CELEBA_FID['pixelcnn']`` or a plain {label: {α: FID}}) adds
-    the paper's rows, marked with their source. Missing values are shown as "–". A result's
-    ``real_floor`` ({'split', 'count', 'fid'}: N real images scored against the same statistics, the
-    lowest FID that N can show) becomes one row with that value under every α.
-    """
-    rows_paper, source, paper_n = _as_paper(paper)
-    values = [(r.get("label", "?"), _fid_values(r), r.get("pairs", r.get("n"))) for r in results]
-    floors = {(f["split"], f["count"]): f["fid"] for r in results if (f := r.get("real_floor"))}
-    values += [(f"real {split} images (floor at this N)", {a: v for a in _fid_values(results[0])}, n)
-               for (split, n), v in floors.items()]
-    values += [(f"{label} ({source})", {float(a): v for a, v in row.items()}, paper_n)
-               for label, row in rows_paper.items()]
-    alphas = sorted({a for _, row, _ in values for a in row})
-    head = "| embedding / decoder | " + " | ".join(f"α = {_alpha_key(a)}" for a in alphas) + " | N pairs |"
-    lines = [head, "|---" * (len(alphas) + 2) + "|"]
-    for label, row, n in values:
-        cells = ["–" if row.get(a) is None or not math.isfinite(row[a]) else f"{row[a]:.2f}" for a in alphas]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {n if n is not None else '–'} |")
-    return "\n".join(lines)
-
-
-def fid_plot(results: list[dict], paper: dict | None = None, title: str = "Interpolation FID") -> bytes:
-    """PNG bytes: FID against α, one line per result (paper rows dashed)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    rows_paper, source, _ = _as_paper(paper)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-    try:
-        for r in results:
-            row = sorted((a, v) for a, v in _fid_values(r).items() if v is not None and math.isfinite(v))
-            if row:
-                ax.plot(*zip(*row), marker="o", label=r.get("label", "?"))
-        for label, row in rows_paper.items():
-            pts = sorted((float(a), v) for a, v in row.items())
-            ax.plot(*zip(*pts), linestyle="--", marker="x", alpha=0.7, label=f"{label} ({source})")
-        alphas = {a for r in results for a in _fid_values(r)}
-        alphas = sorted(alphas | {float(a) for row in rows_paper.values() for a in row})
-        if alphas:
-            ax.set_xticks(alphas)
-        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-        ax.set_xlabel("α (mixing coefficient)")
-        ax.set_ylabel("FID")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)

@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 MANIFEST = "manifest.json"
 
 
-class FisherError(Exception):
-    """A user-facing error: one line naming the input and what to do."""
+from fisher.errors import FisherError  # noqa: E402,F401  (re-exported: stages import it from here)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

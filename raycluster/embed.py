@@ -42,6 +42,7 @@ from fisher.io import (
     write_manifest,
 )
 from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
+from raycluster.runtime import device as runtime_device
 
 PLAN = "_plan.json"     # written first: what this directory is being filled with
 _NODE = "_node"         # per-row Ray node id from the actors; not written to the shards
@@ -106,9 +107,9 @@ class _ScoreActor:
         import torch
 
         from fisher.embedding import Embedder, EmbedSpec
-        from fisher.models import load_prior
+        from fisher.priors import load_prior
         torch.set_num_threads(threads)
-        device = "cuda" if gpu else "cpu"
+        device = runtime_device(gpu)
         self.shape = shape
         self.node = ray.get_runtime_context().get_node_id()     # recorded per shard in the manifest
         self.embedder = Embedder(load_prior(prior), kind, [EmbedSpec(**s) for s in specs], shape,
@@ -124,7 +125,7 @@ class _ScoreActor:
 
 def run(args) -> None:
     from fisher.embedding import EmbedSpec, feature_count
-    from fisher.models import load_prior
+    from fisher.priors import load_prior
 
     data_manifest = read_manifest(args.data, "prepare")
     prior_manifest = read_manifest(args.prior, "train-prior")

@@ -14,8 +14,10 @@
   split's shards) and cached, keyed by the data, the split, the Inception
   weights and the image count.
 
-The method is :mod:`fisher.evaluation`; these stages read inputs, check that
-they belong together, distribute the work and write the artifacts.
+The method is :mod:`fisher.evaluation`, the image layouts
+:mod:`fisher.reports.layouts` and the FID table and plot
+:mod:`fisher.reports.figure3b`; these stages read inputs, check that they
+belong together, distribute the work and write the artifacts.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from fisher.io import (
     read_table,
 )
 from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
+from raycluster.runtime import device as runtime_device
 
 FIG_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5)        # Algorithm 1 / Figure 3b
 STRIP_ALPHAS = tuple(i / 8 for i in range(9))        # 0, 0.125, ..., 1
@@ -133,7 +136,8 @@ def register(sub) -> None:
 
 def _inputs(args) -> dict:
     """Read the data, embedding and decoder artifacts and check that they belong together."""
-    from fisher.decoders import CONFIG, WEIGHTS
+    from fisher.checkpoints import WEIGHTS, read_files, read_spec, spec_file
+    from fisher.data import data_levels
     data = read_manifest(args.data, "prepare")
     emb = read_manifest(args.embeddings, "embed")
     if emb.get("inputs", {}).get("data") != manifest_hash(data):
@@ -143,20 +147,22 @@ def _inputs(args) -> dict:
     if args.column not in emb["columns"]:
         raise FisherError(f"{args.embeddings}: no column '{args.column}' (has {', '.join(emb['columns'])}); "
                           "pass --column")
-    if not exists(join(args.decoder, CONFIG)):
-        raise FisherError(f"{args.decoder}: no {CONFIG}; pass a decoder checkpoint directory "
+    name = spec_file(args.decoder, "decoder")
+    if name is None:
+        raise FisherError(f"{args.decoder}: no module.json; pass a decoder checkpoint directory "
                           "(from `fisher train-decoder`)")
-    spec_bytes = read_bytes(join(args.decoder, CONFIG))
+    spec_bytes = read_bytes(join(args.decoder, name))
+    spec = read_spec(read_files(args.decoder, (name,)), "decoder", args.decoder)
     try:
-        spec = json.loads(spec_bytes)
-        arch, z_dim, shape, levels = spec["arch"], int(spec["z_dim"]), list(spec["image_shape"]), int(spec["levels"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise FisherError(f"{args.decoder}/{CONFIG}: not a decoder description ({e}); retrain the decoder") from e
+        arch, z_dim = spec["arch"], int(spec["args"]["z_dim"])
+        shape, levels = list(spec["args"]["image_shape"]), int(spec["args"]["levels"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FisherError(f"{args.decoder}/{name}: not a decoder description ({e}); retrain the decoder") from e
     dim = emb["columns"][args.column].get("dim")
     if dim is not None and int(dim) != z_dim:
         raise FisherError(f"{args.decoder}: decodes {z_dim}-dim embeddings, but column '{args.column}' of "
                           f"{args.embeddings} has dim {dim}; pass the decoder trained on these embeddings")
-    if shape != list(data["image_shape"]) or levels != int(data["levels"]):
+    if shape != list(data["image_shape"]) or levels != data_levels(data):
         raise FisherError(f"{args.decoder}: makes {shape} images with {levels} levels, but {args.data} holds "
                           f"{data['image_shape']} with {data['levels']}; pass matching data")
     decoder_manifest = None
@@ -208,9 +214,9 @@ def run_interpolate(args) -> None:
     from fisher.decoders import load_decoder
     from fisher.embedding import read_embeddings
     from fisher.evaluation import decode_interpolations, load_rows
-    from fisher.fid import to_unit_float
-    from fisher.images import interpolation_strip, save_png, to_uint8
+    from fisher.images import save_png
     from fisher.manipulation import random_pairs
+    from fisher.reports.layouts import interpolation_image
 
     info = _inputs(args)
     _claim_out(args.out, "interpolate")
@@ -219,10 +225,8 @@ def run_interpolate(args) -> None:
     pairs = random_pairs(len(ids), args.pairs, args.seed)
     decoder = load_decoder(args.decoder, map_location=device)
     decoded = decode_interpolations(decoder, z, pairs, args.alphas, info["levels"], device=device)   # (P, A, C, H, W)
-    tiles = to_uint8(decoded.flatten(0, 1)).reshape(len(pairs), len(args.alphas), *decoded.shape[3:], decoded.shape[2])
-    rows = load_rows(args.data, args.split, ids[pairs.ravel()], columns=("image",))
-    true = to_uint8(to_unit_float(rows["image"], info["levels"])).reshape(len(pairs), 2, *tiles.shape[2:])
-    strip = interpolation_strip(true[:, 0], true[:, 1], tiles)
+    true = load_rows(args.data, args.split, ids[pairs.ravel()], columns=("image",))["image"]
+    strip = interpolation_image(decoded, true.reshape(len(pairs), 2, *true.shape[1:]), info["levels"])
     save_png(join(args.out, "interpolations.png"), strip)
     config = {"split": args.split, "pairs": args.pairs, "alphas": args.alphas, "seed": args.seed,
               "column": args.column}
@@ -244,9 +248,9 @@ def run_edit(args) -> None:
     from fisher.decoders import load_decoder
     from fisher.embedding import read_embeddings
     from fisher.evaluation import edit_grid_images, load_rows
-    from fisher.fid import to_unit_float
-    from fisher.images import grid, save_png, to_uint8
+    from fisher.images import save_png
     from fisher.manipulation import attribute_direction
+    from fisher.reports.layouts import edit_image
 
     names = [a.strip() for a in args.attribute.split(",") if a.strip()]
     data = read_manifest(args.data, "prepare")
@@ -268,7 +272,6 @@ def run_edit(args) -> None:
     rng = np.random.default_rng(args.seed)
     chosen = np.sort(rng.choice(len(ids), size=min(args.images, len(ids)), replace=False))
     true = load_rows(args.data, args.split, ids[chosen], columns=("image",))["image"]
-    true = to_uint8(to_unit_float(true, info["levels"]))
     decoder = load_decoder(args.decoder, map_location=device)
 
     files, directions = {}, {}
@@ -277,9 +280,8 @@ def run_edit(args) -> None:
         has = attrs[:, k] == 1
         delta = attribute_direction(z_train, has, name)
         images = edit_grid_images(decoder, z[chosen], delta, args.scale, info["levels"], device=device)
-        tiles = to_uint8(images.flatten(0, 1)).reshape(len(chosen), 3, *true.shape[1:])
         fname = f"edit-{_slug(name)}.png"
-        save_png(join(args.out, fname), grid(np.concatenate([true[:, None], tiles], axis=1)))
+        save_png(join(args.out, fname), edit_image(true, images, info["levels"]))
         files[fname] = f"rows = images; columns = true, z - {args.scale:g}·δ, reconstruction, z + {args.scale:g}·δ"
         directions[name] = {"with": int(has.sum()), "without": int((~has).sum()),
                             "delta_norm": float(np.linalg.norm(delta.double().numpy()))}
@@ -305,7 +307,7 @@ class _InterpActor:
         from fisher.embedding import read_embeddings
         from fisher.evaluation import InterpolationFeatures
         torch.set_num_threads(threads)
-        device = "cuda" if gpu else "cpu"
+        device = runtime_device(gpu)
         inception = _inception(weights, weights_id, device)
         _, z = read_embeddings(embeddings, split, column)
         self.scorer = InterpolationFeatures(load_decoder(decoder, map_location=device), inception, z, pairs,
@@ -321,7 +323,7 @@ class _RealActor:
     def __init__(self, shape, levels: int, keep, weights: str | None, weights_id: str, threads: int, gpu: bool):
         import torch
         torch.set_num_threads(threads)
-        self.device = "cuda" if gpu else "cpu"
+        self.device = runtime_device(gpu)
         self.shape, self.levels = shape, levels
         self.keep = None if keep is None else set(keep)
         self.model = _inception(weights, weights_id, self.device)
@@ -451,7 +453,8 @@ def run_evaluate(args) -> None:
     from tqdm import tqdm
 
     from fisher.embedding import read_embeddings
-    from fisher.evaluation import FIDAccumulator, fid_plot, fid_table
+    from fisher.evaluation import FIDAccumulator
+    from fisher.reports.figure3b import fid_markdown, fid_plot, fid_table
     from fisher.fid import WEIGHTS_ENV, load_inception
     from fisher.manipulation import random_pairs
 
@@ -519,12 +522,7 @@ def run_evaluate(args) -> None:
                          "frechet_seconds": round(t_fid, 3)}}
     table = fid_table([result])
     atomic_write_bytes(join(args.out, "fid.png"), fid_plot([result], title=f"Interpolation FID, {label}"))
-    atomic_write_bytes(join(args.out, "fid.md"), (
-        f"Interpolation FID (paper Algorithm 1; layout of Figure 3b / Figure 7): N = {args.pairs} pairs per α, "
-        f"against {real_info['count']} real {args.split} images; Inception weights {weights_id}."
-        + (f" Floor: {floor['count']} real {floor['split']} images score {floor['fid']:.2f} against the same "
-           "statistics, the lowest value this N can show." if floor else "") + "\n\n"
-        + table + "\n").encode())
+    atomic_write_bytes(join(args.out, "fid.md"), fid_markdown(result).encode())
     _write_manifest(args.out, "evaluate", config, info, embeddings=args.embeddings, data=args.data,
                     decoder_dir=args.decoder, fid=result["fid"], real=real_info, timing=result["timing"],
                     files=["fid.json", "fid.md", "fid.png"])

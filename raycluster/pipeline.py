@@ -4,7 +4,8 @@ prepare → train-prior → sweep (Figure 3a grid: the Fisher embeddings of all
 12 density × dimension cells from one gradient pass, one decoder per cell
 with Ray Tune) → activation embeddings → decoders for Fisher scores and
 activations → interpolation strips (and attribute edits on CelebA) →
-interpolation FID (Algorithm 1) → ``report.md``.
+interpolation FID (Algorithm 1) → ``report.md`` (written by
+:func:`fisher.reports.run.write_report`).
 
 Presets are JSON files (``raycluster/presets/``, or a path): ``mnist-small``
 (default, a few minutes on a 2-core CPU), ``mnist-paper`` and
@@ -22,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from fisher.io import FisherError, atomic_write_bytes, exists, join, read_bytes, read_manifest
+from fisher.io import FisherError, atomic_write_bytes, exists, join, read_bytes
 from raycluster.runtime import add_ray_args
 
 PRESETS = Path(__file__).with_name("presets")
@@ -153,8 +154,7 @@ def run(args) -> None:
     grid = None
     if sweep:
         import tune_spaces
-        grid = tune_spaces.load(sweep["grid"]) if not sweep["grid"].endswith(".json") else \
-            json.loads(Path(sweep["grid"]).read_text())
+        grid = tune_spaces.load_grid(sweep["grid"], flag="sweep.grid")
         r.step("sweep", ["sweep", "--prior", d("prior"), "--data", d("data"), "--out", d("sweep"), "--resume",
                          "--seed", str(emb.get("seed", 0)), "--embed-actors", str(emb.get("actors", 1)),
                          *_flags(sweep)], "sweep/manifest.json")
@@ -190,113 +190,12 @@ def run(args) -> None:
         r.step(f"fid-{kind}", ["evaluate", "--decoder", d(f"decoder-{kind}"), *common, "--out", d(f"fid-{kind}"),
                                "--label", f"{kind}/{dec['decoder']}", *weights, *_flags(ev)],
                f"fid-{kind}/fid.json")
-    report = write_report(out, preset, kinds, r.timings)
+    from fisher.reports.run import write_report
+    report = write_report(out, preset, kinds, r.timings, paper_preset=_paper_preset(preset["dataset"]))
     print(f"report: {report}")
 
 
-def write_report(out: str, preset: dict, kinds: dict, timings: dict) -> str:
-    """``report.md``: the paper's tables next to ours, plots, strips, timings, manifests."""
-    from fisher.evaluation import PAPER_MNIST_FID, fid_table
-    d = lambda *p: join(out, *p)                                            # noqa: E731
-    lines = [f"# Fisher-score run: preset `{preset['_name']}`", "", preset.get("description", ""), ""]
-    prior = read_manifest(d("prior"), "train-prior")
-    m = prior["metrics"]
-    lines += ["## Prior", "", f"PixelCNN {prior['config']['model']['n_layers']} layers × "
-              f"{prior['config']['model']['filters']} filters, {m['epoch']} epochs: test NLL "
-              f"**{m['test_nll_nats']:.2f} nats/image** ({m['test_bits_per_dim']:.4f} bits/dim).", ""]
-    if exists(d("sweep", "grid.md")):
-        lines += ["## Reconstruction grid (paper Figure 3a)", "",
-                  "Ours (test BCE, nats/pixel; rows = dimension, columns = density):", "",
-                  _demoted(read_bytes(d("sweep", "grid.md")).decode().strip()), "",
-                  "Paper, Figure 3a (their reconstruction error, same layout):", "",
-                  "| dim \\ density | 0.001 | 0.01 | 0.1 | 1.0 |", "|---|---|---|---|---|",
-                  "| 64 | 0.641 | 0.638 | 0.678 | 0.633 |", "| 256 | 0.653 | 0.456 | 0.170 | 0.155 |",
-                  "| 1024 | 0.142 | 0.154 | 0.129 | 0.122 |", "", "![grid](sweep/grid.png)", ""]
-    binary = int(read_manifest(d("data"), "prepare").get("levels", 2)) == 2
-    loss = "BCE nats/pixel" if binary else "NLL nats/sub-pixel"
-    lines += ["## Decoders (test split)", ""]
-    if not binary:
-        lines += ["NLL: categorical cross-entropy of each sub-pixel's levels; MSE on [0, 1] values.", ""]
-    lines += [f"| embedding | column | {loss} | MSE |", "|---|---|---|---|"]
-    for kind, (_, col) in kinds.items():
-        dm = read_manifest(d(f"decoder-{kind}"), "train-decoder")["metrics"]
-        lines.append(f"| {kind} | `{col}` | {dm['test_bce_nats_per_pixel']:.4f} | {dm['test_mse']:.4f} |")
-    base = _mean_image_baseline(d("data"))
-    if base:
-        lines.append(f"| none: the train split's mean image | – | {base['bce_nats_per_pixel']:.4f} | {base['mse']:.4f} |")
-        lines += ["", "The last row is what a decoder that ignores its embedding can reach; a decoder is only as "
-                  "useful as its distance below it."]
-    results = [json.loads(read_bytes(d(f"fid-{k}", "fid.json"))) for k in kinds]
-    paper = PAPER_MNIST_FID if preset["dataset"] == "mnist" else None
-    n = results[0].get("pairs", results[0].get("n"))
-    floor = results[0].get("real_floor")
-    lines += ["", "## Interpolation FID (paper Algorithm 1, Figure 3b)", "",
-              f"N = {n} pairs per α (the paper uses 50 000); FID against {results[0]['real']['count']} real "
-              f"{results[0]['real']['split']} images. Decoded images are the decoder's expected value in [0, 1]."
-              + (f" With N = {n}, even real images score {floor['fid']:.1f} (the floor row): FID is biased upwards "
-                 "at small N, so read our rows against the floor, not against the paper's." if floor else ""), "",
-              fid_table(results, paper), ""]
-    lines += [f"![FID vs alpha, {k}](fid-{k}/fid.png)" for k in kinds] + [""]
-    lines += ["## Interpolations (paper Figures 2 and 4)", ""]
-    lines += [f"{k}:\n\n![{k}](interpolate-{k}/interpolations.png)\n" for k in kinds]
-    if preset.get("edit"):
-        scale = preset["edit"]["scale"]
-        lines += ["## Attribute edits (paper Figure 5)", "",
-                  f"Each row: a test image, then the decoded z − {scale:g}·δ, z (the reconstruction) and z + {scale:g}·δ, "
-                  "with δ the difference of the attribute's train-split means in embedding space.", ""]
-        lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds for a in preset["edit"]["attributes"]]
-    lines += ["## How this run compares with the paper", "", _scale_note(preset, prior), ""]
-    lines += ["## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    lines += [f"| total | {round(sum(timings.values()), 1)} |"]
-    lines += ["", "Every directory here holds the `manifest.json` of the stage that made it; "
-              "`preset.json` is the exact configuration."]
-    uri = d("report.md")
-    atomic_write_bytes(uri, "\n".join(lines).encode())
-    return uri
-
-
-def _demoted(markdown: str) -> str:
-    """Headings of an included document two levels down, under the report's own."""
-    return "\n".join("##" + line if line.startswith("#") else line for line in markdown.splitlines())
-
-
-def _mean_image_baseline(data_dir: str) -> dict | None:
-    """Test BCE/MSE of predicting every image by the train split's per-sub-pixel mean (binary data only)."""
-    import numpy as np
-    import torch
-
-    from fisher.data import load_prepared
-    from fisher.decoders import reconstruction_metrics, summarize_metrics
-    from fisher.models import to_model_input
-    if int(read_manifest(data_dir, "prepare").get("levels", 0)) != 2:
-        return None
-    x_train = to_model_input(load_prepared(data_dir, "train")["image"]).double()
-    x_test = to_model_input(load_prepared(data_dir, "test")["image"])
-    p = x_train.mean(0).clamp(1e-6, 1 - 1e-6)
-    logits = torch.log(p / (1 - p)).expand(len(x_test), *p.shape).float()
-    return summarize_metrics(reconstruction_metrics(logits, x_test, 2))
-
-
-def _scale_note(preset: dict, prior: dict) -> str:
-    """What differs from the paper's setup in this preset, in one paragraph (so numbers are read right)."""
-    model = prior["config"]["model"]
-    limit = preset.get("prepare", {}).get("limit")
-    data = f"the first {limit} images of each split" if limit else "all the images given"
-    dec = preset.get("decoder", {})
-    paper_name = f"{preset['dataset']}-paper"
-    paper = json.loads((PRESETS / f"{paper_name}.json").read_text())
-    size = preset.get("prepare", {}).get("size")
-    return (f"This run used {data}" + (f" at {size}×{size}" if size else "") + f", a {model['n_layers']}-layer, "
-            f"{model['filters']}-filter PixelCNN trained for {prior['metrics']['epoch']} epoch(s), "
-            f"{dec.get('decoder', '?')} decoders trained for {dec.get('epochs', '?')} epoch(s) (sweep cells: "
-            f"{(preset.get('sweep') or {}).get('epochs', 'no sweep')}), and "
-            f"{preset.get('evaluate', {}).get('pairs', '?')} FID pairs per α. The paper's setting (preset "
-            f"`{paper_name}`) has all the data" + (f" at {paper['prepare']['size']}×{paper['prepare']['size']}"
-                                                    if "size" in paper.get("prepare", {}) else "") +
-            f", a {paper['prior']['layers']}-layer, "
-            f"{paper['prior']['filters']}-filter prior, {paper['decoder']['decoder']} decoders and "
-            f"{paper['evaluate']['pairs']} FID pairs. The protocol, models' shapes, projections and table layouts "
-            f"here are the paper's; the values are comparable with the paper's only for a paper-scale preset "
-            f"(`--preset {paper_name}`). The paper does not define its Figure 3a reconstruction error precisely; "
-            "ours is the test BCE in nats per pixel.")
+def _paper_preset(dataset: str) -> dict | None:
+    """The paper-scale preset of ``dataset`` (``presets/<dataset>-paper.json``), for the report's comparison."""
+    path = PRESETS / f"{dataset}-paper.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -88,3 +88,61 @@ def fit(trainer, out: str):
         cause = next((line.split("FisherError:", 1)[1].strip() for line in reversed(lines) if "FisherError:" in line),
                      lines[-1] if lines else type(e).__name__)
         raise FisherError(f"{out}: training failed: {cause}") from e
+
+
+def device(gpu: bool) -> str:
+    """The torch device of a stage's ``--gpu`` flag."""
+    return "cuda" if gpu else "cpu"
+
+
+def report_files(report, checkpoint_cls, metrics: dict, files: dict[str, bytes]) -> None:
+    """``report(metrics, checkpoint=...)`` (``ray.train.report`` or ``ray.tune.report``) with a checkpoint
+    holding ``files`` (:func:`fisher.checkpoints.train_state_files`)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        report(metrics, checkpoint=checkpoint_cls.from_directory(tmp))
+
+
+def checkpoint_files(checkpoint) -> dict[str, bytes] | None:
+    """The files of a Ray checkpoint (None for no checkpoint)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        out = {}
+        for n in os.listdir(d):
+            with open(os.path.join(d, n), "rb") as f:
+                out[n] = f.read()
+        return out
+
+
+def finished_run(out: str, stage: str, stage_config: dict, inputs: dict) -> bool:
+    """True if ``out`` holds this finished run. A finished run of the same config with fewer
+    epochs is continued (False); any other content of ``out`` is an error."""
+    from fisher.io import MANIFEST, FisherError, exists, join, read_manifest
+    if not exists(join(out, MANIFEST)):
+        return False
+    old = read_manifest(out)
+    same = {k: v for k, v in old.get("config", {}).items() if k != "epochs"} == \
+        {k: v for k, v in stage_config.items() if k != "epochs"}
+    if old.get("stage") != stage or not same or old.get("inputs") != inputs:
+        raise FisherError(f"{out}: holds a {old.get('stage')} run with another config or inputs; pass a new --out")
+    done = old["config"]["epochs"]
+    if done > stage_config["epochs"]:
+        raise FisherError(f"{out}: already trained for {done} epochs, more than --epochs {stage_config['epochs']}")
+    return done == stage_config["epochs"]
+
+
+def publish_checkpoint(checkpoint, out: str, names) -> dict[str, str]:
+    """Copy files of a Ray checkpoint to the top of ``out`` (atomically); returns their sha256 by name."""
+    import hashlib
+
+    from fisher.io import atomic_write_bytes, join
+    digests = {}
+    files = checkpoint_files(checkpoint)
+    for name in names:
+        atomic_write_bytes(join(out, name), files[name])
+        digests[name] = hashlib.sha256(files[name]).hexdigest()
+    return digests

@@ -18,8 +18,9 @@
    file is the record of a finished cell.
 3. Report. ``OUT/grid.md`` holds the paper's layout (rows: dimension,
    columns: density) of the test BCE in nats per pixel and of the MSE;
-   ``OUT/grid.png`` the same as annotated heat-maps; ``OUT/manifest.json``
-   the config, the input hashes and every cell's result.
+   ``OUT/grid.png`` the same as annotated heat-maps (both made by
+   :mod:`fisher.reports.figure3a`); ``OUT/manifest.json`` the config, the
+   input hashes and every cell's result.
 
 ``--resume`` keeps the cells whose record exists and trains only the
 missing ones (after an interrupted or partly failed sweep); without it every
@@ -30,13 +31,13 @@ and data); an ``--out`` started with another config is refused.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import os
 import time
 
+import tune_spaces
 from fisher.decoders import DECODERS, DecoderTrainConfig
+from fisher.data import data_levels
 from fisher.embedding import EmbedSpec
 from fisher.io import (
     MANIFEST,
@@ -96,42 +97,6 @@ def register(sub) -> None:
 
 # ---------------------------------------------------------------- the grid
 
-def load_grid(name: str) -> dict:
-    """The search space ``name`` (tune_spaces name or JSON file), checked: {'density': [...], 'dim': [...], ...}."""
-    if name.endswith(".json") or "/" in name or os.sep in name:
-        if not exists(name):
-            raise FisherError(f"--grid {name}: file not found; pass a tune_spaces name or a JSON file "
-                              "with 'density' and 'dim' lists")
-        try:
-            space = json.loads(read_bytes(name))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FisherError(f"--grid {name}: not valid JSON ({e})") from e
-    else:
-        import tune_spaces
-        try:
-            space = tune_spaces.load(name)
-        except FileNotFoundError as e:
-            raise FisherError(f"--grid {name}: {e}; or pass a JSON file with 'density' and 'dim' lists") from e
-    if not isinstance(space, dict) or not isinstance(space.get("density"), list) or \
-            not isinstance(space.get("dim"), list) or not space["density"] or not space["dim"]:
-        raise FisherError(f"--grid {name}: needs non-empty 'density' and 'dim' lists")
-    dims, dens = [], []
-    for v in space["dim"]:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise FisherError(f"--grid {name}: dim {v!r} is not a positive integer")
-        dims.append(v)
-    for v in space["density"]:
-        if v is None or v == "auto":
-            dens.append(None)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1:
-            dens.append(float(v))
-        else:
-            raise FisherError(f"--grid {name}: density {v!r} is not in (0, 1] (or null/'auto' for 1/sqrt(n))")
-    if len(set(dims)) < len(dims) or len(set(dens)) < len(dens):
-        raise FisherError(f"--grid {name}: repeated dim or density values")
-    return {**space, "dim": dims, "density": dens}
-
-
 def grid_cells(grid: dict) -> list[dict]:
     """One cell per (dim, density), with its embedding column (as ``fisher embed`` names it)."""
     single = len(grid["dim"]) * len(grid["density"]) == 1
@@ -142,7 +107,7 @@ def grid_cells(grid: dict) -> list[dict]:
 # ---------------------------------------------------------------- the stage
 
 def run(args) -> None:
-    grid = load_grid(args.grid)
+    grid = tune_spaces.load_grid(args.grid)      # the grid's own checks; one-line errors naming --grid
     data_manifest = read_manifest(args.data, "prepare")
     prior_manifest = read_manifest(args.prior, "train-prior")
     if args.decoder not in DECODERS:
@@ -159,7 +124,7 @@ def run(args) -> None:
                           "the sweep trains on 'train' and reports on 'test'")
     from fisher.decoders import build_decoder
     build_decoder(args.decoder, min(grid["dim"]), data_manifest["image_shape"],   # refuse a misfit before any work
-                  int(data_manifest.get("levels") or 2))
+                  data_levels(data_manifest))
     seed = args.seed if args.seed is not None else int(grid.get("seed", 0))
     train = DecoderTrainConfig(decoder=args.decoder, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, seed=seed)
@@ -186,7 +151,7 @@ def run(args) -> None:
         _tune(args, todo, {
             "embeddings": _abs(emb_dir), "data": _abs(args.data), "out": _abs(args.out), "plan": plan_id,
             "train": train.to_dict(), "image_shape": data_manifest["image_shape"],
-            "levels": int(data_manifest.get("levels") or 2), "kind": args.kind,
+            "levels": data_levels(data_manifest), "kind": args.kind,
             "threads": max(1, int(args.cpus_per_trial)), "gpu": args.gpus_per_trial > 0,
             "density_values": {c: v.get("density") for c, v in emb_manifest["columns"].items()}})
 
@@ -201,7 +166,7 @@ def run(args) -> None:
     write_manifest(args.out, "sweep", plan,
                    inputs={"prior": plan["prior"], "data": plan["data"], "embeddings": manifest_hash(emb_manifest)},
                    prior=args.prior, data=args.data, embeddings=emb_dir, grid_source=args.grid,
-                   image_shape=data_manifest["image_shape"], levels=int(data_manifest.get("levels") or 2),
+                   image_shape=data_manifest["image_shape"], levels=data_levels(data_manifest),
                    cells=[{k: v for k, v in r.items() if k != "history"} for r in records],
                    table="grid.md", plot="grid.png",
                    timing={"embed_seconds": embed_seconds, "seconds": round(time.time() - started, 3),
@@ -285,42 +250,27 @@ def _embed(args, emb_dir: str, grid: dict, seed: int) -> None:
 
 def _train_cell(config: dict, job: dict) -> None:
     """Tune function trainable: one grid cell = fisher.decoders.fit_decoder on one embedding column."""
-    import tempfile
-
     import ray.tune
     import torch
 
-    from fisher.decoders import fit_decoder
-    from fisher.embedding import load_pairs
-    from fisher.models import to_model_input
+    from fisher.checkpoints import read_train_state, train_state_files
+    from fisher.decoders import fit_decoder, load_split_tensors
+    from raycluster.runtime import checkpoint_files, device, report_files
 
     torch.set_num_threads(job["threads"])
     cell, cfg = config["cell"], DecoderTrainConfig.from_dict(job["train"])
-    column, device = cell["column"], ("cuda" if job["gpu"] else "cpu")
+    column = cell["column"]
     started = time.time()
-    tensors = {}
-    for split in SPLITS:
-        pairs = load_pairs(job["embeddings"], job["data"], split, column)
-        tensors[split] = (torch.tensor(pairs["z"], device=device), to_model_input(pairs["image"], device))
-    start, history = None, []
-    ckpt = ray.tune.get_checkpoint()
-    if ckpt is not None:          # a restarted trial: continue after its last reported epoch
-        with ckpt.as_directory() as d:
-            start = {"weights": torch.load(os.path.join(d, "weights.pt"), weights_only=True),
-                     "optimizer": torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)}
-            with open(os.path.join(d, "progress.json")) as f:
-                progress = json.load(f)
-            start["epoch"], history = progress["epoch"], progress["history"]
+    tensors = load_split_tensors(job["embeddings"], job["data"], column, device(job["gpu"]), SPLITS)
+    files = checkpoint_files(ray.tune.get_checkpoint())     # a restarted trial: continue after its last epoch
+    start = read_train_state(files) if files else None
+    history = start["history"] if start else []
     tags = {"cell": column, "dim": cell["dim"], "density": cell["density"]}
 
     def on_epoch(epoch, metrics, decoder, opt):
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({k: v.detach().cpu() for k, v in decoder.state_dict().items()}, os.path.join(tmp, "weights.pt"))
-            torch.save(opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            with open(os.path.join(tmp, "progress.json"), "w") as f:
-                json.dump({"epoch": epoch, "history": history}, f)
-            ray.tune.report({**metrics, **tags}, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+        report_files(ray.tune.report, ray.tune.Checkpoint, {**metrics, **tags},
+                     train_state_files(decoder, "decoder", opt, epoch, history, metrics))
 
     _, metrics = fit_decoder(cfg, *tensors["train"], *tensors["test"], job["levels"], job["image_shape"],
                              on_epoch=on_epoch, start=start)
@@ -375,65 +325,9 @@ def _tune(args, todo: list[dict], job: dict) -> None:
 
 # ---------------------------------------------------------------- the report
 
-def _density_label(d) -> str:
-    return "auto" if d is None else f"{d:g}"
-
-
-def _matrix(grid: dict, records: list[dict], key: str) -> list[list[float]]:
-    by = {(r["dim"], r["density"]): r.get(key, math.nan) for r in records}
-    return [[float(by.get((dim, dens), math.nan)) for dens in grid["density"]] for dim in grid["dim"]]
-
-
-def _table(grid: dict, values: list[list[float]]) -> list[str]:
-    head = "| dim \\ density | " + " | ".join(_density_label(d) for d in grid["density"]) + " |"
-    rows = [head, "|---:|" + "---:|" * len(grid["density"])]
-    for dim, row in zip(grid["dim"], values):
-        rows.append(f"| {dim} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
-    return rows
-
-
 def _write_report(args, grid: dict, records: list[dict], plan: dict) -> None:
-    bce, mse = _matrix(grid, records, "test_bce_nats_per_pixel"), _matrix(grid, records, "test_mse")
-    r0 = records[0]
-    d = plan["decoder"]
-    lines = ["# Reconstruction error by projection density × dimension (paper Figure 3a)", "",
-             (f"Embeddings: {plan['kind']} ({'Fisher scores' if plan['kind'] == 'fisher' else 'activation baseline'}), "
-              f"projection seed {plan['seed']}; prior `{args.prior}`, data `{args.data}`."),
-             (f"Decoder: {d['decoder']}, {d['epochs']} epoch(s), batch {d['batch_size']}, lr {d['lr']:g}, "
-              f"seed {d['seed']}; trained on {r0['n_train']} train images, evaluated on {r0['n_test']} test images."),
-             "Rows: projection dimension; columns: projection density. Lower is better.", "",
-             "## Test BCE (nats per pixel)", "", *_table(grid, bce), "",
-             "## Test MSE (pixels on [0, 1])", "", *_table(grid, mse), ""]
-    atomic_write_bytes(join(args.out, "grid.md"), "\n".join(lines).encode())
-    atomic_write_bytes(join(args.out, "grid.png"), _heatmap_png(grid, {"test BCE (nats/pixel)": bce, "test MSE": mse}))
-
-
-def _heatmap_png(grid: dict, panels: dict[str, list[list[float]]]) -> bytes:
-    """Annotated heat-maps (rows: dim, columns: density) as PNG bytes; no global matplotlib state."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cols, rows = len(grid["density"]), len(grid["dim"])
-    fig = Figure(figsize=(1.6 + 1.3 * cols * len(panels), 1.2 + 0.8 * rows), dpi=120)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, values) in zip(axes, panels.items()):
-        v = np.asarray(values, dtype=float)
-        im = ax.imshow(v, cmap="viridis_r", aspect="auto")
-        ax.set_xticks(range(cols), [_density_label(d) for d in grid["density"]])
-        ax.set_yticks(range(rows), [str(d) for d in grid["dim"]])
-        ax.set_xlabel("projection density")
-        ax.set_ylabel("projection dimension")
-        ax.set_title(title)
-        finite = v[np.isfinite(v)]
-        mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-        for i in range(rows):
-            for j in range(cols):
-                ax.text(j, i, f"{v[i, j]:.4f}", ha="center", va="center", fontsize=8,
-                        color="white" if np.isfinite(v[i, j]) and v[i, j] > mid else "black")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    """``grid.md`` and ``grid.png``: :mod:`fisher.reports.figure3a` (paper Figure 3a layout)."""
+    from fisher.reports import figure3a
+    md = figure3a.grid_markdown(grid, records, plan, prior=args.prior, data=args.data)
+    atomic_write_bytes(join(args.out, "grid.md"), md.encode())
+    atomic_write_bytes(join(args.out, "grid.png"), figure3a.grid_png(grid, records))

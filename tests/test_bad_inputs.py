@@ -40,7 +40,7 @@ from raycluster import cli
 
 N = 64                      # images per split of the good data
 Z_DIM = 16
-FINISHED = ("manifest.json", "weights.pt", "model.json", "decoder.json", "fid.json", "fid.md",
+FINISHED = ("manifest.json", "weights.pt", "module.json", "fid.json", "fid.md",
             "interpolations.png", "report.md")      # files that mark --out as a finished artifact
 
 
@@ -214,9 +214,9 @@ def _poisoned(key: str, value: float):
 
 def prior_wrong_arch(c):
     d = c.copy("prior")
-    cfg = json.loads((d / "model.json").read_text())
-    cfg["n_layers"] = 5                                       # the weights hold 1 layer
-    (d / "model.json").write_text(json.dumps(cfg))
+    cfg = json.loads((d / "module.json").read_text())
+    cfg["config"]["n_layers"] = 5                             # the weights hold 1 layer
+    (d / "module.json").write_text(json.dumps(cfg))
     return {"prior": d}
 
 
@@ -316,12 +316,12 @@ def data_other(c):
 def dec_zdim(c):
     from fisher.decoders import build_decoder, save_decoder
     d = c.tmp / "dec8"
-    save_decoder(build_decoder("conv", 8, (28, 28, 1), 2), str(d), "conv", 8, (28, 28, 1), 2)
+    save_decoder(build_decoder("conv", 8, (28, 28, 1), 2), str(d))
     return {"dec": d}
 
 
 def dec_weights_zdim(c):
-    """decoder.json says z_dim 16, weights.pt holds an 8-dim decoder."""
+    """module.json says z_dim 16, weights.pt holds an 8-dim decoder."""
     from fisher.decoders import build_decoder
     d = c.copy("dec")
     torch.save(build_decoder("conv", 8, (28, 28, 1), 2).state_dict(), d / "weights.pt")

@@ -1,4 +1,6 @@
-"""Interpolation FID as tasks (paper Algorithm 1), decoding of interpolations and edits, FID tables.
+"""Interpolation FID as tasks (paper Algorithm 1), decoding of interpolations and edits.
+
+The FID tables and plots (and the paper's numbers) are tested in tests/fisher/test_reports.py.
 
 A stand-in "Inception" (average pooling to 4x4, 48 features) keeps these fast; the real network is
 exercised by tests/raycluster/test_evaluate.py.
@@ -129,35 +131,6 @@ def test_edit_grid_images(setup):
     assert out.shape == (3, 3, 1, 28, 28)
     torch.testing.assert_close(out[:, 1], ev.decode_batches(decoder, z[:3], 2), rtol=0, atol=1e-6)
     torch.testing.assert_close(out[:, 2], ev.decode_batches(decoder, z[:3] + 3.0 * delta, 2), rtol=0, atol=1e-6)
-
-
-def _rows(md: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines()]
-
-
-def test_fid_table_layout_and_paper_rows():
-    results = [{"label": "fisher/conv", "fid": {"0": 1.234, "0.5": 5.0}, "pairs": 64},
-               {"label": "activation/conv", "fid": {"0": 0.7, "0.25": 3.0, "0.5": float("nan")}, "pairs": 64}]
-    rows = _rows(ev.fid_table(results))
-    assert rows[0] == ["embedding / decoder", "α = 0", "α = 0.25", "α = 0.5", "N pairs"]
-    assert set(rows[1]) <= {"---", ""}
-    assert rows[2] == ["fisher/conv", "1.23", "–", "5.00", "64"]
-    assert rows[3] == ["activation/conv", "0.70", "3.00", "–", "64"]
-
-    rows = _rows(ev.fid_table(results, ev.PAPER_MNIST_FID))
-    assert rows[0][1:6] == [f"α = {a}" for a in ("0", "0.125", "0.25", "0.375", "0.5")]
-    paper = {r[0]: r[1:] for r in rows[2:]}
-    assert paper["fisher/conv (paper, Figure 3b (MNIST))"] == ["1.21", "1.14", "1.03", "2.21", "5.43", "50000"]
-    assert paper["activation/conv (paper, Figure 3b (MNIST))"] == ["0.68", "0.60", "2.69", "12.84", "25.42", "50000"]
-    assert paper["fisher/conv"] == ["1.23", "–", "–", "–", "5.00", "64"]
-    plain = _rows(ev.fid_table([], {"ours": {0.0: 1.0}}))
-    assert plain[2] == ["ours (paper)", "1.00", "–"]
-    assert ev.PAPER_CELEBA_FID["pixelcnn"]["rows"]["fisher/realnvp"][0.5] == 41.83
-
-
-def test_fid_plot_png():
-    png = ev.fid_plot([{"label": "fisher/conv", "fid": {"0": 1.0, "0.5": 2.0}}], ev.PAPER_MNIST_FID)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_load_rows_by_id(tmp_path, mnist_dir):

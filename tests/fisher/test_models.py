@@ -51,7 +51,7 @@ def test_checkpoint_roundtrip_and_rejections(tmp_path):
     assert torch.equal(m.eval().log_prob(x), m2.log_prob(x))
     # wrong architecture for the weights
     save_prior(PixelCNN(n_layers=2, filters=4), tmp_path / "bad")
-    (tmp_path / "bad" / "model.json").write_text((tmp_path / "ok" / "model.json").read_text())
+    (tmp_path / "bad" / "module.json").write_text((tmp_path / "ok" / "module.json").read_text())
     with pytest.raises(FisherError, match="does not match"):
         load_prior(tmp_path / "bad")
     # a pickle that would run code is refused

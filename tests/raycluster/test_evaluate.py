@@ -31,7 +31,7 @@ def _fit_and_save(emb: str, data: str, out: str, levels: int, shape, z_dim: int)
     t = {s: load_pairs(emb, data, s) for s in ("train", "test")}
     arrays = [a for s in ("train", "test") for a in (torch.from_numpy(t[s]["z"]), to_model_input(t[s]["image"]))]
     decoder, _ = fit_decoder(DecoderTrainConfig(epochs=1, batch_size=32), *arrays, levels, shape)
-    save_decoder(decoder, out, "conv", z_dim, shape, levels)
+    save_decoder(decoder, out)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_edit_needs_attributes(run, tmp_path, capsys):
 def test_mismatched_inputs_are_refused(run, tmp_path, capsys):
     from fisher.decoders import build_decoder, save_decoder
     other = tmp_path / "dec8"
-    save_decoder(build_decoder("conv", 8, (28, 28, 1), 2), str(other), "conv", 8, (28, 28, 1), 2)
+    save_decoder(build_decoder("conv", 8, (28, 28, 1), 2), str(other))
     args = ["--decoder", str(other), "--embeddings", run["emb"], "--data", run["data"]]
     assert cli.main(["interpolate", *args, "--out", str(tmp_path / "i")]) == 2
     err = capsys.readouterr().err

@@ -125,9 +125,9 @@ def run(s3, tmp_path_factory, mnist_dir):
 def test_objects_written(run):
     keys = run["keys"]
     for name in ("data/manifest.json", "data/train-00000.parquet", "data/test-00000.parquet",
-                 "prior/manifest.json", "prior/weights.pt", "prior/model.json",
+                 "prior/manifest.json", "prior/weights.pt", "prior/module.json",
                  "emb/manifest.json", "emb/_plan.json", "emb/train-00000.parquet", "emb/test-00000.parquet",
-                 "dec/manifest.json", "dec/weights.pt", "dec/decoder.json", "dec/metrics.json"):
+                 "dec/manifest.json", "dec/weights.pt", "dec/module.json", "dec/metrics.json"):
         assert name in keys, (name, keys)
     # Ray Train checkpoints went to <--out>/ray/<run name>/ in the bucket
     for out, run_name in (("prior", "prior"), ("dec", "decoder")):

@@ -1,36 +1,37 @@
-"""``fisher train-prior``: fit a PixelCNN prior with Ray Train (TorchTrainer).
+"""``fisher train-prior``: fit a prior (``--prior``, any registered family) with Ray Train (TorchTrainer).
 
 Shards stream to the workers through Ray Data; each epoch ends with the
 test NLL and a checkpoint. Failed workers are restarted from the last
 reported checkpoint (``--max-failures``), and rerunning the command resumes
 the run from its last checkpoint; rerunning a finished run with a larger
 ``--epochs`` continues it. The output directory holds the final
-``weights.pt`` / ``model.json`` (see :func:`fisher.models.load_prior`), the
+``weights.pt`` / ``module.json`` (see :func:`fisher.priors.load_prior`), the
 run's Ray storage under ``ray/`` and ``manifest.json``.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+from dataclasses import asdict
 
+from fisher.checkpoints import METRICS, SPEC, WEIGHTS, read_train_state
+from fisher.data import data_levels
 from fisher.io import FisherError, join, manifest_hash, parquet_metadata, read_manifest, write_manifest
-from fisher.models import PixelCNNConfig
+from fisher.priors import PRIORS
 from fisher.training import PriorTrainConfig
-from raycluster.runtime import add_ray_args, fit, init_ray, read_shards, torch_trainer
-
-HISTORY = "history.json"    # in each checkpoint: the metrics of every epoch so far
+from raycluster.options import add_architecture_options, architecture_config
+from raycluster.runtime import (add_ray_args, checkpoint_files, finished_run, fit, init_ray, publish_checkpoint,
+                                read_shards, report_files, torch_trainer)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-prior", help="train a PixelCNN prior on prepared shards (Ray Train)",
+    p = sub.add_parser("train-prior", help="train an autoregressive prior on prepared shards (Ray Train)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepared data directory (from `fisher prepare`)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (local path or s3:// gs:// URI)")
     d = PriorTrainConfig()
-    p.add_argument("--layers", type=int, default=d.model.n_layers, help="masked 7x7 layers (paper: 5, or 1)")
-    p.add_argument("--filters", type=int, default=d.model.filters, help="filters per layer (paper: 64)")
-    p.add_argument("--kernel", type=int, default=d.model.kernel_size, help="kernel size (paper: 7)")
+    p.add_argument("--prior", default=d.prior, choices=PRIORS.names(),
+                   help=f"prior architecture (default {d.prior})")
+    add_architecture_options(p, PRIORS, "architecture (each prior's own options)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (paper: 128)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (paper: 1e-3)")
@@ -47,14 +48,12 @@ def register(sub) -> None:
 
 def _train_loop(config: dict) -> None:
     """Ray Train worker loop; all method logic comes from fisher.training."""
-    import json
-
     import ray.train
     import torch
     from ray.train import Checkpoint
 
     from fisher.data import decode_images
-    from fisher.models import PixelCNN, to_model_input
+    from fisher.priors import to_model_input
     from fisher.training import load_state, nll_metrics, nll_sum, state_bytes, train_step
 
     cfg = PriorTrainConfig.from_dict(config["train"])
@@ -62,16 +61,15 @@ def _train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     torch.manual_seed(cfg.seed)
-    model = PixelCNN(cfg.model)
+    model = cfg.build()
     device = ray.train.torch.get_device()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            files = {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)}
+        files = checkpoint_files(ckpt)
         start = load_state(model, opt, files)
-        history = json.loads(files[HISTORY]) if HISTORY in files else []
+        history = read_train_state(files)["history"]
         if ctx.get_world_rank() == 0:
             print(f"train-prior: resuming after epoch {start} from {ckpt.path}", flush=True)
     net = ray.train.torch.prepare_model(model)
@@ -101,15 +99,7 @@ def _train_loop(config: dict) -> None:
                    **{f"test_{k}": v for k, v in nll_metrics(total, count, dims).items()}}
         history.append(metrics)
         if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, data in state_bytes(model, opt, epoch + 1).items():
-                    with open(os.path.join(tmp, name), "wb") as f:
-                        f.write(data)
-                with open(os.path.join(tmp, "metrics.json"), "w") as f:
-                    json.dump(metrics, f)
-                with open(os.path.join(tmp, HISTORY), "w") as f:
-                    json.dump(history, f)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            report_files(ray.train.report, Checkpoint, metrics, state_bytes(model, opt, epoch + 1, history, metrics))
         else:
             ray.train.report(metrics)
 
@@ -128,14 +118,16 @@ def _dataset(data_dir: str, manifest: dict, split: str, limit: int | None):
 def run(args) -> None:
     data_manifest = read_manifest(args.data, "prepare")
     shape = data_manifest["image_shape"]
-    levels = int(data_manifest.get("levels") or data_manifest["config"].get("levels", 2))
-    for name in ("layers", "filters", "kernel", "epochs", "batch_size", "workers"):
+    levels = data_levels(data_manifest)
+    for name in ("epochs", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise FisherError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise FisherError(f"--limit {args.limit}: must be >= 1 (leave it out to train on all images)")
-    cfg = PriorTrainConfig(model=PixelCNNConfig(channels=int(shape[2]), levels=levels, n_layers=args.layers,
-                                                filters=args.filters, kernel_size=args.kernel),
+    model = {"channels": int(shape[2]), "levels": levels,
+             **architecture_config(args, PRIORS, args.prior, "--prior")}
+    PRIORS.config(args.prior, **model)          # every value checked by the architecture's dataclass, now
+    cfg = PriorTrainConfig(prior=args.prior, model=asdict(PRIORS.config(args.prior, **model)),
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "limit": args.limit}
     data_hash = manifest_hash(data_manifest)
@@ -151,55 +143,9 @@ def run(args) -> None:
     result = fit(trainer, args.out)
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
-    from fisher.models import CONFIG, WEIGHTS
-    weights_sha256 = publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, CONFIG, "metrics.json"))[WEIGHTS]
-    history = _history(result)
+    weights_sha256 = publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))[WEIGHTS]
+    history = read_train_state(checkpoint_files(result.checkpoint))["history"]
     write_manifest(args.out, "train-prior", stage_config, inputs={"data": data_hash},
                    data=args.data, metrics=result.metrics, history=history, weights_sha256=weights_sha256)
     print(f"prior written to {args.out}: test NLL {result.metrics['test_nll_nats']:.2f} nats/image, "
           f"{result.metrics['test_bits_per_dim']:.4f} bits/dim")
-
-
-def _history(result) -> list[dict]:
-    """Every epoch's metrics, carried from checkpoint to checkpoint (``history.json``): Ray's
-    ``metrics_dataframe`` only holds the kept checkpoints (the last 2), and after a worker restart
-    only what the restarted workers reported."""
-    import json
-    with result.checkpoint.as_directory() as d:
-        path = os.path.join(d, HISTORY)
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-    return result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-
-
-def finished_run(out: str, stage: str, stage_config: dict, inputs: dict) -> bool:
-    """True if ``out`` holds this finished run. A finished run of the same config with fewer
-    epochs is continued (False); any other content of ``out`` is an error."""
-    from fisher.io import MANIFEST, exists
-    if not exists(join(out, MANIFEST)):
-        return False
-    old = read_manifest(out)
-    same = {k: v for k, v in old.get("config", {}).items() if k != "epochs"} == \
-        {k: v for k, v in stage_config.items() if k != "epochs"}
-    if old.get("stage") != stage or not same or old.get("inputs") != inputs:
-        raise FisherError(f"{out}: holds a {old.get('stage')} run with another config or inputs; pass a new --out")
-    done = old["config"]["epochs"]
-    if done > stage_config["epochs"]:
-        raise FisherError(f"{out}: already trained for {done} epochs, more than --epochs {stage_config['epochs']}")
-    return done == stage_config["epochs"]
-
-
-def publish_checkpoint(checkpoint, out: str, names) -> dict[str, str]:
-    """Copy files of a Ray checkpoint to the top of ``out`` (atomically); returns their sha256 by name."""
-    import hashlib
-
-    from fisher.io import atomic_write_bytes
-    digests = {}
-    with checkpoint.as_directory() as d:
-        for name in names:
-            with open(os.path.join(d, name), "rb") as f:
-                data = f.read()
-            atomic_write_bytes(join(out, name), data)
-            digests[name] = hashlib.sha256(data).hexdigest()
-    return digests

@@ -16,15 +16,13 @@ the mean squared error of the decoder's expected image on [0, 1] pixels.
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
-import tempfile
 
+from fisher.checkpoints import METRICS, SPEC, WEIGHTS
+from fisher.data import data_levels
 from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
-from raycluster.runtime import add_ray_args, fit, torch_trainer
-from raycluster.train import finished_run
+from raycluster.options import add_architecture_options, architecture_config
+from raycluster.runtime import add_ray_args, checkpoint_files, finished_run, fit, publish_checkpoint, report_files, torch_trainer
 
 
 def register(sub) -> None:
@@ -36,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="decoder checkpoint directory to write")
     d = DecoderTrainConfig()
     p.add_argument("--decoder", default=d.decoder, help=f"decoder architecture: {', '.join(sorted(DECODERS))}")
+    add_architecture_options(p, DECODERS, "decoder architecture (each decoder's own options)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (paper: 128)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (paper: 1e-3)")
@@ -53,41 +52,26 @@ def _loop(config: dict) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from fisher.decoders import decoder_files, fit_decoder
-    from fisher.embedding import load_pairs
-    from fisher.models import to_model_input
+    from fisher.checkpoints import read_train_state, train_state_files
+    from fisher.decoders import fit_decoder, load_split_tensors
 
     torch.set_num_threads(config["threads"])
     cfg = DecoderTrainConfig.from_dict(config["train"])
-    device = ray.train.torch.get_device()
-    tensors = {}
-    for split in ("train", "test"):
-        pairs = load_pairs(config["embeddings"], config["data"], split, config["column"])
-        tensors[split] = (torch.from_numpy(pairs["z"]).to(device), to_model_input(pairs["image"], device))
-    start = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            start = {"weights": torch.load(os.path.join(d, "weights.pt"), weights_only=True),
-                     "optimizer": torch.load(os.path.join(d, "optimizer.pt"), weights_only=True),
-                     "epoch": json.load(open(os.path.join(d, "progress.json")))["epoch"]}
+    tensors = load_split_tensors(config["embeddings"], config["data"], config["column"], ray.train.torch.get_device())
+    files = checkpoint_files(ray.train.get_checkpoint())
+    start = read_train_state(files) if files else None
+    if start:
         print(f"train-decoder: resuming after epoch {start['epoch']}", flush=True)
-    z_dim, shape, levels = tensors["train"][0].shape[1], config["image_shape"], config["levels"]
+    history = start["history"] if start else []
 
     def on_epoch(epoch, metrics, decoder, opt):
-        files = decoder_files(decoder, cfg.decoder, z_dim, shape, levels, cfg.decoder_config)
-        buf = io.BytesIO()
-        torch.save(opt.state_dict(), buf)
-        files.update({"optimizer.pt": buf.getvalue(), "progress.json": json.dumps({"epoch": epoch}).encode(),
-                      "metrics.json": json.dumps(metrics).encode()})
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in files.items():
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(data)
-            ray.train.report({**metrics, "resumed_after_epoch": start["epoch"] if start else 0},
-                             checkpoint=Checkpoint.from_directory(tmp))
+        metrics = {**metrics, "resumed_after_epoch": start["epoch"] if start else 0}
+        history.append(metrics)
+        report_files(ray.train.report, Checkpoint, metrics,
+                     train_state_files(decoder, "decoder", opt, epoch, history, metrics))
 
-    fit_decoder(cfg, *tensors["train"], *tensors["test"], levels, shape, on_epoch=on_epoch, start=start)
+    fit_decoder(cfg, *tensors["train"], *tensors["test"], config["levels"], config["image_shape"],
+                on_epoch=on_epoch, start=start)
 
 
 def run(args) -> None:
@@ -103,8 +87,12 @@ def run(args) -> None:
         raise FisherError(f"--decoder {args.decoder}: unknown (have {', '.join(sorted(DECODERS))})")
     if args.epochs < 1 or args.batch_size < 1:
         raise FisherError("--epochs and --batch-size must be >= 1")
-    cfg = DecoderTrainConfig(decoder=args.decoder, epochs=args.epochs, batch_size=args.batch_size,
-                             lr=args.lr, seed=args.seed)
+    decoder_config = architecture_config(args, DECODERS, args.decoder, "--decoder")
+    from fisher.decoders import build_decoder
+    dim = emb["columns"][args.column].get("dim") or 1
+    build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data), **decoder_config)  # refuse a misfit now
+    cfg = DecoderTrainConfig(decoder=args.decoder, decoder_config=decoder_config, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "column": args.column}
     inputs = {"embeddings": manifest_hash(emb), "data": manifest_hash(data)}
     if finished_run(args.out, "train-decoder", stage_config, inputs):
@@ -114,15 +102,14 @@ def run(args) -> None:
     check_embeddings(args.embeddings, args.column)      # mixed-in shards, NaN/Inf: refused before Ray starts
     trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
                                     "column": args.column, "image_shape": data["image_shape"],
-                                    "levels": int(data["levels"])}, args, "decoder")
+                                    "levels": data_levels(data)}, args, "decoder")
     result = fit(trainer, args.out)
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
-    from raycluster.train import publish_checkpoint
-    publish_checkpoint(result.checkpoint, args.out, ("weights.pt", "decoder.json", "metrics.json"))
+    publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))
     write_manifest(args.out, "train-decoder", stage_config, inputs=inputs, embeddings=args.embeddings,
                    data=args.data, metrics=result.metrics, image_shape=data["image_shape"],
-                   levels=int(data["levels"]))
+                   levels=data_levels(data))
     m = result.metrics
     print(f"decoder written to {args.out}: test BCE {m['test_bce_nats_per_pixel']:.4f} nats/pixel, "
           f"MSE {m['test_mse']:.4f}")
