@@ -147,3 +147,23 @@ class Registry:
         if getattr(obj, "config", None) is None:
             obj.config = cfg
         return obj
+
+
+PLUGINS_ENV = "FISHER_PLUGINS"
+_loaded: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``$FISHER_PLUGINS`` (comma separated): a family defined outside this
+    package registers itself on import. Ray workers inherit the variable, so every process of a run
+    knows the same families."""
+    import importlib
+    import os
+    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if name in _loaded:
+            continue
+        _loaded.add(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise FisherError(f"${PLUGINS_ENV}: cannot import {name!r} ({e}); fix the module name or PYTHONPATH") from e

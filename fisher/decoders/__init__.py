@@ -56,3 +56,8 @@ def save_decoder(decoder: Decoder, directory) -> None:
 def load_decoder(directory, map_location="cpu") -> Decoder:
     """Load a decoder saved by :func:`save_decoder` (or an older ``decoder.json`` checkpoint)."""
     return checkpoints.load_module(directory, "decoder", map_location)
+
+
+from fisher.registry import load_plugins as _load_plugins  # noqa: E402
+
+_load_plugins()

@@ -48,3 +48,8 @@ def to_model_input(images, device=None) -> torch.Tensor:
     """uint8 images (N, H, W, C) as stored in shards → long tensor (N, C, H, W)."""
     t = torch.as_tensor(images).permute(0, 3, 1, 2)
     return torch.empty(t.shape, dtype=torch.long).copy_(t).to(device)   # plain NCHW strides, also for C=1
+
+
+from fisher.registry import load_plugins as _load_plugins  # noqa: E402
+
+_load_plugins()
