@@ -1,4 +1,4 @@
-"""Fisher scores ∇_θ log p_θ(x), exact per image (paper sec. 3.2 and 3.4).
+"""Fisher scores ∇_θ log p_θ(x), exact per image (paper sec. 3.2 and 4.1).
 
 The score of image x is the gradient of log p_θ(x) (not of the NLL) with
 respect to every *free* parameter of the prior, in eval mode, in float32.

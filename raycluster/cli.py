@@ -10,7 +10,7 @@ import sys
 
 from fisher.io import FisherError, check_output
 
-STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "pipeline")   # modules of raycluster, one per stage
+STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "run")   # modules of raycluster, one per stage
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,23 +55,28 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:             # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    command, func = args.command, args.func
     _absolute(args)
     try:
+        options = getattr(args, "options", None)
+        if options is not None:         # the stage's typed options: every value checked by its dataclass
+            from raycluster.options import from_args
+            args = from_args(options, args)
         if isinstance(getattr(args, "out", None), str):
             check_output(args.out)      # a missing bucket is refused before any work or write
             _check_out_dir(args.out)
-        args.func(args)
+        func(args)
     except FisherError as e:
-        print(f"fisher {args.command}: error: {e}", file=sys.stderr)
+        print(f"fisher {command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:                # a path the stage did not expect to be unreadable, or a lost connection
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = ("check --address and that the Ray cluster is reachable" if isinstance(e, ConnectionError) else
                 "check that the path exists and that this user may read (and for --out, write) it")
-        print(f"fisher {args.command}: error: {reason}; {hint}", file=sys.stderr)
+        print(f"fisher {command}: error: {reason}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fisher {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        print(f"fisher {command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
     return 0
 

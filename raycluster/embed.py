@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -41,62 +42,89 @@ from fisher.io import (
     resolve,
     write_manifest,
 )
-from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
+from raycluster.options import add_options, at_least, option, positive
+from raycluster.runtime import RayOptions, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
 PLAN = "_plan.json"     # written first: what this directory is being filled with
 _NODE = "_node"         # per-row Ray node id from the actors; not written to the shards
 
 
-def _dims(text: str) -> list[int]:
+def _dims(value) -> list[int]:
+    """``--dim``: '16384' or '64,256,1024' (or an int / a list, in a preset)."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        dims = [int(t) for t in text.split(",")]
+        dims = [int(t) for t in items if not isinstance(t, (bool, float))]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--dim {text!r}: expected integers like 16384 or 64,256,1024")
+        raise FisherError(f"--dim {value!r}: expected integers like 16384 or 64,256,1024") from None
+    if len(dims) != len(items) or not dims:
+        raise FisherError(f"--dim {value!r}: expected integers like 16384 or 64,256,1024")
     if any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"--dim {text!r}: dimensions must be >= 1")
+        raise FisherError(f"--dim {value!r}: dimensions must be >= 1")
     return dims
 
 
-def _densities(text: str) -> list[float | None]:
+def _densities(value) -> list[float | None]:
+    """``--density``: numbers in (0, 1] or 'auto' (= 1/sqrt(n_features)), comma separated."""
     out = []
-    for t in text.split(","):
-        if t == "auto":
+    for t in value if isinstance(value, (list, tuple)) else str(value).split(","):
+        if t is None or t == "auto":
             out.append(None)
             continue
         try:
             d = float(t)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--density {t!r}: expected a number in (0, 1] or 'auto'")
+        except (TypeError, ValueError):
+            raise FisherError(f"--density {t!r}: expected a number in (0, 1] or 'auto'") from None
         if not 0 < d <= 1:
-            raise argparse.ArgumentTypeError(f"--density {t}: must be in (0, 1] (or 'auto' for 1/sqrt(n_features))")
+            raise FisherError(f"--density {t}: must be in (0, 1] (or 'auto' for 1/sqrt(n_features))")
         out.append(d)
     return out
+
+
+def _splits(value) -> list[str] | None:
+    if value is None:
+        return None
+    return [t for t in (value if isinstance(value, (list, tuple)) else str(value).split(",")) if t]
+
+
+@dataclass(kw_only=True)
+class EmbedOptions(RayOptions):
+    """Options of ``fisher embed`` (projection defaults: paper eq. 1 and sec. 5.2)."""
+    prior: str = option(help="prior checkpoint directory (from `fisher train-prior`)")
+    data: str = option(help="prepared data directory (from `fisher prepare`)")
+    out: str = option(help="embedding directory to write (local path or s3:// gs:// URI)")
+    kind: str = option("fisher", choices=("fisher", "activation"),
+                       help="Fisher scores (the method) or hidden activations (the paper's baseline)")
+    dim: list = option(default_factory=lambda: [16384], parse=_dims,
+                       help="projection dimension(s), comma separated (paper: 16384)")
+    density: list = option(default_factory=lambda: [None], parse=_densities,
+                           help="projection density(ies) in (0, 1], comma separated; 'auto' = 1/sqrt(n_features)")
+    seed: int = option(0, help="projection seed (same seed = same matrix everywhere)")
+    splits: list | None = option(None, parse=_splits, help="comma-separated splits to embed (default: all)")
+    standardize: bool = option(False, help="standardize each coordinate (fitted on train)")
+    pca: int | None = option(None, help="reduce to this many PCA components (fitted on train)")
+    actors: int = option(1, help="actors in the pool")
+    gpu: bool = option(False, help="one GPU per actor")
+    cpus_per_actor: float = option(0.5, help="CPUs reserved per actor (fractional allowed)")
+    batch_size: int = option(256, help="images per Ray Data batch")
+    chunk_size: int = option(32, help="images per gradient pass inside a batch (memory bound; part of the bitwise "
+                                      "result)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.dim, self.density, self.splits = _dims(self.dim), _densities(self.density), _splits(self.splits)
+        from fisher.embedding import EMBEDDINGS
+        EMBEDDINGS.get(self.kind)
+        at_least(self, 1, "chunk_size", "batch_size", "actors", "pca")
+        at_least(self, 0, "seed")
+        positive(self, "cpus_per_actor")
 
 
 def register(sub) -> None:
     p = sub.add_parser("embed", help="Fisher-score or activation embeddings of prepared shards (Ray Data)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prior", required=True, help="prior checkpoint directory (from `fisher train-prior`)")
-    p.add_argument("--data", required=True, help="prepared data directory (from `fisher prepare`)")
-    p.add_argument("--out", required=True, help="embedding directory to write (local path or s3:// gs:// URI)")
-    p.add_argument("--kind", choices=("fisher", "activation"), default="fisher",
-                   help="Fisher scores (the method) or last hidden activations (the paper's baseline)")
-    p.add_argument("--dim", type=_dims, default=[16384], help="projection dimension(s), comma separated (paper: 16384)")
-    p.add_argument("--density", type=_densities, default=[None],
-                   help="projection density(ies) in (0, 1], comma separated; 'auto' = 1/sqrt(n_features)")
-    p.add_argument("--seed", type=int, default=0, help="projection seed (same seed = same matrix everywhere)")
-    p.add_argument("--splits", default=None, help="comma-separated splits to embed (default: all)")
-    p.add_argument("--standardize", action="store_true", help="standardize each coordinate (fitted on train)")
-    p.add_argument("--pca", type=int, default=None, help="reduce to this many PCA components (fitted on train)")
-    p.add_argument("--actors", type=int, default=1, help="actors in the pool")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per actor (fractional allowed)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per Ray Data batch")
-    p.add_argument("--chunk-size", type=int, default=32,
-                   help="images per gradient pass inside a batch (memory bound; part of the bitwise result)")
-    add_ray_args(p)
-    p.set_defaults(func=run)
+    add_options(p, EmbedOptions)
+    p.set_defaults(func=run, options=EmbedOptions)
 
 
 class _ScoreActor:
@@ -123,7 +151,7 @@ class _ScoreActor:
                 _NODE: np.full(batch.num_rows, self.node, dtype=object), **out}
 
 
-def run(args) -> None:
+def run(args: EmbedOptions) -> None:
     from fisher.embedding import EmbedSpec, feature_count
     from fisher.priors import load_prior
 
@@ -135,12 +163,10 @@ def run(args) -> None:
     model = load_prior(args.prior)
     specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)]
     n = feature_count(model, args.kind, shape)
-    splits = args.splits.split(",") if args.splits else sorted({s["split"] for s in data_manifest["shards"]})
+    splits = args.splits or sorted({s["split"] for s in data_manifest["shards"]})
     shards = [s for s in data_manifest["shards"] if s["split"] in splits]
     if not shards:
         raise FisherError(f"{args.data}: no shards for splits {splits}")
-    if args.chunk_size < 1 or args.batch_size < 1 or args.actors < 1:
-        raise FisherError("--chunk-size, --batch-size and --actors must be >= 1")
     for s in shards:        # truncated or replaced input shards: refused before anything is written
         parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}")
     plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,

@@ -2,7 +2,7 @@
 
 * ``interpolate`` (paper Figures 2 and 4): random test pairs, their decoded
   interpolations (1 - α) z₁ + α z₂ as one PNG, true images at both ends.
-* ``edit`` (paper sec. 3.5 / 5.2, Figure 5): attribute directions
+* ``edit`` (paper sec. 5.2, Figure 5): attribute directions
   δ = mean(z | attr) - mean(z | not attr) from the train split, applied as
   z ∓ scale·δ to test images (datasets with attributes: CelebA).
 * ``evaluate`` (paper Algorithm 1, Figures 3b / 7): interpolation FID per α.
@@ -28,6 +28,7 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,94 +43,118 @@ from fisher.io import (
     read_manifest,
     read_table,
 )
-from raycluster.runtime import add_ray_args, init_ray, read_shards, worker_threads
+from raycluster.options import add_options, at_least, option, positive
+from raycluster.runtime import RayOptions, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
 FIG_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5)        # Algorithm 1 / Figure 3b
 STRIP_ALPHAS = tuple(i / 8 for i in range(9))        # 0, 0.125, ..., 1
 
 
-def _alphas(text: str) -> list[float]:
+def _alphas(value) -> list[float]:
+    """``--alphas``: mixing coefficients in [0, 1], comma separated (or a list, in a preset)."""
+    items = value if isinstance(value, (list, tuple)) else [t for t in str(value).split(",") if t.strip()]
     try:
-        alphas = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--alphas {text!r}: expected numbers like 0,0.25,0.5")
+        alphas = [float(t) for t in items]
+    except (TypeError, ValueError):
+        raise FisherError(f"--alphas {value!r}: expected numbers like 0,0.25,0.5") from None
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
-        raise argparse.ArgumentTypeError(f"--alphas {text!r}: mixing coefficients must lie in [0, 1]")
+        raise FisherError(f"--alphas {value!r}: mixing coefficients must lie in [0, 1]")
     if len(set(alphas)) != len(alphas):
-        raise argparse.ArgumentTypeError(f"--alphas {text!r}: repeated values")
+        raise FisherError(f"--alphas {value!r}: repeated values")
     return alphas
 
 
-def _positive(text: str) -> int:
+def _count(value) -> int:
+    """A count option: an integer >= 1."""
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+        v = int(value) if not isinstance(value, (bool, float)) else None
+    except (TypeError, ValueError):
+        v = None
+    if v is None:
+        raise FisherError(f"{value!r}: expected a positive integer")
     if v < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+        raise FisherError(f"{value}: must be >= 1")
     return v
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decoder", required=True, help="decoder checkpoint directory (from `fisher train-decoder`)")
-    p.add_argument("--embeddings", required=True, help="embedding directory the decoder was trained on")
-    p.add_argument("--data", required=True, help="prepared data directory the embeddings were made from")
-    p.add_argument("--column", default="z", help="embedding column (default z)")
-    p.add_argument("--out", required=True, help="output directory (local path or s3:// gs:// URI)")
+@dataclass(kw_only=True)
+class _DecodeOptions(RayOptions):
+    """What interpolate, edit and evaluate read: a decoder and the embeddings and data it belongs to."""
+    decoder: str = option(help="decoder checkpoint directory (from `fisher train-decoder`)")
+    embeddings: str = option(help="embedding directory the decoder was trained on")
+    data: str = option(help="prepared data directory the embeddings were made from")
+    column: str = option("z", help="embedding column (default z)")
+    out: str = option(help="output directory (local path or s3:// gs:// URI)")
+    gpu: bool = option(False, help="decode on the GPU")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("pairs", "images", "real_limit", "batch_size", "actors"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, _count(getattr(self, name)))
+        if hasattr(self, "alphas"):
+            self.alphas = _alphas(self.alphas)
+        at_least(self, 0, "seed")
+
+
+@dataclass(kw_only=True)
+class InterpolateOptions(_DecodeOptions):
+    split: str = option("test", help="split to draw pairs from (default test)")
+    pairs: int = option(8, parse=_count, help="pairs, one row each (default 8)")
+    alphas: list = option(default_factory=lambda: list(STRIP_ALPHAS), parse=_alphas,
+                          help="mixing coefficients (default 9 evenly spaced from 0 to 1)")
+    seed: int = option(0, help="seed of the pair draw")
+
+
+@dataclass(kw_only=True)
+class EditOptions(_DecodeOptions):
+    attribute: str = option(help="attribute name(s) from the dataset (e.g. Smiling or Smiling,Eyeglasses)")
+    scale: float = option(3.0, help="multiple of δ to add and remove (paper: 3)")
+    images: int = option(8, parse=_count, help="test images to edit, one row each")
+    split: str = option("test", help="split of the edited images (δ always comes from train)")
+    seed: int = option(0, help="seed of the image choice")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.attribute, (list, tuple)):
+            self.attribute = ",".join(self.attribute)
+
+
+@dataclass(kw_only=True)
+class EvaluateOptions(_DecodeOptions):
+    split: str = option("test", help="split for pairs and real images (default test)")
+    pairs: int = option(50000, parse=_count, help="pairs N per α (paper: 50 000)")
+    alphas: list = option(default_factory=lambda: list(FIG_ALPHAS), parse=_alphas,
+                          help="mixing coefficients (default 0,0.125,0.25,0.375,0.5)")
+    real_limit: int | None = option(None, parse=_count,
+                                    help="real statistics from the first N images of the split only (default: all)")
+    fid_weights: str | None = option(None, help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05 "
+                                                ".pth); default $FISHER_FID_WEIGHTS, else pytorch-fid downloads them")
+    cache: str | None = option(None, help="real-statistics cache directory (default DATA/fid-cache)")
+    floor: bool = option(True, help="also score N real images of --floor-split against the same statistics: the "
+                                    "lowest FID this N can show (default on)")
+    floor_split: str = option("train", help="split of the floor's real images (default train)")
+    label: str | None = option(None, help="row label in the table (default <embedding kind>/<decoder>)")
+    seed: int = option(0, help="seed of the pair draw")
+    batch_size: int = option(100, parse=_count, help="images per actor batch")
+    actors: int = option(1, parse=_count, help="actors in the pool")
+    gpu: bool = option(False, help="one GPU per actor")
+    cpus_per_actor: float = option(0.5, help="CPUs reserved per actor (fractional allowed)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive(self, "cpus_per_actor")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("interpolate", help="decoded interpolations between random image pairs (PNG)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--split", default="test", help="split to draw pairs from (default test)")
-    p.add_argument("--pairs", type=_positive, default=8, help="pairs, one row each (default 8)")
-    p.add_argument("--alphas", type=_alphas, default=list(STRIP_ALPHAS),
-                   help="mixing coefficients (default 9 evenly spaced from 0 to 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pair draw")
-    p.add_argument("--gpu", action="store_true", help="decode on the GPU")
-    add_ray_args(p)         # accepted like every stage; this one runs in the driver
-    p.set_defaults(func=run_interpolate)
-
-    p = sub.add_parser("edit", help="attribute edits z ∓ scale·δ (CelebA attributes, paper Figure 5)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--attribute", required=True,
-                   help="attribute name(s) from the dataset (e.g. Smiling or Smiling,Eyeglasses)")
-    p.add_argument("--scale", type=float, default=3.0, help="multiple of δ to add and remove (paper: 3)")
-    p.add_argument("--images", type=_positive, default=8, help="test images to edit, one row each")
-    p.add_argument("--split", default="test", help="split of the edited images (δ always comes from train)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image choice")
-    p.add_argument("--gpu", action="store_true", help="decode on the GPU")
-    add_ray_args(p)
-    p.set_defaults(func=run_edit)
-
-    p = sub.add_parser("evaluate", help="interpolation FID per α (paper Algorithm 1) on a Ray actor pool",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p)
-    p.add_argument("--split", default="test", help="split for pairs and real images (default test)")
-    p.add_argument("--pairs", type=_positive, default=50000, help="pairs N per α (paper: 50 000)")
-    p.add_argument("--alphas", type=_alphas, default=list(FIG_ALPHAS),
-                   help="mixing coefficients (default 0,0.125,0.25,0.375,0.5)")
-    p.add_argument("--real-limit", type=_positive, default=None,
-                   help="real statistics from the first N images of the split only (default: all)")
-    p.add_argument("--fid-weights", default=None,
-                   help="FID Inception weights (pytorch-fid's pt_inception-2015-12-05 .pth); default "
-                        "$FISHER_FID_WEIGHTS, else pytorch-fid downloads them")
-    p.add_argument("--cache", default=None, help="real-statistics cache directory (default DATA/fid-cache)")
-    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
-                   help="also score N real images of --floor-split against the same statistics: the lowest FID "
-                        "this N can show (default on)")
-    p.add_argument("--floor-split", default="train", help="split of the floor's real images (default train)")
-    p.add_argument("--label", default=None, help="row label in the table (default <embedding kind>/<decoder>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pair draw")
-    p.add_argument("--batch-size", type=_positive, default=100, help="images per actor batch")
-    p.add_argument("--actors", type=_positive, default=1, help="actors in the pool")
-    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
-    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per actor (fractional allowed)")
-    add_ray_args(p)
-    p.set_defaults(func=run_evaluate)
+    for name, options, func, help in (
+            ("interpolate", InterpolateOptions, run_interpolate, "decoded interpolations between random image pairs (PNG)"),
+            ("edit", EditOptions, run_edit, "attribute edits z ∓ scale·δ (CelebA attributes, paper Figure 5)"),
+            ("evaluate", EvaluateOptions, run_evaluate, "interpolation FID per α (paper Algorithm 1) on a Ray actor pool")):
+        p = sub.add_parser(name, help=help, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_options(p, options)
+        p.set_defaults(func=func, options=options)
 
 
 # ---------------------------------------------------------------- inputs

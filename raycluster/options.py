@@ -1,17 +1,149 @@
-"""Command-line options derived from config dataclasses: a field's flag, type, default and help
-come from the field itself (``metadata={"flag": ..., "help": ...}``), so each value is defined and
-checked in one place (its dataclass), and the stages never list an architecture's options by hand."""
+"""Stage options as typed dataclasses, and the command line derived from them.
+
+Each stage declares one ``@dataclass(kw_only=True)`` of options whose fields are made with
+:func:`option`: the field's name, type, default and help text give its command-line flag, and the
+dataclass's ``__post_init__`` checks every value, once, where it is defined (one FisherError line
+naming the flag). ``add_options(parser, Options)`` builds a sub-command's flags;
+:func:`from_args` turns the parsed namespace into the options object, and :func:`from_mapping`
+a preset section (``fisher run``); ``fisher run`` and ``fisher sweep`` call the other stages with
+options objects, never argv strings. Architecture options (each registered prior's or decoder's
+config fields) are derived from the registries (:func:`add_architecture_options`).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
+from dataclasses import MISSING
 
 from fisher.errors import FisherError
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
+def option(default=MISSING, *, help: str, flag: str | None = None, parse=None, metavar: str | None = None,
+           choices=None, positional: bool = False, default_factory=MISSING, architecture=None, append: bool = False):
+    """A dataclass field that is also a command-line option.
+
+    ``parse`` turns the command-line string into the value (and is applied to strings given in a
+    preset); ``architecture`` (a registry) marks the dict of architecture options of that family.
+    """
+    meta = {"help": help, "flag": flag, "parse": parse, "metavar": metavar, "choices": choices,
+            "positional": positional, "architecture": architecture, "append": append}
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def _hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        return {}
+
+
+def _base_type(t):
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args and typing.get_origin(t) is not list else t
+
+
+def add_options(p: argparse.ArgumentParser, cls) -> None:
+    """One flag (or positional argument) per field of options dataclass ``cls``."""
+    hints = _hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        if "help" not in m:
+            continue
+        if m.get("architecture") is not None:
+            add_architecture_options(p, m["architecture"], m["help"])
+            continue
+        target = p
+        if getattr(cls, "_groups", None) and f.name in cls._groups:
+            title = cls._groups[f.name]
+            target = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        kwargs = {"help": m["help"]}
+        if m.get("choices"):
+            kwargs["choices"] = m["choices"]
+        if m.get("metavar"):
+            kwargs["metavar"] = m["metavar"]
+        t = _base_type(hints.get(f.name, f.type))
+        if m.get("positional"):
+            target.add_argument(f.name, **kwargs)
+            continue
+        if m.get("append"):
+            target.add_argument(flag_of(f), dest=f.name, action="append", default=[], **kwargs)
+            continue
+        required = f.default is MISSING and f.default_factory is MISSING
+        if t is bool and not required:
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            target.add_argument(flag_of(f), dest=f.name, action=action, default=f.default, help=m["help"])
+            continue
+        if m.get("parse"):
+            kwargs["type"] = _argparse_type(m["parse"])
+        elif t in (int, float):
+            kwargs["type"] = t
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default if f.default is not MISSING else None
+        target.add_argument(flag_of(f), dest=f.name, **kwargs)
+
+
+def _argparse_type(parse):
+    def convert(text: str):
+        try:
+            return parse(text)
+        except FisherError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The options object of a parsed command line."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        reg = f.metadata.get("architecture")
+        if reg is not None:
+            values[f.name] = architecture_values(args, reg)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+def from_mapping(cls, mapping: dict, command: str, section: str, where=None, **fixed):
+    """The options object of a preset section (``fisher run``): keys are flag names with underscores
+    (``batch_size``). An unknown key is refused with the closest option's name (``where(key)`` names
+    the source: the preset file or the ``--set`` override); a string value of a parsed option is parsed."""
+    fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+    by_key = {flag_of(f)[2:].replace("-", "_"): f for f in fields if f.metadata.get("architecture") is None}
+    arch_field = next((f for f in fields if f.metadata.get("architecture") is not None), None)
+    arch_keys = {flag[2:].replace("-", "_"): flag
+                 for flag in (architecture_fields(arch_field.metadata["architecture"]) if arch_field else {})}
+    values, arch = dict(fixed), {}
+    for key, value in (mapping or {}).items():
+        if key in by_key:
+            f = by_key[key]
+            parse = f.metadata.get("parse")
+            values[f.name] = parse(value) if parse and isinstance(value, str) else value
+        elif key in arch_keys:
+            arch[arch_keys[key]] = value
+        else:
+            close = difflib.get_close_matches(key, list(by_key) + list(arch_keys), n=1)
+            raise FisherError(f"{where(key) if where else section}: `fisher {command}` has no option "
+                              f"--{key.replace('_', '-')}" + (f"; did you mean {section}.{close[0]}?" if close else ""))
+    if arch_field is not None:
+        values[arch_field.name] = arch
+    try:
+        return cls(**values)
+    except TypeError as e:       # a value of the wrong type where the dataclass compares or computes
+        raise FisherError(f"{where(next(iter(mapping))) if where and mapping else section}: {e}") from e
 
 
 def _scalar_type(f: dataclasses.Field, hints: dict):
@@ -28,7 +160,7 @@ def architecture_fields(registry) -> dict[str, list[tuple[str, dataclasses.Field
     for name in registry.names():
         for f in registry.get(name).fields():
             if not f.metadata.get("data"):
-                flags.setdefault(_flag(f), []).append((name, f))
+                flags.setdefault(flag_of(f), []).append((name, f))
     return flags
 
 
@@ -43,19 +175,46 @@ def add_architecture_options(p: argparse.ArgumentParser, registry, title: str) -
                        metavar=f.name.upper(), help=f"{f.metadata.get('help', f.name)} (default {defaults})")
 
 
-def architecture_config(args, registry, name: str, option: str) -> dict:
-    """The options given for architecture ``name`` as its config fields; an option of another
-    architecture is refused with one line naming it."""
-    registry.get(name)
-    config, given = {}, []
-    own = {_flag(f): f.name for f in registry.get(name).fields() if not f.metadata.get("data")}
+def architecture_values(args, registry) -> dict:
+    """{flag: value} of the architecture options given on the command line (any architecture's)."""
+    out = {}
     for flag in architecture_fields(registry):
         value = getattr(args, f"arch_{flag[2:].replace('-', '_')}", None)
-        if value is None:
-            continue
+        if value is not None:
+            out[flag] = value
+    return out
+
+
+def architecture_config(given: dict, registry, name: str, option: str) -> dict:
+    """The architecture options ``given`` ({flag: value}) as the config fields of architecture ``name``;
+    an option of another architecture is refused with one line naming it."""
+    registry.get(name)
+    own = {flag_of(f): f.name for f in registry.get(name).fields() if not f.metadata.get("data")}
+    config = {}
+    for flag, value in given.items():
         if flag not in own:
             raise FisherError(f"{flag}: not an option of {registry.family} '{name}' (passed with {option} {name}); "
                               f"its options: {', '.join(own) or 'none'}")
         config[own[flag]] = value
-        given.append(flag)
     return config
+
+
+def at_least(opts, minimum, *names: str) -> None:
+    """Refuse option values below ``minimum`` (None means 'not given' and passes): one line naming the flag."""
+    for name in names:
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+            raise FisherError(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
+
+
+def positive(opts, *names: str) -> None:
+    """Refuse option values that are not finite numbers > 0."""
+    import math
+    for name in names:
+        value = getattr(opts, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+            raise FisherError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")

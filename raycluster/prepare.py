@@ -5,23 +5,49 @@ MNIST when no ``--src`` is given, and decodes CelebA JPEGs in a process pool.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from tqdm import tqdm
 
 from fisher import data
 from fisher.io import FisherError, join
+from raycluster.options import add_options, option
 
 _MNIST = {f.name: f.default for f in fields(data.MnistConfig)}
 _CELEBA = {f.name: f.default for f in fields(data.CelebaConfig)}
 _OUTPUT_OPTIONS = {"mnist": ("seed", "shard_size", "limit"),          # options that go into each config
                    "celeba": ("size", "bits", "skip_bad", "shard_size", "limit")}
+
+
+@dataclass(kw_only=True)
+class PrepareOptions:
+    """Options of ``fisher prepare``; the dataset's own defaults are :class:`fisher.data.MnistConfig` and
+    :class:`fisher.data.CelebaConfig` (an option the dataset does not use is refused)."""
+    dataset: str = option(positional=True, choices=("mnist", "celeba"), help="which dataset to prepare")
+    src: str | None = option(None, metavar="DIR",
+                             help="input folder: for mnist the four idx .gz files (default: download them into "
+                                  "OUT/raw); for celeba (required) the folder with img_align_celeba/, "
+                                  "list_attr_celeba.txt and list_eval_partition.txt")
+    out: str = option(metavar="DIR", help="output directory (local path, s3:// or gs:// URI)")
+    seed: int | None = option(None, help=f"mnist: Bernoulli binarization seed (default {_MNIST['seed']})")
+    shard_size: int | None = option(None, metavar="ROWS", help=f"rows per Parquet shard (default {_MNIST['shard_size']})")
+    size: int | None = option(None, help=f"celeba: output side in pixels after the 128x128 crop "
+                                         f"(default {_CELEBA['size']}; 64 or 32 for small runs)")
+    bits: int | None = option(None, help=f"celeba: bits kept per sub-pixel (default {_CELEBA['bits']})")
+    skip_bad: bool = option(False, help="celeba: skip unreadable or wrongly sized images (counted in the manifest) "
+                                        "instead of failing")
+    workers: int | None = option(os.cpu_count(), help=f"celeba: JPEG decoding processes (default: the CPU count, "
+                                                      f"here {os.cpu_count()})")
+    limit: int | None = option(None, metavar="N", help="only the first N images of each split (small runs)")
+
+    def __post_init__(self):
+        if self.dataset not in ("mnist", "celeba"):
+            raise FisherError(f"dataset {self.dataset!r}: expected mnist or celeba")
 
 
 def register(subparsers) -> None:
@@ -30,27 +56,11 @@ def register(subparsers) -> None:
         description="Binarize MNIST (paper sec. 5.1) or crop/resize/bit-reduce CelebA (sec. 5.2) into "
                     "{split}-NNNNN.parquet shards plus manifest.json. Rerunning with the same options is a no-op; "
                     "rerunning an interrupted run keeps its finished shards and writes the rest.")
-    p.add_argument("dataset", choices=("mnist", "celeba"), help="which dataset to prepare")
-    p.add_argument("--src", metavar="DIR",
-                   help="input folder: for mnist the four idx .gz files (default: download them into OUT/raw); "
-                        "for celeba (required) the folder with img_align_celeba/, list_attr_celeba.txt and "
-                        "list_eval_partition.txt")
-    p.add_argument("--out", metavar="DIR", required=True, help="output directory (local path, s3:// or gs:// URI)")
-    p.add_argument("--seed", type=int, help=f"mnist: Bernoulli binarization seed (default {_MNIST['seed']})")
-    p.add_argument("--shard-size", type=int, metavar="ROWS",
-                   help=f"rows per Parquet shard (default {_MNIST['shard_size']})")
-    p.add_argument("--size", type=int, help=f"celeba: output side in pixels after the 128x128 crop "
-                                            f"(default {_CELEBA['size']}; 64 or 32 for small runs)")
-    p.add_argument("--bits", type=int, help=f"celeba: bits kept per sub-pixel (default {_CELEBA['bits']})")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="celeba: skip unreadable or wrongly sized images (counted in the manifest) instead of failing")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help=f"celeba: JPEG decoding processes (default: the CPU count, here {os.cpu_count()})")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N images of each split (small runs)")
-    p.set_defaults(func=run)
+    add_options(p, PrepareOptions)
+    p.set_defaults(func=run, options=PrepareOptions)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: PrepareOptions) -> dict:
     options = _options(args)
     manifest, reused = _run_mnist(args, options) if args.dataset == "mnist" else _run_celeba(args, options)
     counts = ", ".join(f"{split} {manifest['counts'][split]}" for split in data.SPLIT_CODES

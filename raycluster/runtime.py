@@ -3,14 +3,26 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
+
+from raycluster.options import add_options, at_least, option
+
+
+@dataclass(kw_only=True)
+class RayOptions:
+    """The options every stage shares: which Ray to use."""
+    address: str | None = option(None, help="Ray cluster to join ('auto' inside `ray job submit`); default: start a "
+                                            "local Ray")
+    num_cpus: int | None = option(None, help="logical CPUs for a local Ray (default: this machine's cores)")
+    _groups = {"address": "Ray", "num_cpus": "Ray"}
+
+    def __post_init__(self):
+        at_least(self, 1, "num_cpus")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Ray")
-    g.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto' inside `ray job submit`); default: start a local Ray")
-    g.add_argument("--num-cpus", type=int, default=None,
-                   help="logical CPUs for a local Ray (default: this machine's cores)")
+    """The Ray options, for a stage whose options are not a dataclass yet."""
+    add_options(p, RayOptions)
 
 
 def init_ray(args) -> dict:

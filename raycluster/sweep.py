@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import tune_spaces
 from fisher.decoders import DECODERS, DecoderTrainConfig
@@ -50,49 +51,54 @@ from fisher.io import (
     read_manifest,
     write_manifest,
 )
-from raycluster.runtime import add_ray_args, init_ray
+from raycluster.options import add_options, at_least, option, positive
+from raycluster.runtime import RayOptions, init_ray
 
 PLAN = "_plan.json"       # the sweep's config, written on the first run and compared on every rerun
 CELLS = "cells"           # OUT/cells/<column>.json: one record per finished cell
 SPLITS = ("train", "test")
 
 
+@dataclass(kw_only=True)
+class SweepOptions(RayOptions):
+    """Options of ``fisher sweep`` (decoder defaults: the paper's, sec. 5.1)."""
+    prior: str = option(help="prior checkpoint directory (from `fisher train-prior`)")
+    data: str = option(help="prepared data directory (from `fisher prepare`)")
+    out: str = option(help="sweep directory to write: embeddings/, cells/, tune/, grid.md, grid.png, manifest.json")
+    grid: str = option("paper_grid", help="search space: a tune_spaces name (paper_grid: densities 0.001,0.01,0.1,1 "
+                                          "× dims 64,256,1024) or a JSON file with 'density' and 'dim' lists")
+    kind: str = option("fisher", choices=("fisher", "activation"),
+                       help="Fisher scores (the method) or hidden activations (the paper's baseline)")
+    seed: int | None = option(None, help="projection seed and decoder initialisation/shuffling seed (default: the "
+                                         "grid's 'seed', else 0)")
+    epochs: int = option(10, help="decoder training epochs per cell")
+    batch_size: int = option(128, help="decoder batch size (paper: 128)")
+    lr: float = option(1e-3, help="decoder Adam learning rate (paper: 1e-3)")
+    decoder: str = option("conv", help="decoder architecture: a registered name")
+    max_concurrent: int | None = option(None, help="trials running at once (default: what the cluster fits, one per "
+                                                   "whole CPU (or per --gpus-per-trial share of the GPUs))")
+    cpus_per_trial: float = option(0.5, help="CPUs reserved per trial; fractional allowed (a whole-CPU request can "
+                                             "stall a 2-core machine); the trial uses max(1, int(this)) torch threads")
+    gpus_per_trial: float = option(0.0, help="GPUs per trial (fractional allowed); > 0 trains the decoders on GPU")
+    max_failures: int = option(1, help="times a failed trial is restarted from its last epoch checkpoint")
+    resume: bool = option(False, help="keep the cells already finished in OUT/cells and train only the missing ones")
+    embed_actors: int = option(1, help="actors computing the embeddings")
+    embed_gpu: bool = option(False, help="one GPU per embedding actor")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decoder not in DECODERS:
+            raise FisherError(f"--decoder {self.decoder}: unknown (have {', '.join(DECODERS.names())})")
+        at_least(self, 1, "epochs", "batch_size", "embed_actors", "max_concurrent")
+        at_least(self, 0, "max_failures", "seed", "gpus_per_trial")
+        positive(self, "lr", "cpus_per_trial")
+
+
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="density × dimension reconstruction grid (paper Figure 3a) with Ray Tune",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prior", required=True, help="prior checkpoint directory (from `fisher train-prior`)")
-    p.add_argument("--data", required=True, help="prepared data directory (from `fisher prepare`)")
-    p.add_argument("--out", required=True,
-                   help="sweep directory to write: embeddings/, cells/, tune/, grid.md, grid.png, manifest.json")
-    p.add_argument("--grid", default="paper_grid",
-                   help="search space: a tune_spaces name (paper_grid: densities 0.001,0.01,0.1,1 × dims "
-                        "64,256,1024) or a JSON file with 'density' and 'dim' lists")
-    p.add_argument("--kind", choices=("fisher", "activation"), default="fisher",
-                   help="Fisher scores (the method) or last hidden activations (the paper's baseline)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="projection seed and decoder initialisation/shuffling seed (default: the grid's "
-                        "'seed', else 0)")
-    d = DecoderTrainConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs, help="decoder training epochs per cell")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="decoder batch size (paper: 128)")
-    p.add_argument("--lr", type=float, default=d.lr, help="decoder Adam learning rate (paper: 1e-3)")
-    p.add_argument("--decoder", default=d.decoder, help=f"decoder architecture: {', '.join(sorted(DECODERS))}")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials running at once (default: what the cluster fits, one per whole CPU "
-                        "(or per --gpus-per-trial share of the GPUs))")
-    p.add_argument("--cpus-per-trial", type=float, default=0.5,
-                   help="CPUs reserved per trial; fractional allowed (a whole-CPU request can stall a "
-                        "2-core machine); the trial uses max(1, int(this)) torch threads")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
-                   help="GPUs per trial (fractional allowed); > 0 trains the decoders on GPU")
-    p.add_argument("--max-failures", type=int, default=1,
-                   help="times a failed trial is restarted from its last epoch checkpoint")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the cells already finished in OUT/cells and train only the missing ones")
-    p.add_argument("--embed-actors", type=int, default=1, help="actors computing the embeddings")
-    p.add_argument("--embed-gpu", action="store_true", help="one GPU per embedding actor")
-    add_ray_args(p)
-    p.set_defaults(func=run)
+    add_options(p, SweepOptions)
+    p.set_defaults(func=run, options=SweepOptions)
 
 
 # ---------------------------------------------------------------- the grid
@@ -106,18 +112,10 @@ def grid_cells(grid: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- the stage
 
-def run(args) -> None:
+def run(args: SweepOptions) -> None:
     grid = tune_spaces.load_grid(args.grid)      # the grid's own checks; one-line errors naming --grid
     data_manifest = read_manifest(args.data, "prepare")
     prior_manifest = read_manifest(args.prior, "train-prior")
-    if args.decoder not in DECODERS:
-        raise FisherError(f"--decoder {args.decoder}: unknown (have {', '.join(sorted(DECODERS))})")
-    if args.epochs < 1 or args.batch_size < 1 or args.embed_actors < 1 or args.max_failures < 0:
-        raise FisherError("--epochs, --batch-size and --embed-actors must be >= 1, --max-failures >= 0")
-    if not args.lr > 0 or not args.cpus_per_trial > 0 or args.gpus_per_trial < 0:
-        raise FisherError("--lr and --cpus-per-trial must be > 0, --gpus-per-trial >= 0")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise FisherError(f"--max-concurrent {args.max_concurrent}: must be >= 1")
     missing = [s for s in SPLITS if s not in data_manifest.get("counts", {})]
     if missing:
         raise FisherError(f"{args.data}: no {'/'.join(missing)} split (has {sorted(data_manifest.get('counts', {}))}); "
@@ -228,22 +226,12 @@ def _finished(out: str, cell: dict, plan_id: str) -> dict | None:
     return rec
 
 
-def _embed(args, emb_dir: str, grid: dict, seed: int) -> None:
+def _embed(args: SweepOptions, emb_dir: str, grid: dict, seed: int) -> None:
     """All cells' projections in one gradient pass: the ``fisher embed`` stage, in-process."""
     from raycluster import embed
-    parser = argparse.ArgumentParser(prog="fisher sweep")
-    embed.register(parser.add_subparsers(dest="command"))
-    argv = ["embed", "--prior", args.prior, "--data", args.data, "--out", emb_dir, "--kind", args.kind,
-            "--dim", ",".join(str(d) for d in grid["dim"]),
-            "--density", ",".join("auto" if d is None else repr(d) for d in grid["density"]),
-            "--seed", str(seed), "--splits", ",".join(SPLITS), "--actors", str(args.embed_actors)]
-    if args.embed_gpu:
-        argv.append("--gpu")
-    if args.address:
-        argv += ["--address", args.address]
-    if args.num_cpus:
-        argv += ["--num-cpus", str(args.num_cpus)]
-    embed.run(parser.parse_args(argv))
+    embed.run(embed.EmbedOptions(prior=args.prior, data=args.data, out=emb_dir, kind=args.kind, dim=grid["dim"],
+                                 density=grid["density"], seed=seed, splits=list(SPLITS), actors=args.embed_actors,
+                                 gpu=args.embed_gpu, address=args.address, num_cpus=args.num_cpus))
 
 
 # ---------------------------------------------------------------- Ray Tune

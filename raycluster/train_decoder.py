@@ -1,4 +1,4 @@
-"""``fisher train-decoder``: fit a decoder z → x (paper sec. 3.4, appendix 7.2) with Ray Train.
+"""``fisher train-decoder``: fit a decoder z → x (paper sec. 4.2, appendix 7.2) with Ray Train.
 
 The embeddings (one column of an ``fisher embed`` directory) are joined to
 their images by ``id``; the decoder (a :data:`fisher.decoders.DECODERS`
@@ -16,34 +16,51 @@ the mean squared error of the decoder's expected image on [0, 1] pixels.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from fisher.checkpoints import METRICS, SPEC, WEIGHTS
 from fisher.data import data_levels
 from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
-from raycluster.options import add_architecture_options, architecture_config
-from raycluster.runtime import add_ray_args, checkpoint_files, finished_run, fit, publish_checkpoint, report_files, torch_trainer
+from raycluster.options import add_options, architecture_config, at_least, option, positive
+from raycluster.runtime import (RayOptions, checkpoint_files, finished_run, fit, publish_checkpoint, report_files,
+                                torch_trainer)
+
+
+@dataclass(kw_only=True)
+class TrainDecoderOptions(RayOptions):
+    """Options of ``fisher train-decoder`` (defaults: the paper's, sec. 5.1/5.2)."""
+    embeddings: str = option(help="embedding directory (from `fisher embed`)")
+    data: str = option(help="prepared data directory the embeddings were made from")
+    column: str = option("z", help="embedding column to decode from (default z)")
+    out: str = option(help="decoder checkpoint directory to write")
+    decoder: str = option("conv", help="decoder architecture: a registered name (see the decoder options)")
+    decoder_config: dict = option(default_factory=dict, architecture=DECODERS,
+                                  help="decoder architecture (each decoder's own options)")
+    epochs: int = option(10, help="training epochs")
+    batch_size: int = option(128, help="batch size (paper: 128)")
+    lr: float = option(1e-3, help="Adam learning rate (paper: 1e-3)")
+    seed: int = option(0, help="initialisation and shuffling seed")
+    gpu: bool = option(False, help="train on one GPU")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved for the worker")
+    max_failures: int = option(3, help="worker failures to recover from")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decoder not in DECODERS:
+            raise FisherError(f"--decoder {self.decoder}: unknown (have {', '.join(DECODERS.names())})")
+        at_least(self, 1, "epochs", "batch_size")
+        at_least(self, 0, "seed", "max_failures")
+        positive(self, "lr", "cpus_per_worker")
+        self.decoder_config = architecture_config(self.decoder_config, DECODERS, self.decoder, "--decoder") if \
+            any(k.startswith("--") for k in self.decoder_config) else dict(self.decoder_config)
 
 
 def register(sub) -> None:
     p = sub.add_parser("train-decoder", help="train a decoder from embeddings back to images (Ray Train)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--embeddings", required=True, help="embedding directory (from `fisher embed`)")
-    p.add_argument("--data", required=True, help="prepared data directory the embeddings were made from")
-    p.add_argument("--column", default="z", help="embedding column to decode from (default z)")
-    p.add_argument("--out", required=True, help="decoder checkpoint directory to write")
-    d = DecoderTrainConfig()
-    p.add_argument("--decoder", default=d.decoder, help=f"decoder architecture: {', '.join(sorted(DECODERS))}")
-    add_architecture_options(p, DECODERS, "decoder architecture (each decoder's own options)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (paper: 128)")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and shuffling seed")
-    p.add_argument("--gpu", action="store_true", help="train on one GPU")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved for the worker")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
-    add_ray_args(p)
-    p.set_defaults(func=run)
+    add_options(p, TrainDecoderOptions)
+    p.set_defaults(func=run, options=TrainDecoderOptions)
 
 
 def _loop(config: dict) -> None:
@@ -74,7 +91,7 @@ def _loop(config: dict) -> None:
                 on_epoch=on_epoch, start=start)
 
 
-def run(args) -> None:
+def run(args: TrainDecoderOptions) -> None:
     emb = read_manifest(args.embeddings, "embed")
     data = read_manifest(args.data, "prepare")
     if emb.get("inputs", {}).get("data") != manifest_hash(data):
@@ -83,11 +100,7 @@ def run(args) -> None:
     if args.column not in emb["columns"]:
         raise FisherError(f"{args.embeddings}: no column '{args.column}' (has {', '.join(emb['columns'])}); "
                           "pass --column")
-    if args.decoder not in DECODERS:
-        raise FisherError(f"--decoder {args.decoder}: unknown (have {', '.join(sorted(DECODERS))})")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise FisherError("--epochs and --batch-size must be >= 1")
-    decoder_config = architecture_config(args, DECODERS, args.decoder, "--decoder")
+    decoder_config = args.decoder_config
     from fisher.decoders import build_decoder
     dim = emb["columns"][args.column].get("dim") or 1
     build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data), **decoder_config)  # refuse a misfit now

@@ -11,39 +11,50 @@ run's Ray storage under ``ray/`` and ``manifest.json``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from fisher.checkpoints import METRICS, SPEC, WEIGHTS, read_train_state
 from fisher.data import data_levels
 from fisher.io import FisherError, join, manifest_hash, parquet_metadata, read_manifest, write_manifest
 from fisher.priors import PRIORS
 from fisher.training import PriorTrainConfig
-from raycluster.options import add_architecture_options, architecture_config
-from raycluster.runtime import (add_ray_args, checkpoint_files, finished_run, fit, init_ray, publish_checkpoint,
+from raycluster.options import add_options, architecture_config, at_least, option, positive
+from raycluster.runtime import (RayOptions, checkpoint_files, finished_run, fit, init_ray, publish_checkpoint,
                                 read_shards, report_files, torch_trainer)
+
+
+@dataclass(kw_only=True)
+class TrainPriorOptions(RayOptions):
+    """Options of ``fisher train-prior`` (defaults: the paper's, sec. 5.2)."""
+    data: str = option(help="prepared data directory (from `fisher prepare`)")
+    out: str = option(help="checkpoint directory to write (local path or s3:// gs:// URI)")
+    prior: str = option("pixelcnn", help="prior architecture: a registered name (see the architecture options)")
+    model: dict = option(default_factory=dict, architecture=PRIORS, help="architecture (each prior's own options)")
+    epochs: int = option(10, help="training epochs")
+    batch_size: int = option(128, help="global batch size (paper: 128)")
+    lr: float = option(1e-3, help="Adam learning rate (paper: 1e-3)")
+    seed: int = option(0, help="initialisation and shuffling seed")
+    limit: int | None = option(None, help="use only the first N training images (small runs)")
+    workers: int = option(1, help="Ray Train workers (data parallel)")
+    gpu: bool = option(False, help="one GPU per worker")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker (fractions allowed, default 1)")
+    max_failures: int = option(3, help="worker failures to recover from")
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "epochs", "batch_size", "workers", "limit")
+        at_least(self, 0, "seed", "max_failures")
+        positive(self, "lr", "cpus_per_worker")
+        PRIORS.get(self.prior)
+        self.model = architecture_config(self.model, PRIORS, self.prior, "--prior") if \
+            any(k.startswith("--") for k in self.model) else dict(self.model)
 
 
 def register(sub) -> None:
     p = sub.add_parser("train-prior", help="train an autoregressive prior on prepared shards (Ray Train)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="prepared data directory (from `fisher prepare`)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write (local path or s3:// gs:// URI)")
-    d = PriorTrainConfig()
-    p.add_argument("--prior", default=d.prior, choices=PRIORS.names(),
-                   help=f"prior architecture (default {d.prior})")
-    add_architecture_options(p, PRIORS, "architecture (each prior's own options)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (paper: 128)")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--seed", type=int, default=d.seed, help="initialisation and shuffling seed")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images (small runs)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs reserved per worker (fractions allowed, default 1)")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
-    add_ray_args(p)
-    p.set_defaults(func=run)
+    add_options(p, TrainPriorOptions)
+    p.set_defaults(func=run, options=TrainPriorOptions)
 
 
 def _train_loop(config: dict) -> None:
@@ -115,18 +126,10 @@ def _dataset(data_dir: str, manifest: dict, split: str, limit: int | None):
     return ds.limit(limit) if limit else ds
 
 
-def run(args) -> None:
+def run(args: TrainPriorOptions) -> None:
     data_manifest = read_manifest(args.data, "prepare")
     shape = data_manifest["image_shape"]
-    levels = data_levels(data_manifest)
-    for name in ("epochs", "batch_size", "workers"):
-        if getattr(args, name) < 1:
-            raise FisherError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        raise FisherError(f"--limit {args.limit}: must be >= 1 (leave it out to train on all images)")
-    model = {"channels": int(shape[2]), "levels": levels,
-             **architecture_config(args, PRIORS, args.prior, "--prior")}
-    PRIORS.config(args.prior, **model)          # every value checked by the architecture's dataclass, now
+    model = {"channels": int(shape[2]), "levels": data_levels(data_manifest), **args.model}
     cfg = PriorTrainConfig(prior=args.prior, model=asdict(PRIORS.config(args.prior, **model)),
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "limit": args.limit}

@@ -1,4 +1,4 @@
-"""Decoders z → x (paper sec. 3.3, appendix 7.2), one module per family.
+"""Decoders z → x (paper sec. 4.2, appendix 7.2), one module per family.
 
 * :func:`build_decoder` — ``build_decoder("conv", z_dim, (H, W, C), levels, **config)``;
 * :func:`load_decoder` / :func:`save_decoder` — checkpoints (:mod:`fisher.checkpoints`);

@@ -1,4 +1,4 @@
-"""The contract every decoder z → x meets (paper sec. 3.3, appendix 7.2).
+"""The contract every decoder z → x meets (paper sec. 4.2, appendix 7.2).
 
 A decoder is built as ``cls(z_dim, image_shape, levels, **config)`` with ``image_shape = (H, W, C)``
 (the shard layout) and integer images ``x`` (B, C, H, W) in [0, levels). It answers:

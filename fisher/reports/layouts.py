@@ -1,5 +1,5 @@
 """Image layouts of the manipulation figures: interpolation strips (paper Figures 2 and 4) and
-attribute-edit grids (paper sec. 3.5 / 5.2, Figure 5).
+attribute-edit grids (paper sec. 5.2, Figure 5).
 
 Inputs are what the stages have at hand: decoded images as float (…, C, H, W) arrays or tensors on
 [0, 1] (the decoder's expected value, :func:`fisher.evaluation.decode_interpolations` /
