@@ -30,17 +30,17 @@ from fisher.io import atomic_write_bytes, exists, join, read_bytes
 WEIGHTS, SPEC, OPTIMIZER, PROGRESS, METRICS = "weights.pt", "module.json", "optimizer.pt", "progress.json", "metrics.json"
 FORMAT = "fisher-module/1"
 LEGACY_SPEC = {"prior": "model.json", "decoder": "decoder.json"}           # checkpoints of fisher-ray 0.1
-FAMILIES = {"prior": ("fisher.priors", "PRIORS", "fisher train-prior"),
-            "decoder": ("fisher.decoders", "DECODERS", "fisher train-decoder")}
+FAMILIES = {"prior": ("fisher.priors", "PRIORS", "fisher train-prior", "rerun `fisher train-prior`"),
+            "decoder": ("fisher.decoders", "DECODERS", "fisher train-decoder", "retrain the decoder")}
 
 
 def registry(family: str):
-    module, name, _ = FAMILIES[family]
+    module, name = FAMILIES[family][:2]
     return getattr(importlib.import_module(module), name)
 
 
 def _retrain(family: str) -> str:
-    return f"rerun `{FAMILIES[family][2]}`"
+    return FAMILIES[family][3]
 
 
 # ---------------------------------------------------------------- writing

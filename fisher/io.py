@@ -214,3 +214,44 @@ def manifest_hash(manifest: dict) -> str:
     """Content hash identifying an artifact (its manifest without library versions)."""
     core = {k: v for k, v in manifest.items() if k != "versions"}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PLAN = "_plan.json"     # written when a stage starts filling a directory: what it is being filled with
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as {'decoder.epochs': 10, ...}, so a refusal names the exact value that differs."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def claim_output(out: str, stage: str, plan: dict | None = None) -> None:
+    """Claim ``out`` for ``stage``: refuse a directory holding another stage's artifact; with ``plan``,
+    record what the directory is being filled with (``_plan.json``) or refuse one started with another
+    plan, naming each value that differs. Called before any work, so a refusal writes nothing."""
+    if exists(join(out, MANIFEST)):
+        old = read_manifest(out).get("stage")
+        if old != stage:
+            raise FisherError(f"{out}: holds a '{old}' artifact; pass a new --out")
+    if plan is None:
+        return
+    uri = join(out, PLAN)
+    if exists(uri):
+        try:
+            old = json.loads(read_bytes(uri))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FisherError(f"{uri}: corrupt ({e}); pass a new --out") from e
+        if old != plan:
+            a, b = _flat(old) if isinstance(old, dict) else {"": old}, _flat(plan)
+            diff = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now"
+                             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+            raise FisherError(f"{out}: holds a {stage} run made with a different config ({diff}); pass a new --out")
+    elif exists(join(out, MANIFEST)):
+        raise FisherError(f"{out}: holds a {stage} artifact without its {PLAN}; pass a new --out")
+    else:
+        atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())

@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fisher",
-        description="Fisher-score embeddings for PixelCNN priors (Yan, Ho, Abbeel), scaled out on Ray.")
+        description="Fisher-score embeddings for autoregressive priors (Yan, Ho, Abbeel), scaled out on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     import importlib
     for name in STAGES:

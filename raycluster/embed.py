@@ -32,6 +32,7 @@ from fisher.io import (
     FisherError,
     atomic_write_bytes,
     atomic_write_table,
+    claim_output,
     exists,
     join,
     manifest_hash,
@@ -46,7 +47,6 @@ from raycluster.options import add_options, at_least, option, positive
 from raycluster.runtime import RayOptions, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
-PLAN = "_plan.json"     # written first: what this directory is being filled with
 _NODE = "_node"         # per-row Ray node id from the actors; not written to the shards
 
 
@@ -173,7 +173,7 @@ def run(args: EmbedOptions) -> None:
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
             "prior": manifest_hash(prior_manifest), "prior_weights_sha256": prior_manifest.get("weights_sha256"),
             "data": manifest_hash(data_manifest)}
-    _claim(args.out, plan)
+    claim_output(args.out, "embed", plan)
 
     todo = [s for s in shards if not exists(join(args.out, s["file"]))]
     _check_done(args, [s for s in shards if s not in todo], plan)
@@ -203,21 +203,6 @@ def _rows(data_dir: str, shard: dict) -> int:
         return int(shard["rows"])
     fs, path = resolve(join(data_dir, shard["file"]))
     return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-
-
-def _claim(out: str, plan: dict) -> None:
-    """Record what ``out`` is being filled with; refuse a directory filled with something else."""
-    uri = join(out, PLAN)
-    if exists(uri):
-        old = json.loads(read_bytes(uri))
-        if old != plan:
-            diff = ", ".join(k for k in sorted(plan) if old.get(k) != plan.get(k))
-            raise FisherError(f"{out}: holds embeddings made with a different {diff} "
-                              f"(prior {old.get('prior')} vs {plan['prior']}); pass a new --out")
-    elif exists(join(out, MANIFEST)):
-        raise FisherError(f"{out}: holds another artifact; pass a new --out")
-    else:
-        atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())
 
 
 def _check_done(args, done: list[dict], plan: dict) -> None:

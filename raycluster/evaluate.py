@@ -36,6 +36,7 @@ from fisher.io import (
     MANIFEST,
     FisherError,
     atomic_write_bytes,
+    claim_output,
     exists,
     join,
     manifest_hash,
@@ -220,14 +221,6 @@ def _device(args) -> str:
     return "cpu"
 
 
-def _claim_out(out: str, stage: str) -> None:
-    """Refuse an output directory that holds another stage's artifact."""
-    if exists(join(out, MANIFEST)):
-        old = read_manifest(out).get("stage")
-        if old != stage:
-            raise FisherError(f"{out}: holds a '{old}' artifact; pass a new --out")
-
-
 def _write_manifest(out: str, stage: str, config: dict, info: dict, **extra) -> None:
     from fisher.io import write_manifest
     write_manifest(out, stage, config, inputs=info["inputs"], **extra)
@@ -244,7 +237,7 @@ def run_interpolate(args) -> None:
     from fisher.reports.layouts import interpolation_image
 
     info = _inputs(args)
-    _claim_out(args.out, "interpolate")
+    claim_output(args.out, "interpolate")
     device = _device(args)
     ids, z = read_embeddings(args.embeddings, args.split, args.column)
     pairs = random_pairs(len(ids), args.pairs, args.seed)
@@ -288,7 +281,7 @@ def run_edit(args) -> None:
         raise FisherError(f"--attribute {args.attribute!r}: unknown {', '.join(unknown) or 'attribute'}; "
                           f"valid names include {', '.join(attr_names[:8])}, … ({len(attr_names)} in all)")
     info = _inputs(args)
-    _claim_out(args.out, "edit")
+    claim_output(args.out, "edit")
     device = _device(args)
 
     train_ids, z_train = read_embeddings(args.embeddings, "train", args.column)
@@ -484,7 +477,7 @@ def run_evaluate(args) -> None:
     from fisher.manipulation import random_pairs
 
     info = _inputs(args)
-    _claim_out(args.out, "evaluate")
+    claim_output(args.out, "evaluate")
     weights = args.fid_weights or os.environ.get(WEIGHTS_ENV) or None
     weights_id = load_inception(weights).weights_id        # fails fast (and offline) with what to pass
     label = args.label or f"{info['kind']}/{info['arch']}"

@@ -89,7 +89,7 @@ def add_options(p: argparse.ArgumentParser, cls) -> None:
         if required:
             kwargs["required"] = True
         else:
-            kwargs["default"] = f.default if f.default is not MISSING else None
+            kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
         target.add_argument(flag_of(f), dest=f.name, **kwargs)
 
 

@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from raycluster.options import add_options, at_least, option
+from raycluster.options import add_options, at_least, option, positive
 
 
 @dataclass(kw_only=True)
@@ -18,6 +18,26 @@ class RayOptions:
 
     def __post_init__(self):
         at_least(self, 1, "num_cpus")
+
+
+@dataclass(kw_only=True)
+class TrainerOptions(RayOptions):
+    """What every Ray Train stage shares (defaults: the paper's, sec. 5.2: Adam 1e-3, batch 128)."""
+    epochs: int = option(10, help="training epochs")
+    batch_size: int = option(128, help="(global) batch size (paper: 128)")
+    lr: float = option(1e-3, help="Adam learning rate (paper: 1e-3)")
+    seed: int = option(0, help="initialisation and shuffling seed")
+    gpu: bool = option(False, help="one GPU per worker")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker (fractions allowed, default 1)")
+    max_failures: int = option(3, help="worker failures to recover from")
+    _groups = {**RayOptions._groups, **{k: "training" for k in ("epochs", "batch_size", "lr", "seed", "gpu",
+                                                               "cpus_per_worker", "max_failures")}}
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "epochs", "batch_size")
+        at_least(self, 0, "seed", "max_failures")
+        positive(self, "lr", "cpus_per_worker")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -133,9 +153,10 @@ def checkpoint_files(checkpoint) -> dict[str, bytes] | None:
 def finished_run(out: str, stage: str, stage_config: dict, inputs: dict) -> bool:
     """True if ``out`` holds this finished run. A finished run of the same config with fewer
     epochs is continued (False); any other content of ``out`` is an error."""
-    from fisher.io import MANIFEST, FisherError, exists, join, read_manifest
+    from fisher.io import MANIFEST, FisherError, claim_output, exists, join, read_manifest
     if not exists(join(out, MANIFEST)):
         return False
+    claim_output(out, stage)
     old = read_manifest(out)
     same = {k: v for k, v in old.get("config", {}).items() if k != "epochs"} == \
         {k: v for k, v in stage_config.items() if k != "epochs"}

@@ -44,6 +44,7 @@ from fisher.io import (
     MANIFEST,
     FisherError,
     atomic_write_bytes,
+    claim_output,
     exists,
     join,
     manifest_hash,
@@ -54,7 +55,6 @@ from fisher.io import (
 from raycluster.options import add_options, at_least, option, positive
 from raycluster.runtime import RayOptions, init_ray
 
-PLAN = "_plan.json"       # the sweep's config, written on the first run and compared on every rerun
 CELLS = "cells"           # OUT/cells/<column>.json: one record per finished cell
 SPLITS = ("train", "test")
 
@@ -130,7 +130,7 @@ def run(args: SweepOptions) -> None:
             "decoder": train.to_dict(), "prior": manifest_hash(prior_manifest),
             "prior_weights_sha256": prior_manifest.get("weights_sha256"), "data": manifest_hash(data_manifest)}
     plan_id = manifest_hash(plan)
-    _claim(args.out, plan)
+    claim_output(args.out, "sweep", plan)
     cells = grid_cells(grid)
     started = time.time()
 
@@ -179,36 +179,6 @@ def _abs(uri: str) -> str:
 
 def _cell_uri(out: str, column: str) -> str:
     return join(out, CELLS, f"{column}.json")
-
-
-def _claim(out: str, plan: dict) -> None:
-    """Record what ``out`` is being filled with; refuse a directory started with another config."""
-    uri = join(out, PLAN)
-    if exists(uri):
-        try:
-            old = json.loads(read_bytes(uri))
-        except json.JSONDecodeError as e:
-            raise FisherError(f"{uri}: corrupt ({e}); pass a new --out") from e
-        if old != plan:
-            a, b = _flat(old), _flat(plan)
-            diff = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now"
-                             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
-            raise FisherError(f"{out}: holds a sweep made with a different config ({diff}); pass a new --out")
-    elif exists(join(out, MANIFEST)):
-        raise FisherError(f"{out}: holds another artifact; pass a new --out")
-    else:
-        atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested dicts as {'decoder.epochs': 10, ...}, so a refusal names the exact option that differs."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _finished(out: str, cell: dict, plan_id: str) -> dict | None:

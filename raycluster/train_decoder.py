@@ -22,13 +22,13 @@ from fisher.checkpoints import METRICS, SPEC, WEIGHTS
 from fisher.data import data_levels
 from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
-from raycluster.options import add_options, architecture_config, at_least, option, positive
-from raycluster.runtime import (RayOptions, checkpoint_files, finished_run, fit, publish_checkpoint, report_files,
+from raycluster.options import add_options, architecture_config, option
+from raycluster.runtime import (TrainerOptions, checkpoint_files, finished_run, fit, publish_checkpoint, report_files,
                                 torch_trainer)
 
 
 @dataclass(kw_only=True)
-class TrainDecoderOptions(RayOptions):
+class TrainDecoderOptions(TrainerOptions):
     """Options of ``fisher train-decoder`` (defaults: the paper's, sec. 5.1/5.2)."""
     embeddings: str = option(help="embedding directory (from `fisher embed`)")
     data: str = option(help="prepared data directory the embeddings were made from")
@@ -37,21 +37,11 @@ class TrainDecoderOptions(RayOptions):
     decoder: str = option("conv", help="decoder architecture: a registered name (see the decoder options)")
     decoder_config: dict = option(default_factory=dict, architecture=DECODERS,
                                   help="decoder architecture (each decoder's own options)")
-    epochs: int = option(10, help="training epochs")
-    batch_size: int = option(128, help="batch size (paper: 128)")
-    lr: float = option(1e-3, help="Adam learning rate (paper: 1e-3)")
-    seed: int = option(0, help="initialisation and shuffling seed")
-    gpu: bool = option(False, help="train on one GPU")
-    cpus_per_worker: float = option(1.0, help="CPUs reserved for the worker")
-    max_failures: int = option(3, help="worker failures to recover from")
 
     def __post_init__(self):
         super().__post_init__()
         if self.decoder not in DECODERS:
             raise FisherError(f"--decoder {self.decoder}: unknown (have {', '.join(DECODERS.names())})")
-        at_least(self, 1, "epochs", "batch_size")
-        at_least(self, 0, "seed", "max_failures")
-        positive(self, "lr", "cpus_per_worker")
         self.decoder_config = architecture_config(self.decoder_config, DECODERS, self.decoder, "--decoder") if \
             any(k.startswith("--") for k in self.decoder_config) else dict(self.decoder_config)
 

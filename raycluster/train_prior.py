@@ -18,33 +18,24 @@ from fisher.data import data_levels
 from fisher.io import FisherError, join, manifest_hash, parquet_metadata, read_manifest, write_manifest
 from fisher.priors import PRIORS
 from fisher.training import PriorTrainConfig
-from raycluster.options import add_options, architecture_config, at_least, option, positive
-from raycluster.runtime import (RayOptions, checkpoint_files, finished_run, fit, init_ray, publish_checkpoint,
+from raycluster.options import add_options, architecture_config, at_least, option
+from raycluster.runtime import (TrainerOptions, checkpoint_files, finished_run, fit, init_ray, publish_checkpoint,
                                 read_shards, report_files, torch_trainer)
 
 
 @dataclass(kw_only=True)
-class TrainPriorOptions(RayOptions):
+class TrainPriorOptions(TrainerOptions):
     """Options of ``fisher train-prior`` (defaults: the paper's, sec. 5.2)."""
     data: str = option(help="prepared data directory (from `fisher prepare`)")
     out: str = option(help="checkpoint directory to write (local path or s3:// gs:// URI)")
     prior: str = option("pixelcnn", help="prior architecture: a registered name (see the architecture options)")
     model: dict = option(default_factory=dict, architecture=PRIORS, help="architecture (each prior's own options)")
-    epochs: int = option(10, help="training epochs")
-    batch_size: int = option(128, help="global batch size (paper: 128)")
-    lr: float = option(1e-3, help="Adam learning rate (paper: 1e-3)")
-    seed: int = option(0, help="initialisation and shuffling seed")
     limit: int | None = option(None, help="use only the first N training images (small runs)")
     workers: int = option(1, help="Ray Train workers (data parallel)")
-    gpu: bool = option(False, help="one GPU per worker")
-    cpus_per_worker: float = option(1.0, help="CPUs reserved per worker (fractions allowed, default 1)")
-    max_failures: int = option(3, help="worker failures to recover from")
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 1, "epochs", "batch_size", "workers", "limit")
-        at_least(self, 0, "seed", "max_failures")
-        positive(self, "lr", "cpus_per_worker")
+        at_least(self, 1, "workers", "limit")
         PRIORS.get(self.prior)
         self.model = architecture_config(self.model, PRIORS, self.prior, "--prior") if \
             any(k.startswith("--") for k in self.model) else dict(self.model)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SHARED_DATA = Path(os.environ.get("FISHER_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -73,3 +74,12 @@ def make_celeba(tmp_path):
             "\r\n".join(f"{n} {codes[s]}" for n, (s, _) in rows.items()).encode())
         return root, rows
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy shared 2-core machine, 2 spinning threads make the convs ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,13 +12,7 @@ from fisher.decoders import (DECODERS, Decoder, DecoderTrainConfig, ResBlock, bu
 from fisher.io import FisherError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy shared 2-core machine, 2 spinning threads make the convs ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("name, shape, levels, expected", [
     ("conv", (28, 28, 1), 2, (3, 1, 28, 28)),
