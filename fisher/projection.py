@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 BLOCK = 1 << 16          # features per generation block (part of the matrix's definition)
 DENSE_ABOVE = 0.25       # densities above this are applied as dense matrices (same values)
@@ -145,7 +146,8 @@ def _as_operator(blocks: list, dense: bool, device):
     gradient row for every non-zero. On GPUs: torch CSR (cuSPARSE).
     """
     if dense:
-        return torch.from_numpy(np.vstack([b if isinstance(b, np.ndarray) else b.toarray() for b in blocks])).to(device)
+        return BlockedDense(torch.from_numpy(np.vstack([b if isinstance(b, np.ndarray) else b.toarray()
+                                                        for b in blocks])).to(device))
     m = sp.vstack(blocks)
     if torch.device(device).type == "cpu":
         return m.tocsc()
@@ -153,6 +155,26 @@ def _as_operator(blocks: list, dense: bool, device):
     return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
                                    torch.from_numpy(m.indices.astype(np.int64)),
                                    torch.from_numpy(m.data), size=m.shape).to(device)
+
+
+class BlockedDense:
+    """A dense (dims × m) matrix applied as a sum of fixed-width column blocks, so that the product
+    does not depend on the number of threads: a plain GEMM with a long inner dimension is split
+    across threads along it, and its round-off then depends on the thread count (so on the number of
+    actors per node). Here each block's product is one small GEMM (one thread each, in ``bmm``) and
+    the blocks are added in a fixed order; as fast as the plain product on this CPU."""
+    WIDTH = 4096
+
+    def __init__(self, mat: torch.Tensor):
+        dims, m = mat.shape
+        self.m, self.n_blocks = m, -(-m // self.WIDTH)
+        pad = self.n_blocks * self.WIDTH - m
+        self.blocks = F.pad(mat, (0, pad)).view(dims, self.n_blocks, self.WIDTH).transpose(0, 1).contiguous()
+
+    def __matmul__(self, gt: torch.Tensor) -> torch.Tensor:
+        pad = self.n_blocks * self.WIDTH - self.m
+        rhs = F.pad(gt, (0, 0, 0, pad)).view(self.n_blocks, self.WIDTH, gt.shape[1])
+        return torch.bmm(self.blocks, rhs).sum(0)
 
 
 class ProjectionStack:

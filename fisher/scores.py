@@ -1,25 +1,82 @@
 """Fisher scores ∇_θ log p_θ(x), exact per image (paper sec. 3.2 and 4.1).
 
 The score of image x is the gradient of log p_θ(x) (not of the NLL) with
-respect to every *free* parameter of the prior, in eval mode, in float32.
-Weights pinned to zero by a causal mask have exactly-zero gradients and are
-left out, so ``n_features`` counts only free entries. Features are ordered
-as ``model.named_parameters()``, each parameter's free entries in row-major
-order.
+respect to every *free* parameter of the prior, in eval mode, in float32
+(sec. 3.2: the Fisher score as a latent code). Weights pinned to zero by a
+causal mask have exactly-zero gradients and are left out, so ``n_features``
+counts only free entries. Features are ordered as ``model.named_parameters()``,
+each parameter's free entries in row-major order. The embedding of sec. 4.1
+(eq. 1) is the random projection of that vector; it is applied layer by
+layer (below), so the full score matrix never exists when a projection is
+given.
 
-Fast path (every parameter belongs to a stride-1 ``nn.Conv2d``, such as the
-PixelCNN): one forward pass, one backward pass to the conv *outputs* only
-(no summed weight gradients), then each layer's per-image weight gradients
-as batched matmuls of the output gradients with the shifted inputs at the
-kernel offsets the mask leaves free (about half of a 7×7 kernel), read as
-strided views without copying patches. Per-layer
-blocks are projected as they are produced, and the batch is processed in
-chunks, so memory does not grow with the batch size when a projection is
-given. Other models fall back to ``torch.func`` (vmap of grad).
+How the scores are computed: one forward pass with forward hooks on every
+layer that has a per-layer rule (they record each call's input and output),
+one backward pass to those layer *outputs* only (Δ = ∂ log p / ∂ output, no
+summed parameter gradients), then each layer's per-image parameter gradients
+from its recorded input and Δ. Rules (``score_plan`` says which one every
+parameter takes):
+
+* ``conv2d/stride1`` — ``nn.Conv2d``, stride 1, dilation 1, groups 1, zero
+  padding (the PixelCNN and Gated PixelCNN layers, 1×1 convs included). For
+  kernel offset (i, j), ∂/∂W[:, :, i, j] = Δ_b · X_b(i, j)ᵀ with X_b(i, j) the
+  padded input shifted by (i, j): one batched matmul per offset the mask leaves
+  free (about half of a 7×7 kernel), the shifted inputs read as strided views
+  of one channels-last buffer, so no patches are copied. (This is the original
+  fast path, unchanged: these priors' scores are bitwise what they were.)
+* ``conv2d`` — any other ``nn.Conv2d``: stride s, dilation d, int/tuple/'same'/
+  'valid' padding in any ``padding_mode``, groups. y[o, p] = Σ W[o, c, i, j]
+  x_pad[c, s·p + d·(i, j)], so ∂/∂W[:, :, i, j] = Δ_b · X_b(i, j)ᵀ with
+  X_b(i, j) = x_pad[:, d·i :: s, d·j :: s] (H_out × W_out samples); the input
+  is padded as the layer pads it; with groups, each group's channel block is a
+  separate batch of the same bmm. Memory: one input-sized gather per offset.
+* ``conv_transpose2d`` — ``nn.ConvTranspose2d`` (any stride, padding,
+  output_padding, dilation, groups). y[o, s·p + d·(i, j) − pad] += x[c, p]
+  W[c, o, i, j], so ∂/∂W[:, :, i, j] = X_b · Δ_pad,b(i, j)ᵀ with Δ_pad the
+  output gradient zero-padded by ``padding`` and Δ_pad,b(i, j) =
+  Δ_pad[:, d·i :: s, d·j :: s] (H_in × W_in samples); output_padding only adds
+  rows that no weight reaches (their Δ is never read).
+* ``linear`` — ``nn.Linear`` on (B, in) or (B, …, in): ∂/∂W = Σ_… Δ_bᵀ x_b,
+  one bmm over the flattened extra dims.
+* biases of all of these: Σ of Δ over every non-channel dimension.
+* ``…+weight_norm`` — any of the layers above under
+  ``torch.nn.utils.parametrizations.weight_norm`` (parameters
+  ``parametrizations.weight.original0`` = g, ``original1`` = v) or the older
+  ``torch.nn.utils.weight_norm`` (``weight_g``, ``weight_v``), as PixelCNN++
+  uses: the score is with respect to g and v themselves. With G the per-image
+  gradient of the effective weight w = g·v/‖v‖ (the rule above, times the
+  layer's ``mask`` if it has one), n = ‖v‖ over every dimension but ``dim``
+  and v̂ = v/n: ∂/∂g = Σ G ⊙ v̂ (summed over those dimensions) and
+  ∂/∂v = (g/n)(G − (∂/∂g) v̂).
+* ``vmap`` — a parameter no rule covers (a bare ``nn.Parameter``, norm
+  layers' affine parameters, Conv1d/Conv3d, an ``nn.Parameter`` tied between
+  two modules, a layer whose call breaks a rule's assumptions at run time):
+  ``torch.func`` vmap of grad over ``functional_call``, differentiating only
+  those parameters, all of them in one call per chunk. The other layers keep
+  their rules.
+
+A module called several times in one forward pass (shared weights) gets the
+sum of its per-call gradients; an output used several times simply gets the
+summed Δ from autograd. If a recorded input or output is modified in place
+later in the forward pass, the chunk is recomputed with the hooks copying it.
+The rules assume what the prior contract (``fisher.priors.base``) states: a
+covered module computes exactly its layer's operation on its first input
+with ``weight`` (times ``mask``, when it has one) and ``bias``, and dimension
+0 of every call indexes the images of the batch; each call is checked for
+the shapes its layer type implies, and a module whose call does not fit is
+moved to the ``vmap`` rule.
+
+Memory: the batch is processed ``chunk_size`` images at a time, and within a
+chunk the per-layer blocks (B, n_free of that parameter) are projected as
+they are produced and then dropped, so with a projection the peak is one
+chunk's activations plus one layer's block, independent of the batch size;
+without one, the output (B, n_features) itself is the only thing that grows
+with B.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -28,6 +85,7 @@ import torch.nn.functional as F
 from fisher.projection import ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 32
+FALLBACK = "vmap"
 
 
 def free_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -71,23 +129,41 @@ def fisher_scores_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def fisher_scores_vmap(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Generic per-sample gradients with ``torch.func`` (vmap of grad); works for any model."""
-    from torch.func import grad, vmap
     model.eval()
     masks = free_masks(model)
+    g = _func_grads(model, [n for n, _ in model.named_parameters()], x)
+    return torch.cat([_select(g[n], masks[n]) for n in masks], dim=1)
+
+
+def _func_grads(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image gradients (B, *shape) of the parameters ``names`` only, by vmap of grad; the other
+    parameters enter as constants, so one call covers all of them."""
+    from torch.func import grad, vmap
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b for n, b in model.named_buffers()}
+    wanted = {n: params[n] for n in names}
+    rest = {n: p for n, p in params.items() if n not in wanted}
 
-    g = vmap(grad(lambda p, xi: _log_prob_functional(model, p, buffers, xi.unsqueeze(0))), in_dims=(None, 0))(params, x)
-    return torch.cat([g[n][:, masks[n]] for n in params], dim=1)
+    def log_prob(sub, xi):
+        return _log_prob_functional(model, {**rest, **sub}, buffers, xi.unsqueeze(0))
+
+    return vmap(grad(log_prob), in_dims=(None, 0))(wanted, x)
 
 
 def _log_prob_functional(model, params, buffers, x):
     from torch.func import functional_call
-    logits = functional_call(model, (params, buffers), (x,))
-    return model.log_prob_from_logits(logits, x).sum()
+    out = functional_call(model, (params, buffers), (x,))
+    head = getattr(model, "log_prob_from_output", None) or model.log_prob_from_logits
+    return head(out, x).sum()
 
 
-# ---------------------------------------------------------------- fast path
+def _select(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Free entries of per-image gradients ``g`` (B, *mask.shape), row-major: (B, n_free)."""
+    g = g.reshape(g.shape[0], -1)
+    return g if bool(mask.all()) else g[:, mask.reshape(-1)]
+
+
+# ---------------------------------------------------------------- fast path: layout
 @dataclass
 class _ConvBlock:
     module: nn.Conv2d
@@ -98,43 +174,150 @@ class _ConvBlock:
     b_offset: int | None                 # feature offset of the bias block
 
 
-def _conv_plan(model: nn.Module) -> list[_ConvBlock] | None:
-    """Per-layer layout for the fast path, or None when a parameter is outside a plain Conv2d."""
+@dataclass(eq=False)
+class _Layer:
+    """One module with a per-layer rule, and where its parameters' features go."""
+    module: nn.Module
+    kind: str                            # conv2d/stride1 | conv2d | conv_transpose2d | linear
+    params: list[tuple[str, str]]        # (parameter name, role) in named_parameters order; role: weight|bias|g|v
+    norm: str | None = None              # None | "weight_norm" (parametrizations) | "weight_norm_legacy"
+    norm_dim: int = 0
+    offsets: list[tuple[int, int]] | None = None    # conv kernel positions computed
+    select: torch.Tensor | None = None   # free entries of the computed weight block (None: all)
+    block: _ConvBlock | None = None      # the conv2d/stride1 layout
+
+    @property
+    def rule(self) -> str:
+        return self.kind + ("+weight_norm" if self.norm else "")
+
+
+@dataclass
+class _Plan:
+    layers: list[_Layer]
+    fallback: list[str]                  # parameters computed by _func_grads, in named_parameters order
+    offsets: dict[str, int]              # feature offset of every parameter
+    masks: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    copy_io: set = field(default_factory=set)     # modules whose recorded input/output is changed in place later
+
+    def demote(self, layer: _Layer) -> None:
+        self.layers.remove(layer)
+        order = list(self.offsets)
+        self.fallback = sorted(self.fallback + [n for n, _ in layer.params], key=order.index)
+
+    def rules(self) -> list[tuple[str, str]]:
+        by = {n: layer.rule for layer in self.layers for n, _ in layer.params}
+        return [(n, by.get(n, FALLBACK)) for n in self.offsets]
+
+
+_KINDS = ((nn.Conv2d, "conv2d"), (nn.ConvTranspose2d, "conv_transpose2d"), (nn.Linear, "linear"))
+
+
+def _layer_roles(mod: nn.Module):
+    """(kind, norm, norm_dim, {local parameter name: role}) for a module some rule covers, else None."""
+    kind = next((k for cls, k in _KINDS if isinstance(mod, cls)), None)
+    if kind is None:
+        return None
+    if kind != "linear" and len(mod.kernel_size) != 2:
+        return None
+    own = [n for n, _ in mod.named_parameters(recurse=False)]
+    every = [n for n, _ in mod.named_parameters()]
+    from torch.nn.utils.weight_norm import WeightNorm
+    legacy = [h for h in mod._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
+    if getattr(mod, "parametrizations", None) is not None:
+        from torch.nn.utils.parametrizations import _WeightNorm
+        plist = getattr(mod.parametrizations, "weight", None)
+        if (legacy or set(mod.parametrizations.keys()) != {"weight"} or len(plist) != 1
+                or not isinstance(plist[0], _WeightNorm) or set(own) - {"bias"}):
+            return None
+        roles = {"parametrizations.weight.original0": "g", "parametrizations.weight.original1": "v"}
+        norm, dim = "weight_norm", plist[0].dim
+    elif legacy:
+        if len(legacy) != 1 or legacy[0].name != "weight" or set(own) - {"bias", "weight_g", "weight_v"}:
+            return None
+        roles = {"weight_g": "g", "weight_v": "v"}
+        norm, dim = "weight_norm_legacy", legacy[0].dim
+    else:
+        roles, norm, dim = {"weight": "weight"}, None, 0
+    if "bias" in own:
+        roles["bias"] = "bias"
+    if set(every) != set(roles):
+        return None
+    return kind, norm, dim, roles
+
+
+def _used_offsets(mask: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Kernel positions where ``mask`` (…, …, kh, kw) has a non-zero, and their flat indices."""
+    kw = mask.shape[3]
+    used = (mask != 0).any(0).any(0)
+    offsets = [(i, j) for i in range(mask.shape[2]) for j in range(kw) if used[i, j]]
+    return offsets, torch.tensor([i * kw + j for i, j in offsets], dtype=torch.long, device=mask.device)
+
+
+def _make_plan(model: nn.Module) -> _Plan:
     masks = free_masks(model)
-    convs = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and list(mod.parameters(recurse=False)):
-            if mod.stride != (1, 1) or mod.dilation != (1, 1) or mod.groups != 1 or not isinstance(mod.padding, tuple):
-                return None
-            convs[name] = mod
-    plan, offset, by_name = [], 0, {}
-    for pname, p in model.named_parameters():
-        mod_name, _, kind = pname.rpartition(".")
-        if mod_name not in convs:
-            return None
-        mod, mask = convs[mod_name], masks[pname]
-        if kind == "weight":
-            kh, kw = mod.kernel_size
-            used = mask.any(0).any(0)                                    # (kh, kw)
-            offsets = [(i, j) for i in range(kh) for j in range(kw) if used[i, j]]
-            idx = torch.tensor([i * kw + j for i, j in offsets])
-            sub = mask.flatten(2)[:, :, idx].flatten()                   # free flags over (out, in, offsets)
-            select = None if bool(sub.all()) else sub.nonzero().squeeze(1)
-            block = _ConvBlock(mod, offsets, select, int(mask.sum()), offset, None)
-            by_name[mod_name] = block
-            plan.append(block)
-        elif kind == "bias":
-            if mod_name not in by_name:
-                return None
-            by_name[mod_name].b_offset = offset
-        else:
-            return None
-        offset += int(mask.sum())
-    return plan
+    offsets, at = {}, 0
+    for name, m in masks.items():
+        offsets[name] = at
+        at += int(m.sum())
+    owners = Counter(id(p) for mod in model.modules() for p in mod._parameters.values() if p is not None)
+    by_name = dict(model.named_parameters())
+    found = {}                                            # parameter name -> (layer, role)
+    for mod_name, mod in model.named_modules():
+        spec = _layer_roles(mod)
+        if spec is None:
+            continue
+        kind, norm, dim, roles = spec
+        full = {f"{mod_name}.{n}" if mod_name else n: r for n, r in roles.items()}
+        if any(n not in by_name or owners[id(by_name[n])] > 1 for n in full):
+            continue                                      # a parameter tied to another module's: vmap
+        layer = _Layer(mod, kind, [], norm, dim)
+        for n, r in full.items():
+            found[n] = (layer, r)
+    for name in masks:                                    # parameters in named_parameters order
+        if name in found:
+            layer, role = found[name]
+            layer.params.append((name, role))
+    ordered = []
+    for name in masks:
+        if name in found and found[name][0] not in ordered:
+            ordered.append(found[name][0])
+    for layer in ordered:
+        _prepare(layer, masks, offsets)
+    fallback = [n for n in masks if n not in found]
+    return _Plan(ordered, fallback, offsets, masks, by_name)
 
 
+def _prepare(layer: _Layer, masks, feature_offsets) -> None:
+    """Kernel offsets and free-entry selection of one layer's weight block."""
+    mod = layer.module
+    names = {r: n for n, r in layer.params}
+    if layer.norm is not None:                            # the whole weight gradient is needed
+        if layer.kind != "linear":
+            used = torch.ones_like(masks[names["v"]])
+            mask = getattr(mod, "mask", None)
+            if isinstance(mask, torch.Tensor) and mask.shape == used.shape:
+                used = mask != 0
+            layer.offsets = _used_offsets(used)[0]
+        return
+    wmask = masks[names["weight"]]
+    if layer.kind == "linear":
+        layer.select = None if bool(wmask.all()) else wmask.flatten().nonzero().squeeze(1)
+        return
+    layer.offsets, idx = _used_offsets(wmask)
+    sub = wmask.flatten(2)[:, :, idx].flatten()           # free flags over (dim0, dim1, offsets)
+    layer.select = None if bool(sub.all()) else sub.nonzero().squeeze(1)
+    if (layer.kind == "conv2d" and mod.stride == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1
+            and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros"):
+        layer.kind = "conv2d/stride1"
+        b_offset = feature_offsets[names["bias"]] if "bias" in names else None
+        layer.block = _ConvBlock(mod, layer.offsets, layer.select, int(wmask.sum()),
+                                 feature_offsets[names["weight"]], b_offset)
+
+
+# ---------------------------------------------------------------- fast path: rules
 def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Per-image gradients of the free weights of one conv: (B, n_free).
+    """Per-image gradients of the free weights of one stride-1 conv: (B, n_free).
 
     For kernel offset (i, j) the gradient is Δ_b · X_b(i, j)ᵀ, where X_b(i, j)
     is the padded input shifted by (i, j). With the input channels-last and
@@ -157,27 +340,240 @@ def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor) -> 
     return g if block.select is None else g[:, block.select]
 
 
-def _blocks(model: nn.Module, plan: list[_ConvBlock], x: torch.Tensor):
+def _pads(mod: nn.Module) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of a Conv2d, as ``F.pad`` takes it ('same' may be uneven)."""
+    pads = getattr(mod, "_reversed_padding_repeated_twice", None)
+    if pads is None:
+        ph, pw = mod.padding
+        pads = (pw, pw, ph, ph)
+    return tuple(int(p) for p in pads)
+
+
+def _conv_grads(mod: nn.Conv2d, offsets, inp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-image weight gradients of a Conv2d at kernel ``offsets``: (B, Cout, Cin/groups, K).
+
+    y[o, p] = Σ W[o, c, i, j] x_pad[c, s·p + d·(i, j)], so the gradient at offset (i, j) is
+    Δ_b · X_b(i, j)ᵀ with X_b(i, j) = x_pad[:, d·i :: s, d·j :: s] cut to the output grid.
+    """
+    pads = _pads(mod)
+    if any(pads):
+        xp = F.pad(inp, pads, mode="constant" if mod.padding_mode == "zeros" else mod.padding_mode)
+    else:
+        xp = inp
+    b, c_out, h, w = delta.shape
+    c_in, g = inp.shape[1], mod.groups
+    (sh, sw), (dh, dw) = mod.stride, mod.dilation
+    d = delta.reshape(b * g, c_out // g, h * w)
+    out = torch.empty(len(offsets), b * g, c_out // g, c_in // g, dtype=delta.dtype, device=delta.device)
+    for k, (i, j) in enumerate(offsets):
+        xs = xp[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw]
+        torch.bmm(d, xs.reshape(b * g, c_in // g, h * w).transpose(1, 2), out=out[k])
+    return out.view(len(offsets), b, c_out, c_in // g).permute(1, 2, 3, 0)
+
+
+def _conv_transpose_grads(mod: nn.ConvTranspose2d, offsets, inp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-image weight gradients of a ConvTranspose2d at kernel ``offsets``: (B, Cin, Cout/groups, K).
+
+    y[o, s·p + d·(i, j) − pad] += x[c, p] W[c, o, i, j], so the gradient at offset (i, j) is
+    X_b · Δ_pad,b(i, j)ᵀ, Δ_pad the output gradient zero-padded by ``padding`` and
+    Δ_pad,b(i, j) = Δ_pad[:, d·i :: s, d·j :: s] cut to the input grid (output_padding rows are
+    never read: no weight reaches them).
+    """
+    b, c_in, h, w = inp.shape
+    c_out, g = delta.shape[1], mod.groups
+    (sh, sw), (dh, dw), (ph, pw) = mod.stride, mod.dilation, mod.padding
+    dp = F.pad(delta, (pw, pw, ph, ph)) if ph or pw else delta
+    x = inp.reshape(b * g, c_in // g, h * w)
+    out = torch.empty(len(offsets), b * g, c_in // g, c_out // g, dtype=delta.dtype, device=delta.device)
+    for k, (i, j) in enumerate(offsets):
+        ds = dp[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw]
+        torch.bmm(x, ds.reshape(b * g, c_out // g, h * w).transpose(1, 2), out=out[k])
+    return out.view(len(offsets), b, c_in, c_out // g).permute(1, 2, 3, 0)
+
+
+def _linear_grads(inp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-image weight gradients of a Linear on (B, …, in): Σ_… Δ_bᵀ x_b, (B, out, in)."""
+    b = inp.shape[0]
+    return torch.bmm(delta.reshape(b, -1, delta.shape[-1]).transpose(1, 2), inp.reshape(b, -1, inp.shape[-1]))
+
+
+def _bias_grads(layer: _Layer, delta: torch.Tensor) -> torch.Tensor:
+    if layer.kind == "linear":
+        return delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(1)
+    return delta.sum((2, 3))
+
+
+def _weight_norm_grads(gw: torch.Tensor, g: torch.Tensor, v: torch.Tensor, dim: int):
+    """Chain rule of w = g·v/‖v‖ per image: (∂/∂g, ∂/∂v) from the weight gradients ``gw`` (B, *v.shape).
+
+    n = ‖v‖ over every dimension but ``dim`` (all of them for dim = -1, as ``torch._weight_norm``),
+    v̂ = v/n: ∂/∂g = Σ gw ⊙ v̂ and ∂/∂v = (g/n)(gw − (∂/∂g) v̂).
+    """
+    if dim != -1:
+        dim %= v.dim()
+    n = torch.norm_except_dim(v, 2, dim)
+    vhat = v / n
+    reduce = [k + 1 for k in range(v.dim()) if dim == -1 or k != dim]
+    s = (gw * vhat).sum(reduce, keepdim=True)
+    return s, (g / n) * (gw - s * vhat)
+
+
+def _fits(layer: _Layer, inp, out, b: int) -> bool:
+    """Whether one recorded call has the shapes this layer's rule implies (batch dim 0 of size b)."""
+    mod = layer.module
+    if not (isinstance(inp, torch.Tensor) and isinstance(out, torch.Tensor)) or inp.dim() < 2 or out.dim() < 2:
+        return False
+    if inp.shape[0] != b or out.shape[0] != b:
+        return False
+    if layer.kind == "linear":
+        return inp.shape[-1] == mod.in_features and out.shape == inp.shape[:-1] + (mod.out_features,)
+    if inp.dim() != 4 or out.dim() != 4 or inp.shape[1] != mod.in_channels or out.shape[1] != mod.out_channels:
+        return False
+    (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
+    if layer.kind == "conv_transpose2d":
+        (ph, pw), extra = mod.padding, (max(sh, dh) - 1, max(sw, dw) - 1)
+        least = ((inp.shape[2] - 1) * sh - 2 * ph + dh * (kh - 1) + 1, (inp.shape[3] - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
+        return all(lo <= n <= lo + e for lo, n, e in zip(least, out.shape[2:], extra))
+    left, right, top, bottom = _pads(mod)
+    if layer.kind == "conv2d/stride1" and (left, top) != (right, bottom):
+        return False
+    hp, wp = inp.shape[2] + top + bottom, inp.shape[3] + left + right
+    return tuple(out.shape[2:]) == ((hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _add(acc, t):
+    return t if acc is None else acc + t
+
+
+def _layer_blocks(layer: _Layer, plan: _Plan, calls, b: int):
+    """(feature offset, (B, n_free)) for each parameter of one layer, from its calls' (input, Δ)."""
+    mod, names = layer.module, {r: n for n, r in layer.params}
+    weight = bias = None
+    for inp, delta in calls:
+        if layer.kind == "conv2d/stride1":
+            weight = _add(weight, _weight_grads(layer.block, inp, delta))
+        elif layer.kind == "conv2d":
+            weight = _add(weight, _conv_grads(mod, layer.offsets, inp, delta))
+        elif layer.kind == "conv_transpose2d":
+            weight = _add(weight, _conv_transpose_grads(mod, layer.offsets, inp, delta))
+        else:
+            weight = _add(weight, _linear_grads(inp, delta))
+        if "bias" in names:
+            bias = _add(bias, _bias_grads(layer, delta))
+    out = {}
+    if "bias" in names:
+        out["bias"] = bias if bias is not None else mod.bias.new_zeros(b, mod.bias.numel())
+    if layer.norm is None:
+        if weight is None:                      # never called
+            mask = plan.masks[names["weight"]]
+            out["weight"] = mask.new_zeros(b, int(mask.sum()), dtype=plan.params[names["weight"]].dtype)
+        elif layer.kind == "conv2d/stride1":
+            out["weight"] = weight
+        else:
+            weight = weight.reshape(b, -1)
+            out["weight"] = weight if layer.select is None else weight[:, layer.select]
+    else:
+        g, v = plan.params[names["g"]].detach(), plan.params[names["v"]].detach()
+        if weight is None:
+            gw = torch.zeros(b, *v.shape, dtype=v.dtype, device=v.device)
+        elif layer.kind == "linear":
+            gw = weight
+        else:
+            kh, kw = v.shape[2:]
+            if len(layer.offsets) < kh * kw:
+                full = weight.new_zeros(*weight.shape[:3], kh * kw)
+                full[..., [i * kw + j for i, j in layer.offsets]] = weight
+                weight = full
+            gw = weight.reshape(b, *v.shape)
+        mask = getattr(mod, "mask", None)
+        if isinstance(mask, torch.Tensor) and mask.shape == v.shape:
+            gw = gw * mask
+        out["g"], out["v"] = _weight_norm_grads(gw, g, v, layer.norm_dim)
+    for name, role in layer.params:
+        block = _select(out[role], plan.masks[name]) if role != "weight" else out[role]
+        if block.shape[1]:
+            yield plan.offsets[name], block
+
+
+def _recorder(plan: _Plan, saved: dict):
+    def hook(mod, args, kwargs, out):
+        inp = args[0] if args else kwargs.get("input")
+        if not isinstance(inp, torch.Tensor) or not isinstance(out, torch.Tensor):
+            saved.setdefault(mod, []).append((inp, out, None, None))
+            return None
+        fresh = None
+        if not out.requires_grad and torch.is_grad_enabled():   # frozen layer on a constant input: Δ still exists
+            out = fresh = out.detach().requires_grad_()
+        if mod in plan.copy_io:                # changed in place later: keep copies, hand on a fresh output
+            saved.setdefault(mod, []).append((inp.detach().clone(), out, None, None))
+            return out.clone()
+        saved.setdefault(mod, []).append((inp.detach(), out, inp._version, out._version))
+        return fresh
+    return hook
+
+
+def _changed(call) -> bool:
+    inp, out, v_in, v_out = call
+    return v_in is not None and (inp._version != v_in or out._version != v_out)
+
+
+def _blocks(model: nn.Module, plan: _Plan, x: torch.Tensor):
     """Yield (feature offset, per-image gradient block) for one chunk, layer by layer."""
-    saved = {}
+    b = x.shape[0]
+    saved, logp = {}, None
+    while plan.layers:
+        saved = {}
+        hook = _recorder(plan, saved)
+        handles = [layer.module.register_forward_hook(hook, with_kwargs=True) for layer in plan.layers]
+        try:
+            with torch.enable_grad():
+                logp = model.log_prob(x).sum()
+        finally:
+            for h in handles:
+                h.remove()
+        retry = False
+        for layer in list(plan.layers):
+            calls = saved.get(layer.module, [])
+            if not all(_fits(layer, c[0], c[1], b) for c in calls):
+                plan.demote(layer)                    # this call breaks the rule's assumptions: vmap it
+                retry = True
+            elif any(_changed(c) for c in calls):
+                plan.copy_io.add(layer.module)
+                retry = True
+        if not retry:
+            break
+    if plan.layers:
+        calls = [(layer, c) for layer in plan.layers for c in saved.get(layer.module, [])]
+        outs = [c[1] for _, c in calls if c[1].requires_grad]
+        grads = iter(torch.autograd.grad(logp, outs, allow_unused=True) if outs else ())
+        del outs, logp
+        per_layer = {}
+        for layer, (inp, out, _, _) in calls:
+            delta = next(grads) if out.requires_grad else None
+            per_layer.setdefault(layer, []).append((inp, torch.zeros_like(out) if delta is None else delta))
+        del calls, saved
+        for layer in plan.layers:
+            yield from _layer_blocks(layer, plan, per_layer.pop(layer, []), b)
+    if plan.fallback:
+        g = _func_grads(model, plan.fallback, x)
+        for name in plan.fallback:
+            block = _select(g.pop(name), plan.masks[name])
+            if block.shape[1]:
+                yield plan.offsets[name], block
 
-    def hook(mod, args, out):
-        saved[mod] = (args[0].detach(), out)
 
-    handles = [b.module.register_forward_hook(hook) for b in plan]
-    try:
-        logp = model.log_prob(x)
-    finally:
-        for h in handles:
-            h.remove()
-    outs = [saved[b.module][1] for b in plan]
-    deltas = torch.autograd.grad(logp.sum(), outs)
-    del outs
-    for block, delta in zip(plan, deltas):
-        inp = saved.pop(block.module)[0]
-        yield block.w_offset, _weight_grads(block, inp, delta)
-        if block.b_offset is not None:
-            yield block.b_offset, delta.sum((2, 3))
+def score_plan(model: nn.Module, x: torch.Tensor | None = None) -> list[tuple[str, str]]:
+    """(parameter name, rule) for every parameter, in feature order; rule ``"vmap"`` is the fallback.
+
+    With example images ``x`` the plan is run once on them, so a layer whose calls break its
+    rule's assumptions shows the ``vmap`` it takes in :func:`fisher_scores`.
+    """
+    model.eval()
+    plan = _make_plan(model)
+    if x is not None:
+        for _ in _blocks(model, plan, _standard_strides(x)):
+            pass
+    return plan.rules()
 
 
 def _standard_strides(x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +606,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
         if p.n_features != n_features(model):
             from fisher.io import FisherError
             raise FisherError(f"projection was built for {p.n_features} features, the prior has {n_features(model)}")
-    plan = _conv_plan(model)
+    plan = _make_plan(model)
     stack = ProjectionStack(projs) if projs else None
     results = []
     for start in range(0, x.shape[0], chunk_size):
@@ -218,13 +614,10 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
         rows = xc.shape[0]
         if stack is not None and rows < chunk_size:      # fixed shapes: bitwise batch-size invariance
             xc = torch.cat([xc, xc[:1].expand(chunk_size - rows, *xc.shape[1:])])
-        if plan is None:
-            blocks = [(0, fisher_scores_vmap(model, xc))]
-        else:
-            blocks = _blocks(model, plan, xc)
+        blocks = _blocks(model, plan, xc)
         if stack is None:
             parts = dict(blocks)
-            results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1))
+            results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1) if parts else torch.zeros(rows, 0))
             continue
         zs = None
         for offset, g in blocks:

@@ -13,10 +13,12 @@ import torch
 from fisher import checkpoints
 from fisher.priors.base import Prior
 from fisher.priors.registry import PRIORS
+from fisher.priors import gated as _gated  # noqa: F401  (registers "gated")
 from fisher.priors import pixelcnn as _pixelcnn  # noqa: F401  (registers "pixelcnn")
+from fisher.priors.gated import GatedPixelCNN, GatedPixelCNNConfig
 from fisher.priors.pixelcnn import PixelCNN, PixelCNNConfig
 
-__all__ = ["PRIORS", "Prior", "PixelCNN", "PixelCNNConfig", "build_prior", "load_prior", "save_prior",
+__all__ = ["PRIORS", "Prior", "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig", "build_prior", "load_prior", "save_prior",
            "prior_files", "prior_from_files", "to_model_input"]
 
 

@@ -89,3 +89,22 @@ def test_bad_density(density):
 def test_bad_dim():
     with pytest.raises(FisherError, match="dim"):
         SparseProjection(100, 0)
+
+
+def test_dense_product_does_not_depend_on_the_thread_count():
+    """Density 1 (dense signs): the same bits with 1 or 2 threads, so embeddings do not depend on how many
+    actors share a node (a plain GEMM splits its long inner dimension across threads)."""
+    import torch
+    before = torch.get_num_threads()
+    p = SparseProjection(20000, 64, 1.0, seed=3)
+    stack = ProjectionStack([p])
+    g = torch.randn(32, 20000, generator=torch.Generator().manual_seed(0))
+    try:
+        torch.set_num_threads(1)
+        one = stack.project(g)[0]
+        torch.set_num_threads(2)
+        two = stack.project(g)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    assert torch.allclose(one, g @ p.dense().t(), rtol=1e-4, atol=1e-3)

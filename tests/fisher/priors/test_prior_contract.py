@@ -11,6 +11,7 @@ from fisher.scores import activations, fisher_scores, fisher_scores_reference, n
 # Every registered prior needs a tiny config here (a new family adds its line): (binary, RGB 3-level).
 TINY = {
     "pixelcnn": {"n_layers": 2, "filters": 6, "kernel_size": 3},
+    "gated": {"n_layers": 2, "filters": 6, "kernel_size": 3},
 }
 
 

@@ -1,0 +1,437 @@
+"""Per-layer score rules of fisher.scores: every layer type against one backward pass per image.
+
+Small random models with strided / dilated / padded / grouped / masked convs, transposed convs,
+Linear layers on (B, in) and (B, ..., in), weight-normed layers (both APIs), a bare Parameter,
+norm-layer affines, shared modules and in-place ops; each checked for (a) exactness, (b) the rule
+every parameter takes (no covered layer on the vmap fallback), (c) projection of layer blocks,
+(d) bitwise batch-size invariance with a projection; and the PixelCNN / Gated PixelCNN scores
+against a verbatim copy of the original stride-1 algorithm, bitwise.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import weight_norm
+
+from fisher.likelihoods import Bernoulli
+from fisher.priors import build_prior
+from fisher.projection import ProjectionStack, SparseProjection
+from fisher.scores import (
+    fisher_scores,
+    fisher_scores_reference,
+    fisher_scores_vmap,
+    free_masks,
+    n_features,
+    score_plan,
+)
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")]
+
+
+class Toy(nn.Module):
+    """A binary-image model: ``forward`` gives one Bernoulli logit per pixel."""
+    likelihood = Bernoulli(2)
+
+    def log_prob_from_output(self, out, x):
+        return self.likelihood.log_prob(out, x).flatten(1).sum(1)
+
+    def log_prob(self, x):
+        return self.log_prob_from_output(self(x), x)
+
+
+class MaskedConv(nn.Conv2d):
+    """A conv with a random mask buffer (some kernel offsets entirely pinned), any stride/dilation."""
+
+    def __init__(self, *args, seed=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        gen = torch.Generator().manual_seed(seed)
+        mask = (torch.rand(self.weight.shape, generator=gen) < 0.6).float()
+        mask[:, :, -1, :] = 0                                    # a pinned kernel row
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ConvZoo(Toy):
+    def __init__(self):
+        super().__init__()
+        self.s2 = nn.Conv2d(1, 4, 3, stride=2, padding=1)                         # 8x8 -> 4x4
+        self.one_s2 = nn.Conv2d(1, 4, 1, stride=2)                                 # 1x1, strided
+        self.dil = nn.Conv2d(4, 4, 3, dilation=2, padding=2)
+        self.same = nn.Conv2d(4, 4, (2, 3), padding="same")                        # uneven 'same' padding
+        self.refl = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.grp = nn.Conv2d(4, 6, 3, padding=(1, 2), stride=(1, 2), groups=2, bias=False)   # 4x4 -> 4x3
+        self.masked = MaskedConv(6, 4, 3, padding=(2, 3), dilation=2, stride=(1, 1))   # 4x3 -> 4x5
+        self.valid = nn.Conv2d(4, 4, (1, 2), padding="valid")                      # 4x5 -> 4x4
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)   # 4x4 -> 8x8
+        self.out = nn.Conv2d(3, 1, 1)                                              # 1x1 stride 1
+
+    def forward(self, x):
+        h = x.float() * 2 - 1
+        a = torch.tanh(self.s2(h) + self.one_s2(h))
+        a = torch.tanh(self.dil(a))
+        a = torch.tanh(self.same(a))
+        a = torch.tanh(self.refl(a))
+        a = torch.tanh(self.grp(a))
+        a = torch.tanh(self.masked(a))
+        a = torch.tanh(self.valid(a))
+        return self.out(torch.tanh(self.up(a)))
+
+
+class TransposeZoo(Toy):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 4, stride=4)                                   # 8x8 -> 2x2
+        self.t1 = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=0, output_padding=1)   # 2x2 -> 6x6
+        self.t2 = nn.ConvTranspose2d(4, 2, 2, stride=1, dilation=2, padding=1, groups=2)   # 6x6 -> 6x6
+        self.t3 = nn.ConvTranspose2d(2, 1, 3, stride=(1, 2), padding=(0, 2), output_padding=(0, 1), bias=False)
+        self.t4 = nn.ConvTranspose2d(4, 1, 4, stride=4)                            # 2x2 -> 8x8
+
+    def forward(self, x):
+        h = x.float() * 2 - 1
+        d = torch.tanh(self.down(h))
+        u = torch.tanh(self.t2(torch.tanh(self.t1(d))))
+        u = self.t3(u, output_size=(8, 9))[:, :, :, :8]                            # 6x6 -> 8x9 (output_size)
+        return u + self.t4(d)
+
+
+class LinearZoo(Toy):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.cond = nn.Linear(4, 4)                                                 # (B, in)
+        self.rows = nn.Linear(4, 3)                                                 # (B, L, in)
+        self.cells = nn.Linear(3, 1, bias=False)                                    # (B, H, W, in)
+        self.head = nn.Linear(64, 64)                                               # flatten -> logits
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x.float() * 2 - 1))                                # (B, 4, 8, 8)
+        h = h + self.cond(h.mean((2, 3)))[:, :, None, None]
+        r = torch.tanh(self.rows(h.flatten(2).transpose(1, 2)))                     # (B, 64, 3)
+        c = self.cells(r.view(-1, 8, 8, 3)).squeeze(-1)                              # (B, 8, 8)
+        return (c.flatten(1) + self.head(c.flatten(1))).view(-1, 1, 8, 8)
+
+
+class WeightNormZoo(Toy):
+    def __init__(self):
+        super().__init__()
+        self.s2 = weight_norm(nn.Conv2d(1, 4, 3, stride=2, padding=1))                    # dim 0
+        masked = MaskedConv(4, 4, 3, padding=1, seed=3)
+        self.masked = weight_norm(masked, dim=1)                                          # masked, dim 1
+        self.up = weight_norm(nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1))
+        self.up_all = weight_norm(nn.ConvTranspose2d(4, 3, 2, stride=2), dim=None)        # one norm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.legacy = torch.nn.utils.weight_norm(nn.Conv2d(3, 1, 1))                  # weight_g, weight_v
+        self.lin = weight_norm(nn.Linear(4, 4, bias=False))
+
+    def forward(self, x):
+        h = torch.tanh(self.s2(x.to(self.s2.bias.dtype) * 2 - 1))
+        h = torch.tanh(self.masked(h)) + self.lin(h.mean((2, 3)))[:, :, None, None]
+        h = torch.tanh(self.up(h) + self.up_all(h))
+        return self.legacy(h)
+
+
+class Shared(Toy):
+    """A conv called twice, a transposed conv and a Linear called twice, an output used twice,
+    in-place ops on recorded outputs and inputs, a bare Parameter and norm-layer affines."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.conv_again = self.conv                          # one module under two names
+        self.s2 = nn.Conv2d(1, 2, 3, stride=2, padding=1)
+        self.lin = nn.Linear(2, 2)
+        self.norm = nn.GroupNorm(1, 2)
+        self.up = nn.ConvTranspose2d(2, 1, 2, stride=2)
+        self.temperature = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x):
+        h = self.s2(x.float() * 2 - 1)
+        h = F.relu(h, inplace=True)                          # in place on a recorded output
+        a = self.conv(h)
+        a = torch.tanh(a) * a + a                            # the output used three times
+        b = self.conv_again(torch.tanh(a))                   # the same conv again
+        b = self.norm(b)
+        b = b + self.lin(self.lin(b.mean((2, 3))))[:, :, None, None]    # one Linear called twice
+        logits = self.up(b) + self.up(b.flip(3)).flip(3)     # the transposed conv twice
+        return logits * self.temperature
+
+
+class BroadcastInput(Toy):
+    """A Linear applied to a buffer (batch dim 1, not the images): its rule cannot apply per image;
+    and a weight tied between two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pos", torch.randn(1, 64, 3))
+        self.embed = nn.Linear(3, 1)
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.tie_a = nn.Linear(8, 8)
+        self.tie_b = nn.Linear(8, 8)
+        self.tie_b.weight = self.tie_a.weight
+
+    def forward(self, x):
+        h = self.conv(x.float() * 2 - 1) + self.embed(self.pos).view(1, 1, 8, 8)
+        return self.tie_b(torch.tanh(self.tie_a(h)))
+
+
+def _model(cls, seed=0):
+    torch.manual_seed(seed)
+    return cls().eval()
+
+
+def _images(n, seed=0):
+    return torch.randint(0, 2, (n, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = {
+    "convs": (ConvZoo, {"s2": "conv2d", "one_s2": "conv2d", "dil": "conv2d", "same": "conv2d",
+                        "refl": "conv2d", "grp": "conv2d", "masked": "conv2d", "valid": "conv2d",
+                        "up": "conv_transpose2d", "out": "conv2d/stride1"}),
+    "transposed": (TransposeZoo, {"down": "conv2d", "t1": "conv_transpose2d", "t2": "conv_transpose2d",
+                                  "t3": "conv_transpose2d", "t4": "conv_transpose2d"}),
+    "linear": (LinearZoo, {"conv": "conv2d/stride1", "cond": "linear", "rows": "linear", "cells": "linear",
+                           "head": "linear"}),
+    "weight_norm": (WeightNormZoo, {"s2": "conv2d+weight_norm", "masked": "conv2d+weight_norm",
+                                    "up": "conv_transpose2d+weight_norm", "up_all": "conv_transpose2d+weight_norm",
+                                    "legacy": "conv2d+weight_norm", "lin": "linear+weight_norm"}),
+    "shared": (Shared, {"conv": "conv2d/stride1", "s2": "conv2d", "lin": "linear", "norm": "vmap",
+                        "up": "conv_transpose2d", "temperature": "vmap"}),
+    "broadcast": (BroadcastInput, {"embed": "vmap", "conv": "conv2d/stride1", "tie_a": "vmap", "tie_b": "vmap"}),
+}
+
+
+def _expected_rule(name, table):
+    return table[name.split(".")[0]]
+
+
+def _close(fast, ref):
+    """Gram matrices within 1e-5 relative, entries within 1e-5 of the largest one."""
+    gram, gram_ref = fast @ fast.T, ref @ ref.T
+    assert float((gram - gram_ref).norm() / gram_ref.norm()) <= 1e-5
+    assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_rules_match_reference(key):
+    """(a) exact against one backward pass per image, for several chunk sizes."""
+    m = _model(MODELS[key][0])
+    x = _images(5)
+    ref = fisher_scores_reference(m, x)
+    assert ref.shape == (5, n_features(m))
+    for chunk in (2, 5, 16):
+        _close(fisher_scores(m, x, chunk_size=chunk), ref)
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_every_covered_layer_takes_its_rule(key):
+    """(b) the rule every parameter takes, after a run (run-time checks included)."""
+    cls, table = MODELS[key]
+    m = _model(cls)
+    plan = score_plan(m, _images(3))
+    assert [n for n, _ in plan] == [n for n, _ in m.named_parameters()]
+    assert {n: r for n, r in plan} == {n: _expected_rule(n, table) for n, _ in plan}
+    static = dict(score_plan(m))                              # before any run: broadcast still looks covered
+    assert all(static[n] == r for n, r in plan if r != "vmap" or static[n] == "vmap")
+
+
+def test_weight_norm_parameter_names_and_order():
+    m = _model(WeightNormZoo)
+    names = [n for n, _ in m.named_parameters()]
+    assert names[:3] == ["s2.bias", "s2.parametrizations.weight.original0", "s2.parametrizations.weight.original1"]
+    assert "legacy.weight_g" in names and "legacy.weight_v" in names
+    assert dict(m.named_parameters())["up_all.parametrizations.weight.original0"].dim() == 0
+    assert n_features(m) == sum(p.numel() for p in m.parameters())      # g and v: every entry is free
+
+
+@pytest.mark.parametrize("key", ["convs", "transposed", "weight_norm", "shared"])
+def test_projected_scores_equal_projection_of_scores(key):
+    """(c) per-layer blocks projected as produced = projection of the whole score."""
+    m = _model(MODELS[key][0])
+    x = _images(6, seed=1)
+    n = n_features(m)
+    projs = [SparseProjection(n, 48, None, seed=0), SparseProjection(n, 16, 1.0, seed=1)]
+    g = fisher_scores(m, x, chunk_size=4)
+    zs = fisher_scores(m, x, projs, chunk_size=4)
+    for z, p in zip(zs, projs):
+        want = g @ p.dense().t()
+        assert torch.allclose(z, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert torch.equal(fisher_scores(m, x, projs[0], chunk_size=4), zs[0])
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_embedding_independent_of_batch_size(key):
+    """(d) bitwise, for a fixed chunk size (last chunk padded)."""
+    m = _model(MODELS[key][0])
+    x = _images(11, seed=2)
+    p = SparseProjection(n_features(m), 24, seed=2)
+    full = fisher_scores(m, x, p, chunk_size=16)
+    for rows in (slice(3, 7), slice(10, 11)):
+        assert torch.equal(fisher_scores(m, x[rows], p, chunk_size=16), full[rows])
+    halves = torch.cat([fisher_scores(m, x[:5], p, chunk_size=16), fisher_scores(m, x[5:], p, chunk_size=16)])
+    assert torch.equal(halves, full)
+
+
+def test_fallback_alone_equals_vmap():
+    """A model no rule covers takes the vmap path for every parameter, as fisher_scores_vmap."""
+    class Conv1dModel(Toy):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(8, 8, 3, padding=1)
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return (self.c(x.float().squeeze(1)) * self.scale).unsqueeze(1)
+
+    m = _model(Conv1dModel)
+    x = _images(4)
+    assert {r for _, r in score_plan(m, x)} == {"vmap"}
+    ref = fisher_scores_reference(m, x)
+    _close(fisher_scores(m, x), ref)
+    _close(fisher_scores_vmap(m, x), ref)
+
+
+def test_weight_norm_chain_rule_by_finite_differences():
+    """∂ log p/∂g of one weight-normed layer, against a central difference in float64."""
+    m = _model(WeightNormZoo).double()
+    x = _images(1, seed=4)
+    names = [n for n, _ in m.named_parameters()]
+    g = fisher_scores_reference(m, x)[0]
+    masks = free_masks(m)
+    starts = dict(zip(names, torch.tensor([0] + [int(masks[n].sum()) for n in names]).cumsum(0).tolist()))
+    p = dict(m.named_parameters())["up.parametrizations.weight.original0"]
+    eps = 1e-6
+    with torch.no_grad():
+        p[1] += eps
+        up = m.log_prob(x)
+        p[1] -= 2 * eps
+        down = m.log_prob(x)
+        p[1] += eps
+    fast = fisher_scores(m.float(), x)[0]
+    k = starts["up.parametrizations.weight.original0"] + 1
+    assert float(g[k]) == pytest.approx(float((up - down) / (2 * eps)), rel=1e-5)
+    assert float(fast[k]) == pytest.approx(float(g[k]), rel=1e-4)
+
+
+# ------------------------------------------------ the original stride-1 algorithm, verbatim
+def _legacy_conv_plan(model):
+    masks = free_masks(model)
+    convs = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and list(mod.parameters(recurse=False)):
+            assert mod.stride == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1
+            convs[name] = mod
+    plan, offset, by_name = [], 0, {}
+    for pname, p in model.named_parameters():
+        mod_name, _, kind = pname.rpartition(".")
+        mod, mask = convs[mod_name], masks[pname]
+        if kind == "weight":
+            kh, kw = mod.kernel_size
+            used = mask.any(0).any(0)
+            offsets = [(i, j) for i in range(kh) for j in range(kw) if used[i, j]]
+            idx = torch.tensor([i * kw + j for i, j in offsets])
+            sub = mask.flatten(2)[:, :, idx].flatten()
+            select = None if bool(sub.all()) else sub.nonzero().squeeze(1)
+            block = dict(module=mod, offsets=offsets, select=select, w_offset=offset, b_offset=None)
+            by_name[mod_name] = block
+            plan.append(block)
+        else:
+            by_name[mod_name]["b_offset"] = offset
+        offset += int(mask.sum())
+    return plan
+
+
+def _legacy_weight_grads(block, inp, delta):
+    mod = block["module"]
+    ph, pw = mod.padding
+    b, c_in, h_in, w_in = inp.shape
+    h, w = delta.shape[2:]
+    wp = w_in + 2 * pw
+    xp = F.pad(inp, (pw, pw, ph, ph + 1)).permute(0, 2, 3, 1).contiguous().view(b, -1, c_in)
+    dp = F.pad(delta, (0, wp - w)).flatten(2)
+    out = torch.empty(len(block["offsets"]), b, delta.shape[1], c_in, dtype=delta.dtype, device=delta.device)
+    for k, (i, j) in enumerate(block["offsets"]):
+        s = i * wp + j
+        torch.bmm(dp, xp[:, s:s + h * wp], out=out[k])
+    g = out.permute(1, 2, 3, 0).reshape(b, -1)
+    return g if block["select"] is None else g[:, block["select"]]
+
+
+def _legacy_blocks(model, plan, x):
+    saved = {}
+
+    def hook(mod, args, out):
+        saved[mod] = (args[0].detach(), out)
+
+    handles = [b["module"].register_forward_hook(hook) for b in plan]
+    try:
+        logp = model.log_prob(x)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [saved[b["module"]][1] for b in plan]
+    deltas = torch.autograd.grad(logp.sum(), outs)
+    del outs
+    for block, delta in zip(plan, deltas):
+        inp = saved.pop(block["module"])[0]
+        yield block["w_offset"], _legacy_weight_grads(block, inp, delta)
+        if block["b_offset"] is not None:
+            yield block["b_offset"], delta.sum((2, 3))
+
+
+def _legacy_fisher_scores(model, x, projs=None, chunk_size=32):
+    model.eval()
+    plan = _legacy_conv_plan(model)
+    stack = ProjectionStack(projs) if projs else None
+    results = []
+    for start in range(0, x.shape[0], chunk_size):
+        xc = x[start:start + chunk_size]
+        rows = xc.shape[0]
+        if stack is not None and rows < chunk_size:
+            xc = torch.cat([xc, xc[:1].expand(chunk_size - rows, *xc.shape[1:])])
+        blocks = _legacy_blocks(model, plan, xc)
+        if stack is None:
+            parts = dict(blocks)
+            results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1))
+            continue
+        zs = None
+        for offset, g in blocks:
+            contrib = stack.project(g, offset)
+            zs = contrib if zs is None else [a + b for a, b in zip(zs, contrib)]
+        results.append([z[:rows] for z in zs])
+    if stack is None:
+        return torch.cat(results)
+    return [torch.cat([r[i] for r in results]) for i in range(len(projs))]
+
+
+@pytest.mark.parametrize("name, config", [("pixelcnn", {"n_layers": 2, "filters": 6, "kernel_size": 5}),
+                                          ("gated", {"n_layers": 2, "filters": 6, "kernel_size": 3})])
+@pytest.mark.parametrize("channels, levels", [(1, 2), (3, 4)])
+def test_priors_bitwise_as_the_original_algorithm(name, config, channels, levels):
+    """(e) PixelCNN and Gated PixelCNN scores are bitwise what the original stride-1 path gave."""
+    torch.manual_seed(0)
+    m = build_prior(name, channels=channels, levels=levels, **config).eval()
+    assert {r for _, r in score_plan(m)} == {"conv2d/stride1"}
+    x = torch.randint(0, levels, (7, channels, 8, 8), generator=torch.Generator().manual_seed(5))
+    n = n_features(m)
+    projs = [SparseProjection(n, 40, seed=1), SparseProjection(n, 8, 1.0, seed=2)]
+    assert torch.equal(fisher_scores(m, x, chunk_size=3), _legacy_fisher_scores(m, x, chunk_size=3))
+    for z, want in zip(fisher_scores(m, x, projs, chunk_size=4), _legacy_fisher_scores(m, x, projs, chunk_size=4)):
+        assert torch.equal(z, want)
+
+
+def test_no_grad_context_and_frozen_layers():
+    """Scores do not depend on an outer no_grad, nor on parameters' requires_grad flags."""
+    m = _model(ConvZoo)
+    x = _images(4)
+    want = fisher_scores(m, x)
+    with torch.no_grad():
+        assert torch.equal(fisher_scores(m, x), want)
+    for p in [*m.s2.parameters(), *m.one_s2.parameters()]:
+        p.requires_grad_(False)
+    assert torch.equal(fisher_scores(m, x), want)
