@@ -146,13 +146,6 @@ def from_mapping(cls, mapping: dict, command: str, section: str, where=None, **f
         raise FisherError(f"{where(next(iter(mapping))) if where and mapping else section}: {e}") from e
 
 
-def _scalar_type(f: dataclasses.Field, hints: dict):
-    t = hints.get(f.name, f.type)
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    t = args[0] if args else t
-    return t if t in (int, float, str) else str
-
-
 def architecture_fields(registry) -> dict[str, list[tuple[str, dataclasses.Field]]]:
     """{flag: [(architecture name, field), ...]} over every registered architecture's options
     (fields marked ``data`` come from the dataset and are not options)."""
@@ -168,11 +161,19 @@ def add_architecture_options(p: argparse.ArgumentParser, registry, title: str) -
     """One option per field of every registered architecture; default None = the architecture's own."""
     g = p.add_argument_group(title)
     for flag, owners in architecture_fields(registry).items():
-        hints = typing.get_type_hints(registry.get(owners[0][0]).config)
         f = owners[0][1]
+        t = _base_type(_hints(registry.get(owners[0][0]).config).get(f.name, f.type))
         defaults = ", ".join(f"{n}: {o.default}" for n, o in owners)
-        g.add_argument(flag, dest=f"arch_{flag[2:].replace('-', '_')}", default=None, type=_scalar_type(f, hints),
-                       metavar=f.name.upper(), help=f"{f.metadata.get('help', f.name)} (default {defaults})")
+        g.add_argument(flag, dest=f"arch_{flag[2:].replace('-', '_')}", default=None,
+                       type=t if t in (int, float, str) else str,
+                       metavar=f.name.upper(), help=f"{_owners_help(owners)} (default {defaults})")
+
+
+def _owners_help(owners) -> str:
+    helps = {o.metadata.get("help", o.name) for _, o in owners}
+    if len(helps) == 1:
+        return helps.pop()
+    return "; ".join(f"{n}: {o.metadata.get('help', o.name)}" for n, o in owners)
 
 
 def architecture_values(args, registry) -> dict:
