@@ -153,10 +153,10 @@ class _ScoreActor:
 
 def run(args: EmbedOptions) -> None:
     from fisher.embedding import EmbedSpec, feature_count
-    from fisher.priors import load_prior
+    from fisher.priors import load_prior, prior_location
 
     data_manifest = read_manifest(args.data, "prepare")
-    prior_manifest = read_manifest(args.prior, "train-prior")
+    prior_manifest = read_manifest(prior_location(args.prior), "train-prior")
     if prior_manifest.get("inputs", {}).get("data") not in (None, manifest_hash(data_manifest)):
         print(f"note: {args.prior} was trained on other data than {args.data}", flush=True)
     shape = data_manifest["image_shape"]

@@ -115,7 +115,8 @@ def grid_cells(grid: dict) -> list[dict]:
 def run(args: SweepOptions) -> None:
     grid = tune_spaces.load_grid(args.grid)      # the grid's own checks; one-line errors naming --grid
     data_manifest = read_manifest(args.data, "prepare")
-    prior_manifest = read_manifest(args.prior, "train-prior")
+    from fisher.priors import prior_location
+    prior_manifest = read_manifest(prior_location(args.prior), "train-prior")
     missing = [s for s in SPLITS if s not in data_manifest.get("counts", {})]
     if missing:
         raise FisherError(f"{args.data}: no {'/'.join(missing)} split (has {sorted(data_manifest.get('counts', {}))}); "

@@ -17,8 +17,9 @@ from fisher.priors import gated as _gated  # noqa: F401  (registers "gated")
 from fisher.priors import pixelcnn as _pixelcnn  # noqa: F401  (registers "pixelcnn")
 from fisher.priors.gated import GatedPixelCNN, GatedPixelCNNConfig
 from fisher.priors.pixelcnn import PixelCNN, PixelCNNConfig
+from fisher.priors.pyramid import PyramidPixelCNN, PyramidPixelCNNConfig  # noqa: F401  (registers "pyramid")
 
-__all__ = ["PRIORS", "Prior", "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig", "build_prior", "load_prior", "save_prior",
+__all__ = ["PRIORS", "Prior", "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig", "PyramidPixelCNN", "PyramidPixelCNNConfig", "build_prior", "load_prior", "save_prior",
            "prior_files", "prior_from_files", "to_model_input"]
 
 
@@ -41,9 +42,16 @@ def prior_from_files(files: dict[str, bytes], where: str = "checkpoint", map_loc
     return checkpoints.module_from_files(files, "prior", where, map_location)
 
 
+def prior_location(path) -> str:
+    """The directory of a prior: ``builtin:<name>`` (:mod:`fisher.priors.builtin`) or the path itself."""
+    from fisher.priors import builtin
+    return builtin.location(path)
+
+
 def load_prior(directory, map_location="cpu") -> Prior:
-    """Load a prior saved by :func:`save_prior` (or an older ``model.json`` checkpoint)."""
-    return checkpoints.load_module(directory, "prior", map_location)
+    """Load a prior saved by :func:`save_prior` (or an older ``model.json`` checkpoint), or a builtin one
+    (``load_prior("builtin:mnist-pixelcnn")``)."""
+    return checkpoints.load_module(prior_location(directory), "prior", map_location)
 
 
 def to_model_input(images, device=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from fisher.scores import activations, fisher_scores, fisher_scores_reference, n
 TINY = {
     "pixelcnn": {"n_layers": 2, "filters": 6, "kernel_size": 3},
     "gated": {"n_layers": 2, "filters": 6, "kernel_size": 3},
+    "pyramid": {"factors": [], "filters": 6, "nr_resnet": 1, "stages": 1, "components": 2, "dropout": 0.0, "cond_layers": 0},
 }
 
 
