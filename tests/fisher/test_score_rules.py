@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+import fisher.scores
 from fisher.likelihoods import Bernoulli
 from fisher.priors import build_prior
 from fisher.projection import ProjectionStack, SparseProjection
@@ -210,6 +211,24 @@ def _expected_rule(name, table):
     return table[name.split(".")[0]]
 
 
+@pytest.fixture(params=["grouped", "per_offset"])
+def method(request, monkeypatch):
+    """Both exact methods of the strided / transposed conv rules: one grouped convolution_backward
+    per call, or one bmm per kernel offset (chosen per layer by channel count; forced here)."""
+    monkeypatch.setattr(fisher.scores, "GROUPED_BELOW", 10**9 if request.param == "grouped" else 0)
+    return request.param
+
+
+def test_method_choice():
+    """The grouped method is taken by unmasked strided / transposed convs below GROUPED_BELOW,
+    never by a mask with pinned kernel offsets, nor by the stride-1 rule or Linear."""
+    plan = fisher.scores._make_plan(_model(ConvZoo))
+    grouped = {layer.params[0][0].split(".")[0] for layer in plan.layers if layer.grouped}
+    assert grouped == {"s2", "one_s2", "dil", "same", "refl", "grp", "valid", "up"}
+    big = nn.Conv2d(160, 160, 3, stride=2)
+    assert not fisher.scores._make_plan(big).layers[0].grouped
+
+
 def _close(fast, ref):
     """Gram matrices within 1e-5 relative, entries within 1e-5 of the largest one."""
     gram, gram_ref = fast @ fast.T, ref @ ref.T
@@ -218,7 +237,7 @@ def _close(fast, ref):
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))
-def test_rules_match_reference(key):
+def test_rules_match_reference(key, method):
     """(a) exact against one backward pass per image, for several chunk sizes."""
     m = _model(MODELS[key][0])
     x = _images(5)
@@ -250,7 +269,7 @@ def test_weight_norm_parameter_names_and_order():
 
 
 @pytest.mark.parametrize("key", ["convs", "transposed", "weight_norm", "shared"])
-def test_projected_scores_equal_projection_of_scores(key):
+def test_projected_scores_equal_projection_of_scores(key, method):
     """(c) per-layer blocks projected as produced = projection of the whole score."""
     m = _model(MODELS[key][0])
     x = _images(6, seed=1)
@@ -265,7 +284,7 @@ def test_projected_scores_equal_projection_of_scores(key):
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))
-def test_embedding_independent_of_batch_size(key):
+def test_embedding_independent_of_batch_size(key, method):
     """(d) bitwise, for a fixed chunk size (last chunk padded)."""
     m = _model(MODELS[key][0])
     x = _images(11, seed=2)
