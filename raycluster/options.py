@@ -187,12 +187,16 @@ def architecture_values(args, registry) -> dict:
 
 
 def architecture_config(given: dict, registry, name: str, option: str) -> dict:
-    """The architecture options ``given`` ({flag: value}) as the config fields of architecture ``name``;
-    an option of another architecture is refused with one line naming it."""
+    """The architecture options ``given`` ({flag: value}, or already {field: value} from Python) as the
+    config fields of architecture ``name``; an option of another architecture is refused with one line
+    naming it."""
     registry.get(name)
     own = {flag_of(f): f.name for f in registry.get(name).fields() if not f.metadata.get("data")}
     config = {}
     for flag, value in given.items():
+        if flag in own.values():
+            config[flag] = value
+            continue
         if flag not in own:
             raise FisherError(f"{flag}: not an option of {registry.family} '{name}' (passed with {option} {name}); "
                               f"its options: {', '.join(own) or 'none'}")

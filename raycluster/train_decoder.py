@@ -42,8 +42,7 @@ class TrainDecoderOptions(TrainerOptions):
         super().__post_init__()
         if self.decoder not in DECODERS:
             raise FisherError(f"--decoder {self.decoder}: unknown (have {', '.join(DECODERS.names())})")
-        self.decoder_config = architecture_config(self.decoder_config, DECODERS, self.decoder, "--decoder") if \
-            any(k.startswith("--") for k in self.decoder_config) else dict(self.decoder_config)
+        self.decoder_config = architecture_config(self.decoder_config, DECODERS, self.decoder, "--decoder")
 
 
 def register(sub) -> None:

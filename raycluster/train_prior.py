@@ -37,8 +37,7 @@ class TrainPriorOptions(TrainerOptions):
         super().__post_init__()
         at_least(self, 1, "workers", "limit")
         PRIORS.get(self.prior)
-        self.model = architecture_config(self.model, PRIORS, self.prior, "--prior") if \
-            any(k.startswith("--") for k in self.model) else dict(self.model)
+        self.model = architecture_config(self.model, PRIORS, self.prior, "--prior")
 
 
 def register(sub) -> None:

@@ -44,3 +44,54 @@ def describe() -> list[dict]:
                     "test_bits_per_dim": m["metrics"]["test_bits_per_dim"],
                     "command": m.get("builtin", {}).get("command"), "data": m.get("builtin", {}).get("data")})
     return out
+
+
+def package(checkpoint: str, data_dir: str, name: str, command: str, check_images: int = 1000) -> dict:
+    """Copy a ``fisher train-prior`` checkpoint (its output directory, or one of the Ray checkpoints
+    under ``OUT/ray/prior/`` of a run still going) into the package as ``builtin:<name>``, with a manifest:
+    the exact command, the prepared data's manifest hash, epochs, the test NLL curve and the NLL of the
+    first ``check_images`` test images (which the tests recompute)."""
+    import torch
+
+    from fisher import checkpoints
+    from fisher.data import load_prepared
+    from fisher.io import manifest_hash, read_manifest, write_manifest
+    from fisher.priors import load_prior, save_prior, to_model_input
+    from fisher.training import nll_sum
+
+    files = checkpoints.read_files(checkpoint, (checkpoints.WEIGHTS, checkpoints.PROGRESS, "history.json", "metrics.json"))
+    state = checkpoints.read_train_state(files, checkpoint)
+    model = load_prior(checkpoint)
+    out = HERE / name
+    save_prior(model, out)
+    data = read_manifest(data_dir, "prepare")
+    test = load_prepared(data_dir, "test", limit=check_images)
+    with torch.no_grad():
+        check = nll_sum(model, to_model_input(test["image"])) / len(test["image"])
+    history = state["history"]
+    last = history[-1]
+    gain = history[-2]["test_nll_nats"] - last["test_nll_nats"] if len(history) > 1 else None
+    import hashlib
+    weights = (out / checkpoints.WEIGHTS).read_bytes()
+    config = {"prior": type(model).registered_name, "model": json.loads((out / checkpoints.SPEC).read_text())["config"],
+              "epochs": state["epoch"]}
+    write_manifest(str(out), "train-prior", config, inputs={"data": manifest_hash(data)}, metrics=last,
+                   history=history, weights_sha256=hashlib.sha256(weights).hexdigest(),
+                   builtin={"command": command, "data": {"manifest_hash": manifest_hash(data), "config": data["config"],
+                                                         "counts": data["counts"]},
+                            "check": {"split": "test", "images": len(test["image"]), "nll_nats": check},
+                            "last_epoch_gain_nats": gain,
+                            "converged": gain is not None and gain < 0.5})
+    return read_manifest(str(out))
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m fisher.priors.builtin", description=package.__doc__)
+    p.add_argument("checkpoint")
+    p.add_argument("data")
+    p.add_argument("name")
+    p.add_argument("--command", required=True, help="the exact command that trained it")
+    a = p.parse_args()
+    m = package(a.checkpoint, a.data, a.name, a.command)
+    print(json.dumps({k: m[k] for k in ("metrics", "builtin")}, indent=2))
