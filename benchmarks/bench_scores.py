@@ -61,17 +61,18 @@ def _status(key: str) -> int:
     return 0
 
 
-def _child(method: str, src: str, batch: int, threads: int, device: str, reps: int, q) -> None:
+def _child(method: str, src: str, batch: int, threads: int, device: str, reps: int, q, prior: str = "pixelcnn",
+           config: dict | None = None) -> None:
     import statistics
 
     import torch
 
-    from fisher.priors import PixelCNN, to_model_input
+    from fisher.priors import build_prior, to_model_input
     from fisher.projection import SparseProjection
     from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = PixelCNN().eval().to(device)
+    model = build_prior(prior, channels=1, levels=2, **(config or {})).eval().to(device)
     x = to_model_input(_images(src, batch), device)
     cuda = torch.device(device).type == "cuda"
     n = n_features(model)
@@ -121,10 +122,11 @@ def _child(method: str, src: str, batch: int, threads: int, device: str, reps: i
            "setup_seconds": setup, "n_features": n})
 
 
-def measure(method: str, src: str, batch: int, threads: int, device: str, reps: int) -> dict:
+def measure(method: str, src: str, batch: int, threads: int, device: str, reps: int, prior: str = "pixelcnn",
+            config: dict | None = None) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(method, src, batch, threads, device, reps, q))
+    p = ctx.Process(target=_child, args=(method, src, batch, threads, device, reps, q, prior, config))
     p.start()
     res = q.get()
     p.join()
@@ -231,10 +233,16 @@ def main() -> None:
                     help="warm runs per method, median reported (default: 1 on cpu, 10 on cuda)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow per-image loop")
     ap.add_argument("--skip-ray", action="store_true", help="skip the Ray Data throughput comparison")
+    ap.add_argument("--skip-grid", action="store_true", help="skip the 12-cell grid (its dense density-1 matrices "
+                                                             "are held whole: 5 GB per million features)")
     ap.add_argument("--only-ray", action="store_true", help="only the Ray Data throughput comparison")
     ap.add_argument("--ray-images", type=int, default=2048, help="test images for the Ray comparison")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--prior", default="pixelcnn", help="registered prior family (default pixelcnn, the paper's "
+                                                         "MNIST prior)")
+    ap.add_argument("--config", default="{}", help="the prior's options as JSON (default: its paper defaults)")
     args = ap.parse_args()
+    config = json.loads(args.config)
 
     if args.only_ray:
         r = ray_throughput(args.mnist, args.ray_images, 16384, args.batch)
@@ -245,13 +253,15 @@ def main() -> None:
     methods = ["train step", "naive loop", "torch.func", "scores", "scores+proj", "grid (12)"]
     if args.skip_naive:
         methods.remove("naive loop")
+    if args.skip_grid:
+        methods.remove("grid (12)")
     reps = args.reps or (1 if args.device == "cpu" else 10)
-    rows = [measure(m, args.mnist, args.batch, args.threads, args.device, reps) for m in methods]
-    rows.append(measure("memory check", args.mnist, 4 * args.batch, args.threads, args.device, reps))
+    rows = [measure(m, args.mnist, args.batch, args.threads, args.device, reps, args.prior, config) for m in methods]
+    rows.append(measure("memory check", args.mnist, 4 * args.batch, args.threads, args.device, reps, args.prior, config))
     base = rows[0]["seconds"]
     naive = next((r["seconds"] for r in rows if r["method"] == "naive loop"), None)
     where = f"{args.threads} threads" if args.device == "cpu" else args.device
-    print(f"\nPixelCNN 5x64 k7, n_features={rows[0]['n_features']}, batch {args.batch}, {where}, "
+    print(f"\n{args.prior} {config or '(paper defaults)'}, n_features={rows[0]['n_features']}, batch {args.batch}, {where}, "
           f"median of {reps} warm run(s), real MNIST\n")
     print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'naive / this':>14}{'peak MB':>10}")
     for r in rows:

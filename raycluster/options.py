@@ -163,10 +163,15 @@ def add_architecture_options(p: argparse.ArgumentParser, registry, title: str) -
     for flag, owners in architecture_fields(registry).items():
         f = owners[0][1]
         t = _base_type(_hints(registry.get(owners[0][0]).config).get(f.name, f.type))
-        defaults = ", ".join(f"{n}: {o.default}" for n, o in owners)
+        defaults = ", ".join(f"{n}: {_default(o)}" for n, o in owners)
         g.add_argument(flag, dest=f"arch_{flag[2:].replace('-', '_')}", default=None,
                        type=t if t in (int, float, str) else str,
                        metavar=f.name.upper(), help=f"{_owners_help(owners)} (default {defaults})")
+
+
+def _default(f: dataclasses.Field):
+    value = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _owners_help(owners) -> str:
