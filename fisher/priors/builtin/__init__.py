@@ -84,14 +84,3 @@ def package(checkpoint: str, data_dir: str, name: str, command: str, check_image
                             "converged": gain is not None and gain < 0.5})
     return read_manifest(str(out))
 
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m fisher.priors.builtin", description=package.__doc__)
-    p.add_argument("checkpoint")
-    p.add_argument("data")
-    p.add_argument("name")
-    p.add_argument("--command", required=True, help="the exact command that trained it")
-    a = p.parse_args()
-    m = package(a.checkpoint, a.data, a.name, a.command)
-    print(json.dumps({k: m[k] for k in ("metrics", "builtin")}, indent=2))
