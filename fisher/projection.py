@@ -158,11 +158,14 @@ def _as_operator(blocks: list, dense: bool, device):
 
 
 class BlockedDense:
-    """A dense (dims × m) matrix applied as a sum of fixed-width column blocks, so that the product
-    does not depend on the number of threads: a plain GEMM with a long inner dimension is split
-    across threads along it, and its round-off then depends on the thread count (so on the number of
-    actors per node). Here each block's product is one small GEMM (one thread each, in ``bmm``) and
-    the blocks are added in a fixed order; as fast as the plain product on this CPU."""
+    """A dense (dims × m) matrix applied as a sum of fixed-width column blocks, on one thread.
+
+    A GEMM run on several threads may split its long inner dimension among them, so its round-off
+    depends on the thread count (and so on how many actors share a node). Here every product is
+    one single-threaded GEMM per 4096-column block and the blocks are added in a fixed order: the
+    same bits whatever the thread count. On this 2-core CPU that costs little (a second thread
+    sped the plain product up by about 10 %); GPUs keep their own (deterministic) kernels.
+    """
     WIDTH = 4096
 
     def __init__(self, mat: torch.Tensor):
@@ -174,7 +177,14 @@ class BlockedDense:
     def __matmul__(self, gt: torch.Tensor) -> torch.Tensor:
         pad = self.n_blocks * self.WIDTH - self.m
         rhs = F.pad(gt, (0, 0, 0, pad)).view(self.n_blocks, self.WIDTH, gt.shape[1])
-        return torch.bmm(self.blocks, rhs).sum(0)
+        if self.blocks.device.type != "cpu":
+            return torch.bmm(self.blocks, rhs).sum(0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return torch.bmm(self.blocks, rhs).sum(0)
+        finally:
+            torch.set_num_threads(threads)
 
 
 class ProjectionStack:

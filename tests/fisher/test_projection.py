@@ -91,20 +91,22 @@ def test_bad_dim():
         SparseProjection(100, 0)
 
 
-def test_dense_product_does_not_depend_on_the_thread_count():
-    """Density 1 (dense signs): the same bits with 1 or 2 threads, so embeddings do not depend on how many
-    actors share a node (a plain GEMM splits its long inner dimension across threads)."""
+@pytest.mark.parametrize("n", [3000, 20000])           # one column block, and several
+def test_dense_product_does_not_depend_on_the_thread_count(n):
+    """Density 1 (dense signs): the same bits with 1, 2 or 3 threads, so embeddings do not depend on how
+    many actors share a node (a multi-threaded GEMM may split its long inner dimension across threads)."""
     import torch
     before = torch.get_num_threads()
-    p = SparseProjection(20000, 64, 1.0, seed=3)
+    p = SparseProjection(n, 64, 1.0, seed=3)
     stack = ProjectionStack([p])
-    g = torch.randn(32, 20000, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(32, n, generator=torch.Generator().manual_seed(0))
+    out = []
     try:
-        torch.set_num_threads(1)
-        one = stack.project(g)[0]
-        torch.set_num_threads(2)
-        two = stack.project(g)[0]
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out.append(stack.project(g)[0])
+            assert torch.get_num_threads() == threads        # restored after the product
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
-    assert torch.allclose(one, g @ p.dense().t(), rtol=1e-4, atol=1e-3)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    assert torch.allclose(out[0], g @ p.dense().t(), rtol=1e-4, atol=1e-3)
