@@ -369,6 +369,8 @@ CASES = [
     ("train-unknown-prior", None, [*TRAIN, "--prior", "gatd"], r"unknown prior 'gatd'; registered priors: .*pixelcnn"),
     ("train-negative-seed", None, [*TRAIN, "--seed", "-1"], r"--seed -1: must be >= 0"),
     ("train-even-kernel", None, [*TRAIN, "--kernel", "4"], r"prior 'pixelcnn': invalid config .*kernel_size=4 must be odd"),
+    ("train-pyramid-bad-factors", None, ["train-prior", "--data", "{data}", "--out", "{out}", "--prior", "pyramid",
+                                         "--factors", "0,x"], r"prior 'pyramid': invalid config .*every factor must be"),
     ("parquet-shard-replaced", data_shard_replaced, ["embed", *PRIOR, "--dim", "16"],
      r"test-00000\.parquet: holds 10 rows but its manifest says 64; " + PARQUET_FIX),
     ("density-0", None, ["embed", *PRIOR, "--density", "0"], r"--density 0: must be in \(0, 1\]"),

@@ -199,9 +199,14 @@ def test_cpu_preset_on_32x32_5bit_rgb_forward_backward():
     loss = -m.log_prob_from_output(out, x).mean()
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters())
-    bits = float(loss.detach()) / (3 * 32 * 32 * torch.log(torch.tensor(2.0)))
-    assert 1.0 < bits < 12.0                                          # near uniform (5 bits) at init
     m.eval()
+    with torch.no_grad():                      # the levels' terms add up to the exact log-likelihood
+        assert torch.allclose(sum(m.level_log_probs(x)), m.log_prob(x), rtol=1e-5)
+        before = -m.log_prob(x).mean()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    opt.step()                                 # the gradient above points downhill: one step lowers the NLL
+    with torch.no_grad():
+        assert -m.log_prob(x).mean() < before
     assert m.hidden(x).shape == (2, 16, 32, 32) and m.hidden_size((32, 32, 3)) == 16 * 32 * 32
     assert 50_000 < sum(p.numel() for p in m.parameters()) < 500_000
 
