@@ -188,7 +188,7 @@ def train_state_files(module: nn.Module, family: str, optimizer, epoch: int, his
                       metrics: dict | None = None) -> dict[str, bytes]:
     """A resumable training checkpoint: module files, optimizer state, progress (epochs and history)."""
     files = module_files(module, family)
-    opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    opt = optimizer if isinstance(optimizer, dict) else {} if optimizer is None else optimizer.state_dict()
     buf = io.BytesIO()
     torch.save(opt, buf)
     files[OPTIMIZER] = buf.getvalue()

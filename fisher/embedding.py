@@ -4,7 +4,8 @@
 ∇_θ log p_θ(x) (kind ``fisher``) or, for the baseline, the prior's hidden
 activations (kind ``activation``); ``P`` is a seeded sparse projection
 (:mod:`fisher.projection`, paper eq. 1). Several (dim, density) pairs come from
-one gradient pass. Optional standardization and PCA (paper sec. 5.2:
+one gradient pass. The kind ``pixel`` is the pixel-space baseline: the image itself, unprojected.
+Optional standardization and PCA (paper sec. 5.2:
 16384 → 4096) are fitted on the train split and then applied
 identically to every split.
 """
@@ -25,7 +26,12 @@ from fisher.scores import DEFAULT_CHUNK, activations, fisher_scores, n_features
 
 class EmbeddingKind:
     """An embedding kind e(x) of a prior (registered in :data:`EMBEDDINGS`): its length, and the
-    projected embeddings of a batch ``x`` (B, C, H, W) for every projection."""
+    projected embeddings of a batch ``x`` (B, C, H, W) for every projection.
+
+    ``projected = False``: e(x) is used as it is (one column ``z`` of length :meth:`n_features`, no
+    projection); ``needs_prior = False``: ``model`` may be None."""
+    projected = True
+    needs_prior = True
 
     def n_features(self, model: Prior, image_shape) -> int:
         raise NotImplementedError
@@ -64,6 +70,23 @@ class ActivationKind(EmbeddingKind):
         return zs
 
 
+@EMBEDDINGS.register("pixel")
+class PixelKind(EmbeddingKind):
+    """The pixel-space baseline (paper sec. 5.2 compares its interpolations with pixel interpolation):
+    e(x) = x, the sub-pixel values in [0, levels) as floats in (C, H, W) order, unprojected so that
+    the decoder ``pixels`` (:mod:`fisher.decoders.pixels`) can decode (1 - α) z₁ + α z₂ as the
+    cross-fade of the two images. Needs no prior."""
+    projected = False
+    needs_prior = False
+
+    def n_features(self, model, image_shape):
+        h, w, c = (int(v) for v in image_shape)
+        return h * w * c
+
+    def project(self, model, x, projections, stack, chunk_size):
+        return [x.flatten(1).float()]
+
+
 KINDS = tuple(EMBEDDINGS.names())
 
 
@@ -97,13 +120,19 @@ class Embedder:
                  seed: int = 0, chunk_size: int = DEFAULT_CHUNK, device: str = "cpu"):
         if kind not in EMBEDDINGS:
             raise ValueError(f"kind must be one of {KINDS}")
-        self.model, self.kind, self.device, self.chunk = model.to(device).eval(), kind, device, chunk_size
         self._kind = EMBEDDINGS.build(kind)
+        if model is None and self._kind.needs_prior:
+            raise ValueError(f"embedding kind {kind!r} needs a prior")
+        self.model = model.to(device).eval() if model is not None else None
+        self.kind, self.device, self.chunk = kind, device, chunk_size
         n = self._kind.n_features(model, image_shape)
         self.n_features = n
-        self.projections = [SparseProjection(n, s.dim, s.density, seed) for s in specs]
+        if not self._kind.projected:
+            specs = [EmbedSpec(n, None)]
+        self.projections = [SparseProjection(n, s.dim, s.density, seed) for s in specs] if self._kind.projected \
+            else []
         self.columns = [s.column(len(specs) == 1) for s in specs]
-        self._stack = ProjectionStack(self.projections)
+        self._stack = ProjectionStack(self.projections) if self.projections else None
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = to_model_input(images, self.device)
@@ -111,6 +140,9 @@ class Embedder:
         return {c: z.detach().cpu().numpy().astype(np.float32, copy=False) for c, z in zip(self.columns, zs)}
 
     def describe(self) -> dict:
+        if not self.projections:
+            return {"n_features": self.n_features, "chunk_size": self.chunk,
+                    "columns": {"z": {"dim": self.n_features, "density": None, "seed": None}}}
         return {"n_features": self.n_features, "chunk_size": self.chunk,
                 "columns": {c: {"dim": p.dim, "density": p.density, "seed": p.seed}
                             for c, p in zip(self.columns, self.projections)}}

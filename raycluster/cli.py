@@ -10,7 +10,7 @@ import sys
 
 from fisher.io import FisherError, check_output
 
-STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "run", "priors")   # modules of raycluster, one per stage
+STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "probe", "run", "priors")   # modules of raycluster, one per stage
 
 
 class _Parser(argparse.ArgumentParser):

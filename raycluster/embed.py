@@ -90,11 +90,13 @@ def _splits(value) -> list[str] | None:
 @dataclass(kw_only=True)
 class EmbedOptions(RayOptions):
     """Options of ``fisher embed`` (projection defaults: paper eq. 1 and sec. 5.2)."""
-    prior: str = option(help="prior checkpoint directory (from `fisher train-prior`)")
+    prior: str | None = option(None, help="prior checkpoint directory (from `fisher train-prior`) or builtin:NAME; "
+                                          "not used by --kind pixel")
     data: str = option(help="prepared data directory (from `fisher prepare`)")
     out: str = option(help="embedding directory to write (local path or s3:// gs:// URI)")
-    kind: str = option("fisher", choices=("fisher", "activation"),
-                       help="Fisher scores (the method) or hidden activations (the paper's baseline)")
+    kind: str = option("fisher", choices=("fisher", "activation", "pixel"),
+                       help="Fisher scores (the method), hidden activations (the paper's baseline) or the "
+                            "pixels themselves (the pixel-space baseline: unprojected, --dim/--density unused)")
     dim: list = option(default_factory=lambda: [16384], parse=_dims,
                        help="projection dimension(s), comma separated (paper: 16384)")
     density: list = option(default_factory=lambda: [None], parse=_densities,
@@ -114,7 +116,9 @@ class EmbedOptions(RayOptions):
         super().__post_init__()
         self.dim, self.density, self.splits = _dims(self.dim), _densities(self.density), _splits(self.splits)
         from fisher.embedding import EMBEDDINGS
-        EMBEDDINGS.get(self.kind)
+        if EMBEDDINGS.get(self.kind).cls.needs_prior and not self.prior:
+            raise FisherError(f"--prior: required by --kind {self.kind} (a `fisher train-prior` directory or "
+                              "builtin:NAME; see `fisher priors`)")
         at_least(self, 1, "chunk_size", "batch_size", "actors", "pca")
         at_least(self, 0, "seed")
         positive(self, "cpus_per_actor")
@@ -140,7 +144,7 @@ class _ScoreActor:
         device = runtime_device(gpu)
         self.shape = shape
         self.node = ray.get_runtime_context().get_node_id()     # recorded per shard in the manifest
-        self.embedder = Embedder(load_prior(prior), kind, [EmbedSpec(**s) for s in specs], shape,
+        self.embedder = Embedder(load_prior(prior) if prior else None, kind, [EmbedSpec(**s) for s in specs], shape,
                                  seed=seed, chunk_size=chunk, device=device)
 
     def __call__(self, batch: pa.Table) -> dict:
@@ -155,14 +159,21 @@ def run(args: EmbedOptions) -> None:
     from fisher.embedding import EmbedSpec, feature_count
     from fisher.priors import load_prior, prior_location
 
+    from fisher.embedding import EMBEDDINGS
     data_manifest = read_manifest(args.data, "prepare")
-    prior_manifest = read_manifest(prior_location(args.prior), "train-prior")
-    if prior_manifest.get("inputs", {}).get("data") not in (None, manifest_hash(data_manifest)):
-        print(f"note: {args.prior} was trained on other data than {args.data}", flush=True)
     shape = data_manifest["image_shape"]
-    model = load_prior(args.prior)
-    specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)]
+    kind = EMBEDDINGS.build(args.kind)
+    prior_manifest, model = {}, None
+    if kind.needs_prior:
+        prior_manifest = read_manifest(prior_location(args.prior), "train-prior")
+        if prior_manifest.get("inputs", {}).get("data") not in (None, manifest_hash(data_manifest)):
+            print(f"note: {args.prior} was trained on other data than {args.data}", flush=True)
+        model = load_prior(args.prior)
+    elif args.prior:
+        print(f"note: --kind {args.kind} does not use --prior {args.prior}", flush=True)
     n = feature_count(model, args.kind, shape)
+    specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)] if kind.projected \
+        else [EmbedSpec(n, None)]
     splits = args.splits or sorted({s["split"] for s in data_manifest["shards"]})
     shards = [s for s in data_manifest["shards"] if s["split"] in splits]
     if not shards:
@@ -171,7 +182,8 @@ def run(args: EmbedOptions) -> None:
         parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}")
     plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
-            "prior": manifest_hash(prior_manifest), "prior_weights_sha256": prior_manifest.get("weights_sha256"),
+            "prior": manifest_hash(prior_manifest) if prior_manifest else None,
+            "prior_weights_sha256": prior_manifest.get("weights_sha256"),
             "data": manifest_hash(data_manifest)}
     claim_output(args.out, "embed", plan)
 
@@ -183,7 +195,7 @@ def run(args: EmbedOptions) -> None:
     timing = _run_pool(args, todo, shape, plan) if todo else {}
 
     columns = {s.column(len(specs) == 1): {"dim": s.dim, "density": s.density if s.density else 1 / n ** 0.5}
-               for s in specs}
+               for s in specs} if kind.projected else {"z": {"dim": n, "density": None, "projected": False}}
     extra = {}
     if args.standardize or args.pca:
         extra["transform"] = _fit_and_apply(args, shards, list(columns))
@@ -193,7 +205,8 @@ def run(args: EmbedOptions) -> None:
                    shards=[s["file"] for s in shards],
                    counts={sp: sum(_rows(args.data, s) for s in shards if s["split"] == sp) for sp in splits},
                    projection={"family": "li2006-sparse-eq1", "seed": args.seed, "n_features": n,
-                               "generator": "numpy default_rng([seed, block, dim, density*2^40]), 65536-column blocks"},
+                               "generator": "numpy default_rng([seed, block, dim, density*2^40]), 65536-column blocks"}
+                   if kind.projected else None,
                    timing=timing, **extra)
     print(f"embeddings written to {args.out}", flush=True)
 
@@ -242,7 +255,7 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     threads = 1 if args.gpu else max(1, worker_threads(resources, args.actors))
     ds = ds.map_batches(
         _ScoreActor, batch_size=args.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(prior=args.prior, kind=args.kind, specs=plan["specs"], shape=shape,
+        fn_constructor_kwargs=dict(prior=args.prior if plan["prior"] else None, kind=args.kind, specs=plan["specs"], shape=shape,
                                    seed=args.seed, chunk=args.chunk_size, threads=threads, gpu=args.gpu),
         compute=ActorPoolStrategy(size=args.actors),
         num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor)

@@ -112,11 +112,62 @@ class _Runner:
         atomic_write_bytes(join(self.out, "timings.json"), json.dumps(self.timings, indent=2).encode())
 
 
+KINDS = ("fisher", "activation", "pixel")     # embedding kinds a run compares (preset key "kinds")
+
+
+@dataclass(kw_only=True)
+class BaselineOptions:
+    """The run's ``baselines`` step: the prior's NLL and the independent-pixel model's on the run's test split."""
+    prior: str
+    data: str
+    out: str
+
+
+def run_baselines(args: BaselineOptions) -> None:
+    """Write ``baselines.json``: the prior's test NLL on this run's test split next to the independent-pixel
+    model fitted on its train split (:func:`fisher.baselines.independent_pixel_nll`), in nats/image."""
+    from fisher.baselines import independent_pixel_nll
+    from fisher.data import data_levels, load_prepared
+    from fisher.io import manifest_hash, read_manifest, write_manifest
+    from fisher.priors import load_prior, prior_location, to_model_input
+    from fisher.training import nll_metrics, nll_sum
+    data = read_manifest(args.data, "prepare")
+    train, test = load_prepared(args.data, "train"), load_prepared(args.data, "test")
+    model, x = load_prior(args.prior), to_model_input(test["image"])
+    total = sum(nll_sum(model, x[i:i + 256]) for i in range(0, len(x), 256))
+    prior = {"source": args.prior, **nll_metrics(total, len(x), int(x[0].numel())), "n_test": len(x)}
+    pixel = independent_pixel_nll(train["image"], test["image"], data_levels(data))
+    result = {"split": "test", "prior": prior, "independent_pixel": pixel}
+    atomic_write_bytes(join(args.out, "baselines.json"), json.dumps(result, indent=2).encode())
+    write_manifest(args.out, "baselines", {"prior": args.prior},
+                   inputs={"data": manifest_hash(data),
+                           "prior": manifest_hash(read_manifest(prior_location(args.prior), "train-prior"))},
+                   files=["baselines.json"])
+    print(f"baselines: prior {prior['nll_nats']:.2f} nats/image, independent pixels {pixel['nll_nats_per_image']:.2f} "
+          f"on {len(x)} test images", flush=True)
+
+
+def prior_of(args: RunOptions, preset: dict) -> str:
+    """The prior a run uses: ``builtin:<prior.builtin>`` unless ``prior.train`` is true, else ``OUT/prior``."""
+    section = preset.get("prior") or {}
+    if section.get("builtin") is not None and not section.get("train", True):
+        return f"builtin:{section['builtin']}"
+    return join(args.out, "prior")
+
+
+def seed_suffixes(preset: dict) -> list[str]:
+    """Directory suffixes of the decoder/evaluation seeds (``evaluate.seeds``, default 1: no suffix)."""
+    n = (preset.get("evaluate") or {}).get("seeds", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 100:
+        raise FisherError(f"evaluate.seeds {n!r}: must be an integer in 1..100 (decoders and pair draws per kind)")
+    return [""] if n == 1 else [f"-s{k}" for k in range(n)]
+
+
 def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
     """Every step's options object, built (and so checked, value by value) before the first step runs.
     Returns the steps and the embeddings the report reads ({kind: (directory, column)})."""
     from fisher.embedding import EmbedSpec
-    from raycluster import embed, evaluate, prepare, sweep, train_decoder, train_prior
+    from raycluster import embed, evaluate, prepare, probe, sweep, train_decoder, train_prior
     out, dataset = args.out, preset["dataset"]
     d = lambda *p: join(out, *p)                                            # noqa: E731
     ray = {"address": args.address, "num_cpus": args.num_cpus}
@@ -134,13 +185,26 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
     steps = [Step("prepare", "prepare", prepare.run,
                   opts(prepare.PrepareOptions, "prepare", "prepare", dataset=dataset, src=args.data, out=d("data")),
                   "data/manifest.json",
-                  "" if args.data else f"; pass --data DIR (or set ${DATA_ENV}) with the raw {dataset} files"),
-             Step("train-prior", "train-prior", train_prior.run,
-                  opts(train_prior.TrainPriorOptions, "prior", "train-prior", data=d("data"), out=d("prior"), **ray),
-                  "prior/manifest.json")]
-    emb = dict(preset["embed"])
-    projection = opts(embed.EmbedOptions, "embed", "embed", prior=d("prior"), data=d("data"), out=d("emb-fisher"),
-                      **ray)
+                  "" if args.data else f"; pass --data DIR (or set ${DATA_ENV}) with the raw {dataset} files")]
+    prior_section = dict(preset.get("prior") or {})
+    prior_section.pop("builtin", None)
+    if not isinstance(prior_section.pop("train", True), bool):
+        raise FisherError(f"{where_of('prior')('train')}: prior.train must be true or false")
+    prior = prior_of(args, preset)
+    if prior.startswith("builtin:"):
+        from fisher.priors import prior_location
+        prior_location(prior)                                   # an unknown name is refused now
+    else:
+        steps.append(Step("train-prior", "train-prior", train_prior.run,
+                          opts(train_prior.TrainPriorOptions, "prior", "train-prior", prior_section, data=d("data"),
+                               out=d("prior"), **ray), "prior/manifest.json"))
+    steps.append(Step("baselines", "baselines", run_baselines, BaselineOptions(prior=prior, data=d("data"),
+                                                                                  out=d("baselines")),
+                      "baselines/manifest.json"))
+    kinds_wanted = preset.get("kinds", list(KINDS))
+    if not isinstance(kinds_wanted, list) or not kinds_wanted or any(k not in KINDS for k in kinds_wanted):
+        raise FisherError(f"{preset['_path']}: kinds must be a non-empty list of {', '.join(KINDS)}")
+    projection = opts(embed.EmbedOptions, "embed", "embed", prior=prior, data=d("data"), out=d("emb-fisher"), **ray)
     if len(projection.dim) != 1 or len(projection.density) != 1:
         raise FisherError(f"{where_of('embed')('dim')}: embed.dim and embed.density must be one value each "
                           "(the grid's cells are the sweep's)")
@@ -153,39 +217,58 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
             section["grid"] = os.path.abspath(section["grid"])
         grid = tune_spaces.load_grid(section["grid"], flag="sweep.grid")
         steps.append(Step("sweep", "sweep", sweep.run,
-                          opts(sweep.SweepOptions, "sweep", "sweep", section, prior=d("prior"), data=d("data"),
+                          opts(sweep.SweepOptions, "sweep", "sweep", section, prior=prior, data=d("data"),
                                out=d("sweep"), resume=True, seed=projection.seed, embed_actors=projection.actors,
                                **ray), "sweep/manifest.json"))
     transformed = bool(projection.pca or projection.standardize)
     in_grid = grid is not None and spec.dim in grid["dim"] and spec.density in grid["density"] and not projection.pca
-    if in_grid:             # the Fisher embedding is one of the sweep's cells: reuse that gradient pass
-        kinds = {"fisher": (d("sweep", "embeddings"), spec.column(single=len(grid["dim"]) * len(grid["density"]) == 1))}
-    else:
-        kinds = {"fisher": (d("emb-fisher"), "z_t" if transformed else "z")}
-        steps.append(Step("embed-fisher", "embed", embed.run, projection, "emb-fisher/manifest.json"))
-    kinds["activation"] = (d("emb-activation"), "z_t" if transformed else "z")
-    steps.append(Step("embed-activation", "embed", embed.run,
-                      dataclasses.replace(projection, kind="activation", out=d("emb-activation")),
-                      "emb-activation/manifest.json"))
+    kinds = {}
+    for kind in kinds_wanted:
+        if kind == "fisher" and in_grid:    # one of the sweep's cells: reuse that gradient pass
+            kinds["fisher"] = (d("sweep", "embeddings"),
+                               spec.column(single=len(grid["dim"]) * len(grid["density"]) == 1))
+            continue
+        kinds[kind] = (d(f"emb-{kind}"), "z_t" if transformed else "z")
+        steps.append(Step(f"embed-{kind}", "embed", embed.run,
+                          dataclasses.replace(projection, kind=kind, out=d(f"emb-{kind}"),
+                                              prior=None if kind == "pixel" else prior),
+                          f"emb-{kind}/manifest.json"))
+    evaluate_section = {k: v for k, v in (preset.get("evaluate") or {}).items() if k != "seeds"}
+    decoder_section = dict(preset.get("decoder") or {})
+    suffixes = seed_suffixes(preset)
     for kind, (edir, col) in kinds.items():
         common = {"embeddings": edir, "data": d("data"), "column": col, **ray}
-        decoder = opts(train_decoder.TrainDecoderOptions, "decoder", "train-decoder", out=d(f"decoder-{kind}"), **common)
-        steps.append(Step(f"decoder-{kind}", "train-decoder", train_decoder.run, decoder, f"decoder-{kind}/manifest.json"))
-        common["decoder"] = d(f"decoder-{kind}")
-        steps.append(Step(f"interpolate-{kind}", "interpolate", evaluate.run_interpolate,
-                          opts(evaluate.InterpolateOptions, "interpolate", "interpolate", out=d(f"interpolate-{kind}"),
-                               **common), f"interpolate-{kind}/manifest.json"))
-        if preset.get("edit"):
-            edit = preset["edit"]
-            steps.append(Step(f"edit-{kind}", "edit", evaluate.run_edit,
-                              opts(evaluate.EditOptions, "edit", "edit",
-                                   {k: v for k, v in edit.items() if k != "attributes"}, out=d(f"edit-{kind}"),
-                                   attribute=",".join(edit.get("attributes") or []), **common),
-                              f"edit-{kind}/manifest.json"))
-        steps.append(Step(f"fid-{kind}", "evaluate", evaluate.run_evaluate,
-                          opts(evaluate.EvaluateOptions, "evaluate", "evaluate", out=d(f"fid-{kind}"),
-                               label=f"{kind}/{decoder.decoder}", fid_weights=args.fid_weights, **common),
-                          f"fid-{kind}/fid.json"))
+        steps.append(Step(f"probe-{kind}", "probe", probe.run,
+                          opts(probe.ProbeOptions, "probe", "probe", preset.get("probe") or {}, embeddings=edir,
+                               data=d("data"), column=col, out=d(f"probe-{kind}")), f"probe-{kind}/manifest.json"))
+        section = {"decoder": "pixels"} if kind == "pixel" else decoder_section
+        for k, sfx in enumerate(suffixes if kind != "pixel" else [""]):
+            seeded = {**section, "seed": section.get("seed", 0) + k}
+            dec = opts(train_decoder.TrainDecoderOptions, "decoder", "train-decoder", seeded,
+                       out=d(f"decoder-{kind}{sfx}"), **common)
+            steps.append(Step(f"decoder-{kind}{sfx}", "train-decoder", train_decoder.run, dec,
+                              f"decoder-{kind}{sfx}/manifest.json"))
+        for k, sfx in enumerate(suffixes):
+            dec_dir = d(f"decoder-{kind}{sfx if kind != 'pixel' else ''}")
+            with_decoder = {**common, "decoder": dec_dir}
+            if k == 0:
+                steps.append(Step(f"interpolate-{kind}", "interpolate", evaluate.run_interpolate,
+                                  opts(evaluate.InterpolateOptions, "interpolate", "interpolate",
+                                       out=d(f"interpolate-{kind}"), **with_decoder),
+                                  f"interpolate-{kind}/manifest.json"))
+                if preset.get("edit") and kind != "pixel":
+                    edit = preset["edit"]
+                    steps.append(Step(f"edit-{kind}", "edit", evaluate.run_edit,
+                                      opts(evaluate.EditOptions, "edit", "edit",
+                                           {k: v for k, v in edit.items() if k != "attributes"},
+                                           out=d(f"edit-{kind}"), attribute=",".join(edit.get("attributes") or []),
+                                           **with_decoder), f"edit-{kind}/manifest.json"))
+            seeded = {**evaluate_section, "seed": evaluate_section.get("seed", 0) + k}
+            steps.append(Step(f"fid-{kind}{sfx}", "evaluate", evaluate.run_evaluate,
+                              opts(evaluate.EvaluateOptions, "evaluate", "evaluate", seeded, out=d(f"fid-{kind}{sfx}"),
+                                   label=f"{kind}/{section.get('decoder', 'conv')}",
+                                   fid_weights=args.fid_weights, **with_decoder),
+                              f"fid-{kind}{sfx}/fid.json"))
     return steps, kinds
 
 
@@ -201,7 +284,8 @@ def run(args: RunOptions) -> None:
     for step in steps:
         r.step(step)
     from fisher.reports.run import write_report
-    report = write_report(args.out, preset, kinds, r.timings, paper_preset=_paper_preset(preset["dataset"]))
+    report = write_report(args.out, preset, kinds, r.timings, paper_preset=_paper_preset(preset["dataset"]),
+                          prior=prior_of(args, preset), suffixes=seed_suffixes(preset))
     print(f"report: {report}")
 
 

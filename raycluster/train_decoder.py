@@ -113,5 +113,6 @@ def run(args: TrainDecoderOptions) -> None:
                    data=args.data, metrics=result.metrics, image_shape=data["image_shape"],
                    levels=data_levels(data))
     m = result.metrics
-    print(f"decoder written to {args.out}: test BCE {m['test_bce_nats_per_pixel']:.4f} nats/pixel, "
-          f"MSE {m['test_mse']:.4f}")
+    bce = m.get("test_bce_nats_per_pixel")
+    print(f"decoder written to {args.out}: " + ("" if bce is None else f"test BCE {bce:.4f} nats/pixel, ")
+          + f"MSE {m['test_mse']:.4f}")

@@ -38,6 +38,7 @@ class Decoder(nn.Module):
     registered_name: str = "?"
     generates = "mean"          # what interpolation and FID use: "mean" or "sample"
     has_likelihood = True
+    trainable = True            # False: nothing to optimise (the pixel baseline's identity decoder)
 
     def __init__(self, z_dim: int, image_shape=None, levels: int | None = None, likelihood: Likelihood | None = None):
         super().__init__()

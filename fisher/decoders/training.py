@@ -13,6 +13,7 @@ calls :func:`fit_decoder`; :func:`train_on_pairs` is the whole job from artifact
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -73,8 +74,9 @@ def summarize_metrics(*parts: dict) -> dict:
     """Sum metric dicts and give ``bce_nats_per_pixel``, ``mse``, ``nll_nats_per_image``."""
     tot = {k: sum(p[k] for p in parts) for k in ("nll_sum", "se_sum", "n_subpixels", "n_images")}
     n = max(tot["n_subpixels"], 1)
-    return {"bce_nats_per_pixel": tot["nll_sum"] / n, "mse": tot["se_sum"] / n,
-            "nll_nats_per_image": tot["nll_sum"] / max(tot["n_images"], 1)}
+    nll = None if math.isnan(tot["nll_sum"]) else tot["nll_sum"]     # None: a decoder without a likelihood
+    return {"bce_nats_per_pixel": None if nll is None else nll / n, "mse": tot["se_sum"] / n,
+            "nll_nats_per_image": None if nll is None else nll / max(tot["n_images"], 1)}
 
 
 # ---------------------------------------------------------------- training
@@ -107,6 +109,13 @@ def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.T
     torch.manual_seed(cfg.seed)
     decoder = build_decoder(cfg.decoder, z_train.shape[1], image_shape, levels, **cfg.decoder_config)
     decoder.to(z_train.device)
+    if not decoder.trainable:          # the identity of the pixel baseline: one evaluation, no epochs
+        decoder.fit_input(z_train)
+        metrics = {"epoch": 0, "train_nll_nats_per_image": None,
+                   **{f"test_{k}": v for k, v in evaluate_decoder(decoder, z_test, x_test).items()}}
+        if on_epoch is not None:
+            on_epoch(0, metrics, decoder, None)
+        return decoder, metrics
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     first = 0
     if start:

@@ -18,7 +18,6 @@ import json
 
 from fisher.io import atomic_write_bytes, exists, join, read_bytes, read_manifest
 from fisher.reports.figure3a import paper_table
-from fisher.reports.figure3b import fid_table
 from fisher.reports.paper import PAPER_FIGURE_3A, PAPER_MNIST_FID, PAPER_MNIST_NLL
 
 PRIOR_LABELS = {"pixelcnn": "PixelCNN"}     # registry name → how the report names the architecture
@@ -109,27 +108,121 @@ def scale_note(preset: dict, prior: dict, paper: dict | None, paper_name: str | 
                    "precisely; ours is the test BCE in nats per pixel.")
 
 
-def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None) -> str:
+def _fid_results(out: str, kind: str, suffixes) -> list[dict]:
+    return [json.loads(read_bytes(join(out, f"fid-{kind}{sfx}", "fid.json"))) for sfx in suffixes
+            if exists(join(out, f"fid-{kind}{sfx}", "fid.json"))]
+
+
+def _decoder_dirs(kind: str, suffixes) -> list[str]:
+    return ["decoder-pixel"] if kind == "pixel" else [f"decoder-{kind}{sfx}" for sfx in suffixes]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _num(v, fmt=".4f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def prior_section(out: str, preset: dict, prior: str) -> list[str]:
+    """The prior: its test NLL (from its manifest), on this run's test split next to the independent-pixel
+    model (``baselines/baselines.json``), and the seed papers' numbers."""
+    from fisher.priors import prior_location
+    manifest = read_manifest(prior_location(prior), "train-prior")
+    m, builtin = manifest["metrics"], manifest.get("builtin")
+    where = (f"the builtin prior `{prior}` (shipped with the package; made by `{builtin['command']}`)"
+             if builtin else "trained by this run")
+    lines = ["## Prior", "", f"{prior_description(manifest['config'])}, {m['epoch']} epochs, {where}: test NLL "
+             f"**{m['test_nll_nats']:.2f} nats/image** ({m['test_bits_per_dim']:.4f} bits/dim) on its full test "
+             "split.", ""]
+    base_uri = join(out, "baselines", "baselines.json")
+    if exists(base_uri):
+        b = json.loads(read_bytes(base_uri))
+        lines += [f"On this run's {b['prior']['n_test']} test images: the prior **{b['prior']['nll_nats']:.2f}** "
+                  f"nats/image; the independent-pixel model (one categorical per sub-pixel, fitted on this run's "
+                  f"train split) {b['independent_pixel']['nll_nats_per_image']:.2f}. A prior far below that line "
+                  "has learned the data's structure.", ""]
+    binary = int(read_manifest(join(out, "data"), "prepare").get("levels", 2)) == 2
+    if preset["dataset"] == "mnist" and binary:
+        refs = ", ".join(f"{k} {v:.2f}" for k, v in PAPER_MNIST_NLL["rows"].items())
+        lines += [f"Reference test NLLs on binarized MNIST ({PAPER_MNIST_NLL['source']}, {PAPER_MNIST_NLL['unit']}): "
+                  f"{refs}.", ""]
+    return lines
+
+
+def probe_section(out: str, kinds: dict) -> list[str]:
+    """Linear-probe accuracy and kNN agreement per embedding kind (``probe-<kind>/probe.json``)."""
+    rows = [(k, json.loads(read_bytes(join(out, f"probe-{k}", "probe.json")))) for k in kinds
+            if exists(join(out, f"probe-{k}", "probe.json"))]
+    if not rows:
+        return []
+    first = rows[0][1]
+    target = "mean accuracy over the 40 attributes" if first["target"] == "attrs" else "digit accuracy"
+    lines = ["## Semantic probes (beyond the paper)", "",
+             f"Test split ({first['n_test']} images; fitted on {first['n_train']} train images). Linear probe: "
+             f"closed-form ridge regression ({target}); kNN: the share of each test image's {first['knn']['k']} "
+             "nearest train neighbours (cosine, standardized) with its label. Sec. 5 of the paper claims that "
+             "Fisher scores hold semantic information directly.", "",
+             "| embedding | dims | linear probe | kNN agreement |", "|---|---|---|---|"]
+    lines += [f"| {k} | {r['linear_probe']['dim']} | {r['linear_probe']['accuracy']:.3f} | "
+              f"{r['knn']['agreement']:.3f} |" for k, r in rows]
+    lines += [f"| majority label | – | {first['majority']['accuracy']:.3f} | – |", ""]
+    return lines
+
+
+def fid_section(out: str, preset: dict, kinds: dict, suffixes) -> list[str]:
+    """Interpolation FID and KID per α, mean ± spread over seeds, with the floor and the paper's rows."""
+    from fisher.reports.spread import difference, spread_table
+    by_kind = {k: _fid_results(out, k, suffixes) for k in kinds}
+    first = next((r[0] for r in by_kind.values() if r), None)
+    if first is None:
+        return []
+    n, ref = first.get("pairs"), first.get("reference", "image")
+    paper = PAPER_MNIST_FID["rows"] if preset["dataset"] == "mnist" else None
+    seeds = len(suffixes)
+    reference = {"grey": "the grey MNIST originals (binarized MNIST is Bernoulli(grey/255), so a decoder's mean "
+                         "estimates the grey image)",
+                 "image": "the dataset's images as prepared"}.get(ref, ref)
+    lines = ["## Interpolation FID and KID (paper Algorithm 1, Figure 3b)", "",
+             f"N = {n} pairs per α (the paper uses 50 000); real statistics from {first['real']['count']} "
+             f"{first['real']['split']} images: {reference}. Decoded images are the decoder's expected value on "
+             f"[0, 1]; the pixel row is the cross-fade (1 − α) x₁ + α x₂ itself. "
+             + (f"Each cell: mean ± standard deviation over {seeds} seeds (decoder training and pair draw). "
+                if seeds > 1 else "One seed: FID cells have no spread; KID cells show KID's standard error. ")
+             + "FID is biased upwards at small N (see the floor row: real images against the same statistics); "
+               "KID is unbiased at any N.", "",
+             "FID:", "", spread_table(by_kind, "fid", paper), ""]
+    if any(r.get("kid") for rs in by_kind.values() for r in rs):
+        lines += ["KID × 10³:", "", spread_table(by_kind, "kid"), ""]
+    if "fisher" in by_kind and "activation" in by_kind:
+        for metric in ("fid", "kid"):
+            diff = difference(by_kind["fisher"], by_kind["activation"], 0.5, metric)
+            if diff:
+                scale = 1e3 if metric == "kid" else 1
+                lines += [f"At α = 0.5, {metric.upper()}{' × 10³' if scale != 1 else ''} of Fisher scores minus "
+                          f"activations: {diff['difference'] * scale:+.2f} ± {diff['stderr'] * scale:.2f} "
+                          f"(standard error over {diff['n'][0]} + {diff['n'][1]} seeds; negative: Fisher scores "
+                          "better).", ""]
+    return lines
+
+
+def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None,
+                    prior: str | None = None, suffixes=("",)) -> str:
     """The text of ``report.md`` for the run directory ``out``.
 
     ``preset``: the run's preset (with '_name'); ``kinds``: {embedding kind: (embedding dir, column)};
     ``timings``: {step: seconds}; ``paper_preset``: the paper-scale preset of the dataset, for the
-    comparison paragraph (None leaves the paper's setting out of it).
+    comparison paragraph (None leaves the paper's setting out of it); ``prior``: the prior the run used
+    (default ``out/prior``; ``builtin:<name>``); ``suffixes``: the seeds' directory suffixes.
     """
     d = lambda *p: join(out, *p)                                            # noqa: E731
+    prior = prior or d("prior")
     lines = [f"# Fisher-score run: preset `{preset['_name']}`", "", preset.get("description", ""), ""]
-    prior = read_manifest(d("prior"), "train-prior")
-    m = prior["metrics"]
+    lines += prior_section(out, preset, prior)
     binary = int(read_manifest(d("data"), "prepare").get("levels", 2)) == 2
     base = mean_image_baseline(d("data"))
-    lines += ["## Prior", "", f"{prior_description(prior['config'])}, {m['epoch']} epochs: test NLL "
-              f"**{m['test_nll_nats']:.2f} nats/image** ({m['test_bits_per_dim']:.4f} bits/dim).", ""]
-    if preset["dataset"] == "mnist" and binary:
-        refs = ", ".join(f"{k} {v:.2f}" for k, v in PAPER_MNIST_NLL["rows"].items())
-        lines += [f"Reference test NLLs on binarized MNIST ({PAPER_MNIST_NLL['source']}, {PAPER_MNIST_NLL['unit']}): "
-                  f"{refs}."
-                  + (f" Independent-pixel baseline (the train split's mean image) on this test split: "
-                     f"{base['nll_nats_per_image']:.2f} nats/image." if base else ""), ""]
     if exists(d("sweep", "grid.md")):
         lines += ["## Reconstruction grid (paper Figure 3a)", "",
                   "Ours (test BCE, nats/pixel; rows = dimension, columns = density):", "",
@@ -140,25 +233,24 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
     lines += ["## Decoders (test split)", ""]
     if not binary:
         lines += ["NLL: categorical cross-entropy of each sub-pixel's levels; MSE on [0, 1] values.", ""]
-    lines += [f"| embedding | column | {loss} | MSE |", "|---|---|---|---|"]
+    lines += [f"| embedding | column | decoder | {loss} | MSE | seeds |", "|---|---|---|---|---|---|"]
     for kind, (_, col) in kinds.items():
-        dm = read_manifest(d(f"decoder-{kind}"), "train-decoder")["metrics"]
-        lines.append(f"| {kind} | `{col}` | {dm['test_bce_nats_per_pixel']:.4f} | {dm['test_mse']:.4f} |")
+        ms = [read_manifest(d(x), "train-decoder") for x in _decoder_dirs(kind, suffixes) if exists(d(x, "manifest.json"))]
+        if not ms:
+            continue
+        bce = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
+        mse = _mean(m["metrics"].get("test_mse") for m in ms)
+        lines.append(f"| {kind} | `{col}` | {ms[0]['config'].get('decoder', '?')} | {_num(bce)} | {_num(mse)} | "
+                     f"{len(ms)} |")
     if base:
-        lines.append(f"| none: the train split's mean image | – | {base['bce_nats_per_pixel']:.4f} | {base['mse']:.4f} |")
-        lines += ["", "The last row is what a decoder that ignores its embedding can reach; a decoder is only as "
-                  "useful as its distance below it."]
-    results = [json.loads(read_bytes(d(f"fid-{k}", "fid.json"))) for k in kinds]
-    paper = PAPER_MNIST_FID if preset["dataset"] == "mnist" else None
-    n = results[0].get("pairs", results[0].get("n"))
-    floor = results[0].get("real_floor")
-    lines += ["", "## Interpolation FID (paper Algorithm 1, Figure 3b)", "",
-              f"N = {n} pairs per α (the paper uses 50 000); FID against {results[0]['real']['count']} real "
-              f"{results[0]['real']['split']} images. Decoded images are the decoder's expected value in [0, 1]."
-              + (f" With N = {n}, even real images score {floor['fid']:.1f} (the floor row): FID is biased upwards "
-                 "at small N, so read our rows against the floor, not against the paper's." if floor else ""), "",
-              fid_table(results, paper), ""]
-    lines += [f"![FID vs alpha, {k}](fid-{k}/fid.png)" for k in kinds] + [""]
+        lines.append(f"| none: the train split's mean image | – | – | {base['bce_nats_per_pixel']:.4f} | "
+                     f"{base['mse']:.4f} | – |")
+        lines += ["", "The mean-image row is what a decoder that ignores its embedding can reach; a decoder is only "
+                  "as useful as its distance below it. The pixel row decodes by the identity (MSE 0)."]
+    lines += [""] + fid_section(out, preset, kinds, suffixes)
+    sfx0 = suffixes[0]
+    lines += [f"![FID vs alpha, {k}](fid-{k}{sfx0}/fid.png)" for k in kinds if exists(d(f"fid-{k}{sfx0}", "fid.png"))]
+    lines += [""] + probe_section(out, kinds)
     lines += ["## Interpolations (paper Figures 2 and 4)", ""]
     lines += [f"{k}:\n\n![{k}](interpolate-{k}/interpolations.png)\n" for k in kinds]
     if preset.get("edit"):
@@ -166,8 +258,11 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
         lines += ["## Attribute edits (paper Figure 5)", "",
                   f"Each row: a test image, then the decoded z − {scale:g}·δ, z (the reconstruction) and z + {scale:g}·δ, "
                   "with δ the difference of the attribute's train-split means in embedding space.", ""]
-        lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds for a in preset["edit"]["attributes"]]
-    lines += ["## How this run compares with the paper", "", scale_note(preset, prior, paper_preset), ""]
+        lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds if k != "pixel"
+                  for a in preset["edit"]["attributes"]]
+    from fisher.priors import prior_location
+    lines += ["## How this run compares with the paper", "",
+              scale_note(preset, read_manifest(prior_location(prior), "train-prior"), paper_preset), ""]
     lines += ["## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     lines += [f"| total | {round(sum(timings.values()), 1)} |"]
@@ -176,8 +271,9 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
     return "\n".join(lines)
 
 
-def write_report(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None) -> str:
+def write_report(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None,
+                 prior: str | None = None, suffixes=("",)) -> str:
     """Write :func:`report_markdown` to ``out/report.md``; returns its URI."""
     uri = join(out, "report.md")
-    atomic_write_bytes(uri, report_markdown(out, preset, kinds, timings, paper_preset).encode())
+    atomic_write_bytes(uri, report_markdown(out, preset, kinds, timings, paper_preset, prior, suffixes).encode())
     return uri

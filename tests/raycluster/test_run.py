@@ -1,8 +1,8 @@
 """``fisher run`` end to end with a tiny preset file: every step, the report, and a rerun that reuses them.
 
-The preset is the shape of ``mnist-small`` at toy scale (64 images per split, a 1-layer prior, a
-one-cell sweep, one-epoch decoders); FID runs the real Inception weights on 4 pairs × 1 α against
-8 real images, so the test is skipped without the weights file.
+The preset is the shape of ``mnist-small`` at toy scale (64 images per split, the builtin prior, a
+one-cell sweep, one-epoch decoders, two seeds); FID runs the real Inception weights on 4 pairs × 2 α
+against 8 real images, so the test is skipped without the weights file.
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ WEIGHTS = SHARED_DATA / "pt_inception-2015-12-05-nofc.pth"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not WEIGHTS.exists(), reason=f"{WEIGHTS} absent (set FISHER_SHARED_DATA)")]
 
-STEPS = ["prepare", "train-prior", "sweep", "embed-activation", "decoder-fisher", "interpolate-fisher", "fid-fisher",
-         "decoder-activation", "interpolate-activation", "fid-activation"]
+STEPS = ["prepare", "baselines", "sweep", "embed-activation", "embed-pixel"]
+for _kind in ("fisher", "activation", "pixel"):
+    STEPS += [f"probe-{_kind}"] + ([f"decoder-{_kind}-s0", f"decoder-{_kind}-s1"] if _kind != "pixel" else
+                                   ["decoder-pixel"]) + [f"interpolate-{_kind}", f"fid-{_kind}-s0", f"fid-{_kind}-s1"]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,11 @@ def run(tmp_path_factory, mnist_dir):
     preset = {
         "description": "toy", "dataset": "mnist",
         "prepare": {"limit": 64, "seed": 0},
-        "prior": {"layers": 1, "filters": 4, "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
+        "prior": {"builtin": "mnist-pixelcnn", "train": False, "layers": 1, "filters": 4, "epochs": 1},
         "embed": {"dim": 16, "density": 1.0, "seed": 0, "actors": 1},
         "decoder": {"decoder": "conv", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
         "interpolate": {"pairs": 2},
-        "evaluate": {"pairs": 4, "real_limit": 8, "alphas": [0.0], "batch_size": 4},
+        "evaluate": {"pairs": 4, "real_limit": 8, "alphas": [0.0, 0.5], "batch_size": 4, "seeds": 2},
         "sweep": {"grid": str(grid), "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5},
     }
     (root / "toy.json").write_text(json.dumps(preset))
@@ -50,21 +52,32 @@ def test_every_step_and_the_report(run):
     out = root / "out"
     assert list(json.loads((out / "timings.json").read_text())) == STEPS
     # the Fisher embedding is the sweep's cell (dim 16, density 1): no second gradient pass
-    assert not (out / "emb-fisher").exists()
-    assert json.loads((out / "decoder-fisher" / "manifest.json").read_text())["config"]["column"] == "z"
+    assert not (out / "emb-fisher").exists() and not (out / "prior").exists()    # the builtin prior: no training
+    assert json.loads((out / "decoder-fisher-s0" / "manifest.json").read_text())["config"]["column"] == "z"
+    seeds = [json.loads((out / f"decoder-fisher-s{k}" / "manifest.json").read_text())["config"]["seed"] for k in (0, 1)]
+    assert seeds == [0, 1]
     report = (out / "report.md").read_text()
     for heading in ("## Prior", "## Reconstruction grid (paper Figure 3a)", "## Decoders (test split)",
-                    "## Interpolation FID (paper Algorithm 1, Figure 3b)", "## How this run compares with the paper",
+                    "## Interpolation FID and KID (paper Algorithm 1, Figure 3b)",
+                    "## Semantic probes (beyond the paper)", "## How this run compares with the paper",
                     "## Timings (seconds, this run)"):
         assert heading in report, heading
-    assert "| fisher | `z` |" in report and "| activation | `z` |" in report
-    assert "the train split's mean image" in report
-    for kind in ("fisher", "activation"):
-        fid = json.loads((out / f"fid-{kind}" / "fid.json").read_text())
-        assert fid["pairs"] == 4 and list(fid["fid"]) == ["0"] and fid["fid"]["0"] > 0
+    assert "| fisher | `z` | conv |" in report and "| activation | `z` | conv |" in report
+    assert "| pixel | `z` | pixels | – | 0.0000 | 1 |" in report
+    assert "the train split's mean image" in report and "builtin:mnist-pixelcnn" in report
+    baselines = json.loads((out / "baselines" / "baselines.json").read_text())
+    assert baselines["prior"]["nll_nats"] < baselines["independent_pixel"]["nll_nats_per_image"] - 50
+    for kind in ("fisher", "activation", "pixel"):
+        fids = [json.loads((out / f"fid-{kind}-s{k}" / "fid.json").read_text()) for k in (0, 1)]
+        assert all(f["pairs"] == 4 and list(f["fid"]) == ["0", "0.5"] and f["fid"]["0"] > 0 for f in fids)
+        assert [f["seed"] for f in fids] == [0, 1]
         assert f"![{kind}](interpolate-{kind}/interpolations.png)" in report
         assert (out / f"interpolate-{kind}" / "interpolations.png").exists()
-    assert json.loads((out / "preset.json").read_text())["prior"]["layers"] == 1
+        probe = json.loads((out / f"probe-{kind}" / "probe.json").read_text())
+        assert probe["kind"] == kind and 0 <= probe["linear_probe"]["accuracy"] <= 1
+        assert f"| {kind} | {probe['linear_probe']['dim']} | {probe['linear_probe']['accuracy']:.3f} |" in report
+    assert "seeds (decoder training and pair draw)" in report
+    assert json.loads((out / "preset.json").read_text())["prior"]["builtin"] == "mnist-pixelcnn"
 
 
 def test_rerun_reuses_every_step(run, capsys):
