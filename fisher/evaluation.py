@@ -219,11 +219,16 @@ def interpolation_fid(decoder, inception, z, real: FIDStats, levels: int, n_pair
 def load_rows(data_dir: str, split: str, ids, columns=("id", "image")) -> dict[str, np.ndarray]:
     """Rows of a prepared split with the given ``ids``, in that order, reading one shard at a time.
 
-    Returns {'id', and each of ``columns``: 'image' uint8 [N, H, W, C], 'label' [N] or 'attrs' [N, 40]}.
+    Returns {'id', and each of ``columns``: 'image' uint8 [N, H, W, C], 'grey' uint8 [N, H, W, C] (MNIST's grey
+    originals, values 0..255), 'label' [N] or 'attrs' [N, 40]}.
     """
-    from fisher.data import decode_images
+    from fisher.data import IMAGE_COLUMNS, data_references, decode_images
     from fisher.io import join, read_manifest, read_table
     manifest = read_manifest(data_dir, "prepare")
+    lacking = [c for c in columns if c in IMAGE_COLUMNS and c not in data_references(manifest)]
+    if lacking:
+        raise FisherError(f"{data_dir}: no '{lacking[0]}' column (image columns: "
+                          f"{', '.join(data_references(manifest))}); prepare the data again into a new --out")
     ids = np.asarray(ids).astype(str)
     want = pa.array(np.unique(ids).tolist(), pa.string())
     files = [s["file"] for s in manifest["shards"] if s["split"] == split]
@@ -250,8 +255,8 @@ def load_rows(data_dir: str, split: str, ids, columns=("id", "image")) -> dict[s
     for c in cols:
         if c == "id":
             continue
-        if c == "image":
-            out[c] = decode_images(table, manifest["image_shape"])
+        if c in IMAGE_COLUMNS:
+            out[c] = decode_images(table, manifest["image_shape"], c)
         elif c == "attrs":
             v = table[c].combine_chunks()
             out[c] = v.flatten().to_numpy().reshape(len(v), -1)
