@@ -12,11 +12,19 @@ decoders are trained to model 5-bit images." The crop is the centred face box
 small 64/32 presets; then ``v >> (8 - bits)`` keeps ``2**bits`` levels.
 
 A prepared artifact is a directory of ``{split}-{k:05d}.parquet`` shards
-(columns ``id``, ``image`` = raw HxWxC uint8 bytes, ``label`` int64 or
+(columns ``id``, ``image`` = raw HxWxC uint8 bytes, for MNIST ``grey``, ``label`` int64 or
 ``attrs`` 40 x int8 in {0,1}, ``split``; rows sorted by id; image shape in the
 schema metadata key ``image_shape``, the config under ``fisher_prepare_config``)
 plus ``manifest.json``, written last. Shard k holds inputs k*S..(k+1)*S-1, so an
 interrupted run's finished shards are found again and kept by a rerun.
+
+Reference columns. Binarized MNIST is Bernoulli(grey/255), so a decoder's mean image estimates the
+grey original, not the binary draw; prepared MNIST therefore keeps the original pixels in a ``grey``
+column (same layout and shape as ``image``, values 0..255) beside the binarized ``image`` (which is
+unchanged: the same per-image Bernoulli streams). The manifest key ``references`` maps every image
+column to its number of levels: ``{"image": 2, "grey": 256}`` for MNIST, ``{"image": 32}`` for 5-bit
+CelebA (no grey column). An artifact prepared before this key existed has ``image`` only
+(:func:`data_references`). :func:`decode_images` / ``load_rows(columns=("grey",))`` read either column.
 """
 from __future__ import annotations
 
@@ -62,6 +70,8 @@ CELEBA_CROP = (25, 45, 153, 173)                    # (left, top, right, bottom)
 CELEBA_ATTRS, CELEBA_PARTITION, CELEBA_IMAGES = "list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba"
 N_ATTRS = 40
 SHAPE_KEY = b"image_shape"
+GREY_LEVELS = 256          # levels of MNIST's grey originals (the ``grey`` column)
+IMAGE_COLUMNS = ("image", "grey")   # columns of raw HxWxC uint8 bytes, in shard order
 CONFIG_KEY, SKIPPED_KEY = b"fisher_prepare_config", b"fisher_skipped"   # shard metadata: what made it, bad inputs
 SHARD_RE = re.compile(r"^\.?(train|val|test)-\d{5}\.parquet(\.tmp-[0-9a-f]+)?$")   # with atomic-write temps
 DECODE_CHUNK = 64          # CelebA files per decoding task
@@ -221,13 +231,15 @@ def _mnist_source(cfg: MnistConfig) -> _Source:
     """All of MNIST is read (and checked) up front, it is small; shards are binarized as they are written."""
     splits = {split: load_mnist_split(cfg.src, split, cfg.limit) for split in MNIST_FILES}
 
-    def make(jobs: list[_Job]) -> Iterator[tuple[_Job, list[str], np.ndarray, np.ndarray, list[dict]]]:
+    def make(jobs: list[_Job]) -> Iterator[tuple[_Job, list[str], np.ndarray, np.ndarray, list[dict], dict]]:
         for job in jobs:
             grey, labels = (a[job.start:job.stop] for a in splits[job.split])
             ids = [f"{job.split}-{i:05d}" for i in range(job.start, job.stop)]
-            yield job, ids, binarize(grey, cfg.seed, job.split, job.start)[..., None], labels, []
+            yield job, ids, binarize(grey, cfg.seed, job.split, job.start)[..., None], labels, [], \
+                {"grey": grey[..., None]}
     return ({split: len(grey) for split, (grey, _) in splits.items()},
-            {"image_shape": [28, 28, 1], "levels": 2, "label_names": [str(d) for d in range(10)]}, make)
+            {"image_shape": [28, 28, 1], "levels": 2, "references": {"image": 2, "grey": GREY_LEVELS},
+             "label_names": [str(d) for d in range(10)]}, make)
 
 
 # ---------------------------------------------------------------- CelebA
@@ -365,7 +377,7 @@ def _celeba_source(cfg: CelebaConfig, mapper: Mapper | None) -> _Source:
                               "use the official attribute file or remove the image")
     decode = _Decoder(cfg.size, cfg.bits, cfg.crop, cfg.skip_bad)
 
-    def make(jobs: list[_Job]) -> Iterator[tuple[_Job, list[str], np.ndarray, np.ndarray, list[dict]]]:
+    def make(jobs: list[_Job]) -> Iterator[tuple[_Job, list[str], np.ndarray, np.ndarray, list[dict], dict]]:
         tasks = [(job, files[job.split][i:min(i + DECODE_CHUNK, job.stop)])
                  for job in jobs for i in range(job.start, job.stop, DECODE_CHUNK)]
         results = iter((mapper or map)(decode, [chunk for _, chunk in tasks]))
@@ -377,8 +389,9 @@ def _celeba_source(cfg: CelebaConfig, mapper: Mapper | None) -> _Source:
                 bad += [{"name": chunk[i].rsplit("/", 1)[-1], "error": msg} for i, msg in chunk_bad.items()]
                 arrays.append(images)
             targets = np.stack([attrs[n] for n in names]) if names else np.zeros((0, N_ATTRS), np.int8)
-            yield job, [n.rsplit(".", 1)[0] for n in names], np.concatenate(arrays), targets, bad
-    extra = {"image_shape": [cfg.size, cfg.size, 3], "levels": 2 ** cfg.bits, "attr_names": attr_names}
+            yield job, [n.rsplit(".", 1)[0] for n in names], np.concatenate(arrays), targets, bad, {}
+    extra = {"image_shape": [cfg.size, cfg.size, 3], "levels": 2 ** cfg.bits, "references": {"image": 2 ** cfg.bits},
+             "attr_names": attr_names}
     return {split: len(uris) for split, uris in files.items()}, extra, make
 
 
@@ -407,22 +420,33 @@ def _binary_column(images: np.ndarray) -> pa.Array:
 
 
 def write_shards(out_uri: str, split: str, ids: list[str], images: np.ndarray, labels_or_attrs: np.ndarray,
-                 shard_size: int = 10_000, first: int = 0, metadata: dict[bytes, bytes] | None = None) -> list[dict]:
+                 shard_size: int = 10_000, first: int = 0, metadata: dict[bytes, bytes] | None = None,
+                 extra_images: Mapping[str, np.ndarray] | None = None) -> list[dict]:
     """Write one split as ``{split}-{k:05d}.parquet`` shards sorted by id; returns [{file, split, rows}].
 
     ``labels_or_attrs`` is [N] (→ ``label`` int64) or [N, 40] in {0,1} (→ ``attrs`` list<int8>[40]).
-    Shards are numbered from ``first``; ``metadata`` is added to each shard's schema metadata.
+    ``extra_images`` ({'grey': uint8 [N,H,W,C]}, same shape as ``images``) become columns of the same
+    layout right after ``image``. Shards are numbered from ``first``; ``metadata`` is added to each
+    shard's schema metadata.
     """
     images, targets = np.asarray(images, np.uint8), np.asarray(labels_or_attrs)
+    extra = {name: np.asarray(a, np.uint8) for name, a in (extra_images or {}).items()}
     if images.ndim != 4 or len(images) != len(ids) or len(targets) != len(ids):
         raise ValueError(f"write_shards: need images [N,H,W,C] and N ids/targets, got {images.shape}, "
                          f"{len(ids)} ids, {targets.shape} targets")
+    for name, a in extra.items():
+        if name not in IMAGE_COLUMNS[1:] or a.shape != images.shape:
+            raise ValueError(f"write_shards: extra image column {name!r} {a.shape}: must be one of "
+                             f"{IMAGE_COLUMNS[1:]} with the shape of images {images.shape}")
     order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
     if (order != np.arange(len(order))).any():          # the builders pass sorted ids: no copy then
         ids, images, targets = [ids[i] for i in order], images[order], targets[order]
+        extra = {name: a[order] for name, a in extra.items()}
     target_field = (pa.field("label", pa.int64()) if targets.ndim == 1 else
                     pa.field("attrs", pa.list_(pa.int8(), targets.shape[1])))
-    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), target_field, ("split", pa.string())],
+    names = [c for c in IMAGE_COLUMNS[1:] if c in extra]
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), *((c, pa.binary()) for c in names),
+                        target_field, ("split", pa.string())],
                        metadata={SHAPE_KEY: json.dumps(list(images.shape[1:])).encode(), **(metadata or {})})
     shards = []
     for k, start in enumerate(range(0, len(ids), shard_size), start=first):
@@ -430,15 +454,18 @@ def write_shards(out_uri: str, split: str, ids: list[str], images: np.ndarray, l
         t = targets[sl]
         target_col = (pa.array(t, pa.int64()) if t.ndim == 1 else
                       pa.FixedSizeListArray.from_arrays(pa.array(t.ravel(), pa.int8()), type=target_field.type))
-        table = pa.Table.from_arrays([pa.array(ids[sl], pa.string()), _binary_column(images[sl]), target_col,
+        table = pa.Table.from_arrays([pa.array(ids[sl], pa.string()), _binary_column(images[sl]),
+                                      *(_binary_column(extra[c][sl]) for c in names), target_col,
                                       pa.array([split] * len(t), pa.string())], schema=schema)
         atomic_write_table(join(out_uri, shard_name(split, k)), table)
         shards.append({"file": shard_name(split, k), "split": split, "rows": len(t)})
     return shards
 
 
-def decode_images(table_or_batch: pa.Table | pa.RecordBatch | Mapping, shape: tuple | list | None = None) -> np.ndarray:
-    """The ``image`` column as uint8 [N, H, W, C]; shape from ``shape=`` or the schema metadata.
+def decode_images(table_or_batch: pa.Table | pa.RecordBatch | Mapping, shape: tuple | list | None = None,
+                  column: str = "image") -> np.ndarray:
+    """An image column (``image``, or MNIST's ``grey``) as uint8 [N, H, W, C]; shape from ``shape=`` or the
+    schema metadata.
 
     Accepts a pyarrow Table/RecordBatch or a dict batch (Ray Data), whose column may be a pyarrow
     array, a numpy object array or a list of bytes.
@@ -449,7 +476,13 @@ def decode_images(table_or_batch: pa.Table | pa.RecordBatch | Mapping, shape: tu
     if shape is None:
         raise ValueError("decode_images: no image_shape in the schema metadata; pass shape=[H, W, C] "
                          "(it is in the prepare manifest)")
-    column = table_or_batch["image"]
+    names = (table_or_batch.column_names if hasattr(table_or_batch, "column_names")
+             else list(table_or_batch.keys()))
+    if column not in names:
+        raise FisherError(f"no '{column}' column in the prepared data (has {', '.join(names)})"
+                          + ("; MNIST prepared before grey originals were kept has none: prepare it again "
+                             "into a new --out" if column == "grey" else ""))
+    column = table_or_batch[column]
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     n, per_image = len(column), int(np.prod(shape))
@@ -470,7 +503,8 @@ def decode_images(table_or_batch: pa.Table | pa.RecordBatch | Mapping, shape: tu
 
 
 def load_prepared(dir_uri: str, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
-    """A whole split of a prepared artifact in memory: {'id', 'image' [N,H,W,C], 'label' or 'attrs'}."""
+    """A whole split of a prepared artifact in memory: {'id', 'image' [N,H,W,C], 'grey' [N,H,W,C] where the
+    data keeps it (MNIST), 'label' or 'attrs'}."""
     manifest = read_manifest(dir_uri, "prepare")
     files = [s["file"] for s in manifest["shards"] if s["split"] == split]
     _check(bool(files), f"{dir_uri}: no '{split}' split (has {sorted(manifest['counts'])})")
@@ -479,8 +513,8 @@ def load_prepared(dir_uri: str, split: str, limit: int | None = None) -> dict[st
     values = table[target].combine_chunks()
     targets = (values.to_numpy() if target == "label" else
                values.flatten().to_numpy().reshape(len(values), -1))
-    return {"id": np.array(table["id"].to_pylist()), "image": decode_images(table, manifest["image_shape"]),
-            target: targets}
+    images = {c: decode_images(table, manifest["image_shape"], c) for c in IMAGE_COLUMNS if c in table.column_names}
+    return {"id": np.array(table["id"].to_pylist()), **images, target: targets}
 
 
 # ---------------------------------------------------------------- the prepare stage
@@ -517,15 +551,16 @@ class _Job:
 _Source = tuple[dict, dict, Callable[[list[_Job]], Iterable[tuple]]]   # (input counts, manifest extras, make)
 
 
-def _finished(out: str, config: dict, job: _Job) -> tuple[int, list[dict]] | None:
-    """(rows, skipped images) of a shard that an earlier, interrupted run with ``config`` completed."""
+def _finished(out: str, config: dict, job: _Job, columns: list[str]) -> tuple[int, list[dict]] | None:
+    """(rows, skipped images) of a shard that an earlier, interrupted run with ``config`` completed
+    (with these ``columns``: a shard written before MNIST kept its grey column is rewritten)."""
     fs, path = resolve(join(out, job.name))
     try:
         footer = pq.read_metadata(path, filesystem=fs)
     except (OSError, pa.ArrowException):
         return None                           # absent, or not a whole Parquet file
     meta = footer.metadata or {}
-    if meta.get(CONFIG_KEY) != _config_bytes(config):
+    if meta.get(CONFIG_KEY) != _config_bytes(config) or footer.schema.to_arrow_schema().names != columns:
         return None
     skipped = json.loads(meta.get(SKIPPED_KEY, b"[]"))
     return (footer.num_rows, skipped) if footer.num_rows + len(skipped) == job.stop - job.start else None
@@ -559,18 +594,21 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
     if manifest is not None:
         return manifest, True
     counts, extra, make = source()            # everything but the pixels read and checked before any write
+    columns = ["id", *(c for c in IMAGE_COLUMNS if c in extra["references"]),
+               "label" if config["dataset"] == "mnist" else "attrs", "split"]
     jobs = [_Job(split, k, start, min(start + cfg.shard_size, n)) for split, n in counts.items()
             for k, start in enumerate(range(0, n, cfg.shard_size))]
-    done = {job.name: found for job in jobs if (found := _finished(out, config, job))}
+    done = {job.name: found for job in jobs if (found := _finished(out, config, job, columns))}
     _remove_shards(out, keep=done)
     if done:
         log(f"prepare: {len(done)} of {len(jobs)} shards already done")
     meta = {CONFIG_KEY: _config_bytes(config)}
     try:
-        for job, ids, images, targets, bad in make([j for j in jobs if j.name not in done]):
+        for job, ids, images, targets, bad, extra_images in make([j for j in jobs if j.name not in done]):
             if ids:
                 write_shards(out, job.split, ids, images, targets, len(ids), first=job.k,
-                             metadata={**meta, SKIPPED_KEY: json.dumps(bad).encode()} if bad else meta)
+                             metadata={**meta, SKIPPED_KEY: json.dumps(bad).encode()} if bad else meta,
+                             extra_images=extra_images)
             done[job.name] = (len(ids), bad)
         bad = [b for job in jobs for b in done[job.name][1]]
         if not any(done[job.name][0] for job in jobs):
@@ -581,7 +619,7 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
     shards = [{"file": job.name, "split": job.split, "rows": done[job.name][0]} for job in jobs if done[job.name][0]]
     return write_manifest(out, "prepare", config, shards=shards,
                           counts={split: sum(s["rows"] for s in shards if s["split"] == split) for split in counts},
-                          columns=["id", "image", "label" if config["dataset"] == "mnist" else "attrs", "split"],
+                          columns=columns,
                           skipped={"count": len(bad), "first": bad[:SKIPPED_LISTED]}, **extra), False
 
 
@@ -597,6 +635,38 @@ def prepare_celeba(cfg: CelebaConfig, out: str, mapper: Mapper | None = None) ->
     (default: the built-in ``map``; the CLI passes a process pool's map with progress).
     """
     return _prepare(out, cfg, lambda: _celeba_source(cfg, mapper))
+
+
+def data_references(manifest: dict) -> dict[str, int]:
+    """Image columns of a prepared dataset (its ``prepare`` manifest) → levels: ``{"image": 2, "grey": 256}``
+    for MNIST, ``{"image": 32}`` for 5-bit CelebA; ``{"image": levels}`` for data prepared before the
+    ``references`` key (MNIST without its grey originals)."""
+    refs = manifest.get("references")
+    if refs is None:
+        return {"image": data_levels(manifest)}
+    if (not isinstance(refs, dict) or "image" not in refs or not set(refs) <= set(IMAGE_COLUMNS)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in refs.values())):
+        raise FisherError(f"manifest of the prepared data: 'references' is {refs!r}, not a map of "
+                          f"{'/'.join(IMAGE_COLUMNS)} to levels >= 2; rerun `fisher prepare`")
+    return dict(refs)
+
+
+def reference_column(manifest: dict, requested: str | None, where: str) -> tuple[str, int]:
+    """(column, levels) of the real images FID compares with (``fisher evaluate --reference``).
+
+    Default: ``grey`` where the data keeps it (a decoder's mean estimates the grey image, binarized MNIST
+    being Bernoulli(grey/255)), else ``image``. Asking for a column the data lacks is a one-line error
+    naming the option and what ``where`` holds.
+    """
+    refs = data_references(manifest)
+    column = requested or ("grey" if "grey" in refs else "image")
+    if column not in refs:
+        what = ", ".join(f"{c} ({v} levels)" for c, v in refs.items())
+        why = (" (MNIST prepared before grey originals were kept: prepare it again into a new --out)"
+               if manifest.get("config", {}).get("dataset") == "mnist" else "")
+        raise FisherError(f"--reference {column}: {where} has no '{column}' column, only {what}{why}; "
+                          f"pass --reference {next(iter(refs))}")
+    return column, refs[column]
 
 
 def data_levels(manifest: dict) -> int:

@@ -8,8 +8,8 @@ pairs for every α) and coefficients α₀ … α_{A-1}, task ``t = a·N + i`` i
 features". :class:`InterpolationFeatures` maps any batch of task ids to
 features (one per process: it holds the decoder and the Inception network),
 so the tasks can be split among workers in any way; :class:`FIDAccumulator`
-gathers features per α in task order and computes each α's FID against the
-real statistics as soon as its N tasks are in. :func:`interpolation_fid` is
+gathers features per α in task order and computes each α's FID (and KID,
+:func:`kid_of`, against the real feature rows the statistics keep) as soon as its N tasks are in. :func:`interpolation_fid` is
 the whole protocol in one process (a notebook on one GPU).
 
 Decoded images are the decoder's expected value E[x̂] on [0, 1]
@@ -26,12 +26,14 @@ Pure PyTorch/NumPy/pyarrow: never imports ray.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fisher.fid import FIDStats, fid, inception_features, stats_from_features, to_unit_float
+from fisher.fid import FIDStats, fid, inception_features, kid, stats_from_features, to_unit_float
 from fisher.io import FisherError
 from fisher.manipulation import ALPHAS, random_pairs
 from fisher.reports.figure3b import fid_plot, fid_table  # noqa: F401  (re-exported)
@@ -153,19 +155,42 @@ def fid_from_features(features, real: FIDStats) -> float:
     return frechet(features, real)[0]
 
 
+KID_SUBSETS = 100          # KID rounds per α (and for the floor)
+KID_SUBSET_SIZE = 1000     # rows per round: m = min(1000, N generated, real rows kept)
+KID_SEED = 0               # the subset draws: fisher.fid.kid(..., seed=KID_SEED)
+# Cost of one KID: KID_SUBSETS × 3 kernel matrices of m × m from D = 2048 features, ≈ 6·10¹¹ multiply-adds
+# at m = 1000 (≈ 25 s on 2 CPU cores in float64, about one 2048-d Fréchet distance), independent of N beyond m.
+
+
+def kid_of(features, real_features, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+           seed: int = KID_SEED) -> dict:
+    """KID ({mean, std, stderr, subsets, subset_size}) of generated features against real ones, exactly
+    :func:`fisher.fid.kid` with this module's protocol constants."""
+    return kid(features, real_features, subsets=subsets, subset_size=subset_size, seed=seed)
+
+
 class FIDAccumulator:
-    """Collects (task ids, features) batches in any order; each α's FID is computed once its N tasks are in.
+    """Collects (task ids, features) batches in any order; each α's FID (and KID) is computed once its N tasks
+    are in.
 
     Features are stored in task order (float32, N × D per α still open), so the result does not depend
     on how tasks were batched or which worker ran them. Repeated task ids (a retried batch) count once.
+    KID (:func:`kid_of`) is computed against ``real_features`` (default ``real.features``, the rows a
+    statistics cache keeps) when there are any; ``self.kid`` then holds {α: {mean, std, stderr, subsets,
+    subset_size}}. ``self.seconds`` is the time spent in Fréchet distances and in KID.
     """
 
-    def __init__(self, n_pairs: int, alphas, real: FIDStats):
+    def __init__(self, n_pairs: int, alphas, real: FIDStats, real_features=None, kid_subsets: int = KID_SUBSETS,
+                 kid_subset_size: int = KID_SUBSET_SIZE, kid_seed: int = KID_SEED):
         self.n, self.alphas, self.real = int(n_pairs), [float(a) for a in alphas], real
+        self.real_features = real.features if real_features is None else real_features
+        self.kid_args = {"subsets": int(kid_subsets), "subset_size": int(kid_subset_size), "seed": int(kid_seed)}
         self._feats: dict[int, np.ndarray] = {}
         self._seen = np.zeros((len(self.alphas), self.n), dtype=bool)
         self.fid: dict[float, float] = {}
+        self.kid: dict[float, dict] = {}
         self.regularized: list[float] = []
+        self.seconds = {"frechet": 0.0, "kid": 0.0}
 
     def add(self, task_ids, features) -> list[float]:
         """Store a batch; returns the α values completed by it (their FID is now in ``self.fid``)."""
@@ -185,7 +210,14 @@ class FIDAccumulator:
             buf[pair_idx[sel]] = features[sel]
             self._seen[a, pair_idx[sel]] = True
             if self._seen[a].all():
-                self.fid[alpha], reg = frechet(self._feats.pop(a), self.real)
+                feats = self._feats.pop(a)
+                t0 = time.perf_counter()
+                self.fid[alpha], reg = frechet(feats, self.real)
+                t1 = time.perf_counter()
+                if self.real_features is not None:
+                    self.kid[alpha] = kid_of(feats, self.real_features, **self.kid_args)
+                self.seconds["frechet"] += t1 - t0
+                self.seconds["kid"] += time.perf_counter() - t1
                 if reg:
                     self.regularized.append(alpha)
                 done.append(alpha)
@@ -199,6 +231,10 @@ class FIDAccumulator:
             raise FisherError(f"interpolation FID incomplete: α {missing} lack features "
                               f"(received per α: {counts} of {self.n})")
         return {a: self.fid[a] for a in self.alphas}
+
+    def kid_result(self) -> dict[float, dict]:
+        """{α: KID dict} in the order of ``alphas`` (empty without real features); call after :meth:`result`."""
+        return {a: self.kid[a] for a in self.alphas if a in self.kid}
 
 
 def interpolation_fid(decoder, inception, z, real: FIDStats, levels: int, n_pairs: int = 50000,
@@ -219,11 +255,16 @@ def interpolation_fid(decoder, inception, z, real: FIDStats, levels: int, n_pair
 def load_rows(data_dir: str, split: str, ids, columns=("id", "image")) -> dict[str, np.ndarray]:
     """Rows of a prepared split with the given ``ids``, in that order, reading one shard at a time.
 
-    Returns {'id', and each of ``columns``: 'image' uint8 [N, H, W, C], 'label' [N] or 'attrs' [N, 40]}.
+    Returns {'id', and each of ``columns``: 'image' uint8 [N, H, W, C], 'grey' uint8 [N, H, W, C] (MNIST's grey
+    originals, values 0..255), 'label' [N] or 'attrs' [N, 40]}.
     """
-    from fisher.data import decode_images
+    from fisher.data import IMAGE_COLUMNS, data_references, decode_images
     from fisher.io import join, read_manifest, read_table
     manifest = read_manifest(data_dir, "prepare")
+    lacking = [c for c in columns if c in IMAGE_COLUMNS and c not in data_references(manifest)]
+    if lacking:
+        raise FisherError(f"{data_dir}: no '{lacking[0]}' column (image columns: "
+                          f"{', '.join(data_references(manifest))}); prepare the data again into a new --out")
     ids = np.asarray(ids).astype(str)
     want = pa.array(np.unique(ids).tolist(), pa.string())
     files = [s["file"] for s in manifest["shards"] if s["split"] == split]
@@ -250,8 +291,8 @@ def load_rows(data_dir: str, split: str, ids, columns=("id", "image")) -> dict[s
     for c in cols:
         if c == "id":
             continue
-        if c == "image":
-            out[c] = decode_images(table, manifest["image_shape"])
+        if c in IMAGE_COLUMNS:
+            out[c] = decode_images(table, manifest["image_shape"], c)
         elif c == "attrs":
             v = table[c].combine_chunks()
             out[c] = v.flatten().to_numpy().reshape(len(v), -1)

@@ -5,7 +5,8 @@ Algorithm 1 and sec. 5.2: FID of decoded interpolations at α ∈ {0, .125, .25,
 The Inception network and the Fréchet distance are pytorch-fid's own
 (``InceptionV3`` with the FID Inception of the TF inception-2015-12-05 graph,
 pool3 features, and ``calculate_frechet_distance``). This module only adds
-offline weight loading, batching, grey → RGB, and cached statistics.
+offline weight loading, batching, grey → RGB, and cached statistics (which also keep up to
+:data:`REAL_FEATURES_KEPT` real feature rows, for KID).
 
 Beyond the paper, :func:`kid` gives the Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying
 MMD GANs", sec. 3 / appendix) on the same pool3 features: unlike FID it has an unbiased estimator, so
@@ -160,28 +161,36 @@ def to_unit_float(images: np.ndarray, levels: int) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(levels - 1)
 
 
+REAL_FEATURES_KEPT = 10_000     # real feature rows a statistics cache keeps for KID (float32: 82 MB at D = 2048)
+
+
 @dataclass
 class FIDStats:
-    """Gaussian fit of Inception features: mean, covariance, and the number of images."""
+    """Gaussian fit of Inception features: mean, covariance, the number of images, and optionally (for KID)
+    up to :data:`REAL_FEATURES_KEPT` of the feature rows themselves (float32 [M, D], see :func:`kept_rows`)."""
     mu: np.ndarray
     sigma: np.ndarray
     count: int
+    features: np.ndarray | None = None
 
     def save(self, uri: str) -> None:
         buf = io.BytesIO()
-        np.savez(buf, mu=self.mu, sigma=self.sigma, count=np.int64(self.count))
+        extra = {} if self.features is None else {"features": np.asarray(self.features, np.float32)}
+        np.savez(buf, mu=self.mu, sigma=self.sigma, count=np.int64(self.count), **extra)
         atomic_write_bytes(uri, buf.getvalue())
 
     @classmethod
     def load(cls, uri: str) -> FIDStats:
         try:
             with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as z:
-                stats = cls(z["mu"], z["sigma"], int(z["count"]))
+                stats = cls(z["mu"], z["sigma"], int(z["count"]), z["features"] if "features" in z.files else None)
         except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
             raise FisherError(f"{uri}: corrupt FID statistics ({e}); delete it and rerun") from e
-        if stats.mu.ndim != 1 or stats.sigma.shape != (len(stats.mu),) * 2:
-            raise FisherError(f"{uri}: corrupt FID statistics (mu {stats.mu.shape}, sigma {stats.sigma.shape}); "
-                              "delete it and rerun")
+        if stats.mu.ndim != 1 or stats.sigma.shape != (len(stats.mu),) * 2 or (
+                stats.features is not None and (stats.features.ndim != 2 or stats.features.shape[1] != len(stats.mu))):
+            raise FisherError(f"{uri}: corrupt FID statistics (mu {stats.mu.shape}, sigma {stats.sigma.shape}"
+                              + ("" if stats.features is None else f", features {stats.features.shape}")
+                              + "); delete it and rerun")
         return stats
 
 
@@ -202,12 +211,41 @@ def fid(stats_a: FIDStats, stats_b: FIDStats) -> float:
         return float(calculate_frechet_distance(stats_a.mu, stats_a.sigma, stats_b.mu, stats_b.sigma))
 
 
-def cached_real_stats(cache_dir: str, key: str, compute: Callable[[], np.ndarray]) -> FIDStats:
-    """Statistics in ``cache_dir/fid-stats-{key}.npz``, computed from ``compute()``'s features and saved if absent."""
+def kept_rows(count: int, keep: int = REAL_FEATURES_KEPT, seed: int = 0) -> np.ndarray:
+    """Indices of the feature rows a statistics cache keeps for KID: all ``count`` rows if ``count <= keep``,
+    else ``keep`` rows drawn without replacement by NumPy ``default_rng(seed)``, sorted."""
+    if count <= keep:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, keep, replace=False))
+
+
+def cache_status(uri: str, keep_features: int | None = None) -> str:
+    """``'absent'``, ``'usable'``, or ``'no-features'``: a cache made before KID (or with another cap) that
+    lacks the ``min(count, keep_features)`` real feature rows asked for, and is recomputed."""
+    if not exists(uri):
+        return "absent"
+    if keep_features is None:
+        return "usable"
+    stats = FIDStats.load(uri)
+    ok = stats.features is not None and len(stats.features) == min(stats.count, keep_features)
+    return "usable" if ok else "no-features"
+
+
+def cached_real_stats(cache_dir: str, key: str, compute: Callable[[], np.ndarray],
+                      keep_features: int | None = None) -> FIDStats:
+    """Statistics in ``cache_dir/fid-stats-{key}.npz``, computed from ``compute()``'s features and saved if absent.
+
+    With ``keep_features`` (e.g. :data:`REAL_FEATURES_KEPT`), the statistics also keep
+    :func:`kept_rows` of the features (``.features``, for KID); a cache file without them (written
+    before KID) is recomputed and replaced, not an error.
+    """
     uri = join(cache_dir, f"fid-stats-{key}.npz")
-    if exists(uri):
+    if cache_status(uri, keep_features) == "usable":
         return FIDStats.load(uri)
-    stats = stats_from_features(compute())
+    feats = np.asarray(compute())
+    stats = stats_from_features(feats)
+    if keep_features is not None:
+        stats.features = feats[kept_rows(len(feats), keep_features)].astype(np.float32)
     stats.save(uri)
     return stats
 

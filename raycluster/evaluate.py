@@ -11,8 +11,13 @@
   ``--cpus-per-actor``): each actor loads the decoder, the embeddings and the
   Inception network once and maps batches of task ids to pool3 features.
   The real images' statistics are computed by a second pool (streaming the
-  split's shards) and cached, keyed by the data, the split, the Inception
-  weights and the image count.
+  split's shards) and cached, keyed by the data, the split, the reference,
+  the Inception weights and the image count; the cache also keeps up to
+  10 000 real feature rows, against which each α's KID (Kernel Inception
+  Distance: unbiased at any N, 100 subsets of min(1000, N) rows) is computed.
+  ``--reference grey`` (the default where the data keeps MNIST's grey
+  originals) compares with the grey images, ``--reference image`` with the
+  binarized ones; the floor row uses the same reference.
 
 The method is :mod:`fisher.evaluation`, the image layouts
 :mod:`fisher.reports.layouts` and the FID table and plot
@@ -136,6 +141,10 @@ class EvaluateOptions(_DecodeOptions):
     floor: bool = option(True, help="also score N real images of --floor-split against the same statistics: the "
                                     "lowest FID this N can show (default on)")
     floor_split: str = option("train", help="split of the floor's real images (default train)")
+    reference: str | None = option(None, choices=("image", "grey"),
+                                   help="real images FID/KID compare with: grey (MNIST's grey originals, the default "
+                                        "where the data keeps them: a decoder's mean estimates the grey image) or "
+                                        "image (the binarized / bit-reduced images; the only choice for CelebA)")
     label: str | None = option(None, help="row label in the table (default <embedding kind>/<decoder>)")
     seed: int = option(0, help="seed of the pair draw")
     batch_size: int = option(100, parse=_count, help="images per actor batch")
@@ -163,8 +172,9 @@ def register(sub) -> None:
 def _inputs(args) -> dict:
     """Read the data, embedding and decoder artifacts and check that they belong together."""
     from fisher.checkpoints import WEIGHTS, read_files, read_spec, spec_file
-    from fisher.data import data_levels
+    from fisher.data import data_levels, reference_column
     data = read_manifest(args.data, "prepare")
+    reference = reference_column(data, args.reference, args.data) if hasattr(args, "reference") else None
     emb = read_manifest(args.embeddings, "embed")
     if emb.get("inputs", {}).get("data") != manifest_hash(data):
         raise FisherError(f"{args.embeddings}: embeddings were made from other data "
@@ -208,7 +218,7 @@ def _inputs(args) -> dict:
     decoder_id = hashlib.sha256(weights + spec_bytes).hexdigest()[:16]
     kind = emb.get("config", {}).get("kind", "embedding")
     return {"data": data, "emb": emb, "arch": arch, "levels": levels, "shape": shape, "kind": kind,
-            "decoder_id": decoder_id,
+            "decoder_id": decoder_id, "reference": reference,
             "inputs": {"data": manifest_hash(data), "embeddings": manifest_hash(emb), "decoder": decoder_id}}
 
 
@@ -336,13 +346,15 @@ class _InterpActor:
 
 
 class _RealActor:
-    """Ray Data actor: Inception loaded once; image shards → pool3 features (rows outside ``keep`` dropped)."""
+    """Ray Data actor: Inception loaded once; image shards (their ``column``: image or grey, with ``levels``)
+    → pool3 features (rows outside ``keep`` dropped)."""
 
-    def __init__(self, shape, levels: int, keep, weights: str | None, weights_id: str, threads: int, gpu: bool):
+    def __init__(self, shape, levels: int, keep, weights: str | None, weights_id: str, threads: int, gpu: bool,
+                 column: str = "image"):
         import torch
         torch.set_num_threads(threads)
         self.device = runtime_device(gpu)
-        self.shape, self.levels = shape, levels
+        self.shape, self.levels, self.column = shape, levels, column
         self.keep = None if keep is None else set(keep)
         self.model = _inception(weights, weights_id, self.device)
 
@@ -350,7 +362,7 @@ class _RealActor:
         from fisher.data import decode_images
         from fisher.evaluation import real_features
         ids = np.asarray(batch["id"].to_pylist(), dtype=object)
-        images = decode_images(batch, self.shape)
+        images = decode_images(batch, self.shape, self.column)
         if self.keep is not None:
             sel = np.array([i in self.keep for i in ids], dtype=bool)
             ids, images = ids[sel], images[sel]
@@ -396,15 +408,16 @@ def _pool(args, resources: dict):
 def _real_features(args, info: dict, split: str, count: int, limit: int | None, weights: str | None,
                    weights_id: str, resources: dict, desc: str) -> np.ndarray:
     """Inception features [count, D] float64 of the first ``limit`` (all: None) images of ``split``, in id order,
-    computed on an actor pool."""
+    computed on an actor pool from the ``--reference`` column (image or grey)."""
     from tqdm import tqdm
     data = info["data"]
+    column, levels = info["reference"]
     files, keep = _real_ids(args, data, limit, split)
     threads, pool = _pool(args, resources)
-    ds = read_shards(files, ["id", "image"]).map_batches(
+    ds = read_shards(files, ["id", column]).map_batches(
         _RealActor, batch_size=args.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(shape=data["image_shape"], levels=info["levels"], keep=keep, weights=weights,
-                                   weights_id=weights_id, threads=threads, gpu=args.gpu), **pool)
+        fn_constructor_kwargs=dict(shape=data["image_shape"], levels=levels, keep=keep, weights=weights,
+                                   weights_id=weights_id, threads=threads, gpu=args.gpu, column=column), **pool)
     ids, feats = [], []
     bar = tqdm(total=count, desc=desc, unit="img")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -420,10 +433,11 @@ def _real_features(args, info: dict, split: str, count: int, limit: int | None, 
 
 def _real_floor(args, info: dict, real, real_key: str, weights: str | None, weights_id: str,
                 resources_fn) -> dict:
-    """FID of ``--pairs`` real images of ``--floor-split`` against the real statistics: with N samples even
-    real images score above 0 (small-sample bias), so this is the floor an N-pair FID is read against.
-    Cached beside the real statistics."""
-    from fisher.evaluation import frechet
+    """FID and KID of ``--pairs`` real images of ``--floor-split`` (the same ``--reference`` column) against the
+    real statistics and their kept feature rows: with N samples even real images score above 0 in FID
+    (small-sample bias), so this is the floor an N-pair FID is read against. Cached beside the real
+    statistics (``real_key`` holds the reference); a cached floor without KID is recomputed."""
+    from fisher.evaluation import frechet, kid_of
     total = int(info["data"]["counts"].get(args.floor_split, 0))
     count = min(args.pairs, total)
     if count < 2:
@@ -432,38 +446,52 @@ def _real_floor(args, info: dict, real, real_key: str, weights: str | None, weig
     uri = join(args.cache or join(args.data, "fid-cache"), f"fid-floor-{real_key}-{args.floor_split}-{count}.json")
     if exists(uri):
         try:
-            return json.loads(read_bytes(uri))
+            cached = json.loads(read_bytes(uri))
         except json.JSONDecodeError as e:
             raise FisherError(f"{uri}: corrupt cached FID floor ({e}); delete it and rerun") from e
+        if isinstance(cached, dict) and "kid" in cached:
+            return cached
     feats = _real_features(args, info, args.floor_split, count, count, weights, weights_id, resources_fn(),
                            f"floor ({args.floor_split} images)")
     value, regularized = frechet(feats, real)
-    floor = {"split": args.floor_split, "count": count, "fid": value, "regularized": regularized}
+    floor = {"split": args.floor_split, "count": count, "reference": info["reference"][0], "fid": value,
+             "regularized": regularized, "kid": kid_of(feats, real.features)}
     atomic_write_bytes(uri, json.dumps(floor).encode())
     return floor
 
 
 def _real_stats(args, info: dict, weights: str | None, weights_id: str, resources_fn):
-    """Real-image statistics of the split, from the cache or computed on an actor pool (and cached)."""
-    from fisher.fid import cached_real_stats
+    """Real-image statistics of the split's ``--reference`` column, with up to ``REAL_FEATURES_KEPT`` feature
+    rows for KID, from the cache or computed on an actor pool (and cached)."""
+    from fisher.fid import REAL_FEATURES_KEPT, cache_status, cached_real_stats
     data = info["data"]
+    reference = info["reference"][0]
     total = int(data["counts"].get(args.split, 0))
     count = min(args.real_limit, total) if args.real_limit else total
     if count < 2:
         raise FisherError(f"{args.data}: split '{args.split}' has {total} images; FID needs at least 2 real images")
     cache = args.cache or join(args.data, "fid-cache")
-    key = f"{manifest_hash(data)}-{args.split}-{weights_id}-{count}"
+    key = f"{manifest_hash(data)}-{args.split}-{reference}-{weights_id}-{count}"
     uri = join(cache, f"fid-stats-{key}.npz")
-    if exists(uri):
+    status = cache_status(uri, REAL_FEATURES_KEPT)
+    if status == "usable":
         print(f"evaluate: real statistics reused from {uri}", flush=True)
     else:
-        print(f"evaluate: computing real statistics of {count} {args.split} images (cached as {uri})", flush=True)
+        print(f"evaluate: computing real statistics of {count} {args.split} images ({reference} reference; cached as "
+              f"{uri}" + (", replacing a cache without the real features KID needs" if status == "no-features" else "")
+              + ")", flush=True)
 
     def compute() -> np.ndarray:
         return _real_features(args, info, args.split, count, args.real_limit, weights, weights_id,
                               resources_fn(), "real images")
 
-    return cached_real_stats(cache, key, compute), {"split": args.split, "count": count, "cache": uri, "key": key}
+    stats = cached_real_stats(cache, key, compute, keep_features=REAL_FEATURES_KEPT)
+    return stats, {"split": args.split, "count": count, "reference": reference, "features_kept": len(stats.features),
+                   "cache": uri, "key": key}
+
+
+def _kid_text(k: dict) -> str:
+    return f"KID {k['mean'] * 1e3:.3f} ± {k['stderr'] * 1e3:.3f} ×10⁻³"
 
 
 def run_evaluate(args) -> None:
@@ -472,7 +500,7 @@ def run_evaluate(args) -> None:
 
     from fisher.embedding import read_embeddings
     from fisher.evaluation import FIDAccumulator
-    from fisher.reports.figure3b import fid_markdown, fid_plot, fid_table
+    from fisher.reports.figure3b import fid_markdown, fid_plot, fid_table, kid_table
     from fisher.fid import WEIGHTS_ENV, load_inception
     from fisher.manipulation import random_pairs
 
@@ -483,9 +511,10 @@ def run_evaluate(args) -> None:
     label = args.label or f"{info['kind']}/{info['arch']}"
     ids, _ = read_embeddings(args.embeddings, args.split, args.column)
     pairs = random_pairs(len(ids), args.pairs, args.seed)
+    reference = info["reference"][0]
     config = {"split": args.split, "pairs": args.pairs, "alphas": args.alphas, "seed": args.seed,
               "column": args.column, "real_limit": args.real_limit, "weights_id": weights_id, "label": label,
-              "floor": args.floor_split if args.floor else None}
+              "floor": args.floor_split if args.floor else None, "reference": reference}
     if exists(join(args.out, "fid.json")) and exists(join(args.out, MANIFEST)):
         old = read_manifest(args.out, "evaluate")
         if old.get("config") == config and old.get("inputs") == info["inputs"]:
@@ -504,8 +533,8 @@ def run_evaluate(args) -> None:
     floor = _real_floor(args, info, real, real_info["key"], weights, weights_id, ray_resources) if args.floor \
         else None
     if floor:
-        print(f"evaluate: floor: {floor['count']} real {floor['split']} images score FID {floor['fid']:.3f}",
-              flush=True)
+        print(f"evaluate: floor: {floor['count']} real {floor['split']} images score FID {floor['fid']:.3f}, "
+              f"{_kid_text(floor['kid'])}", flush=True)
     t_real = time.time() - started
 
     total = args.pairs * len(args.alphas)
@@ -517,32 +546,35 @@ def run_evaluate(args) -> None:
                                    column=args.column, pairs=pairs, alphas=args.alphas, levels=info["levels"],
                                    weights=weights, weights_id=weights_id, threads=threads, gpu=args.gpu),
         **pool)
-    acc = FIDAccumulator(args.pairs, args.alphas, real)
+    acc = FIDAccumulator(args.pairs, args.alphas, real)      # KID against real.features, the rows the cache kept
     bar = tqdm(total=total, desc="interpolations", unit="img")
     t0, t_fid = time.time(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         feats = np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["task"]), -1)
         t1 = time.time()
         for alpha in acc.add(batch["task"], feats):
-            bar.write(f"evaluate: α = {alpha:g}: FID {acc.fid[alpha]:.3f}")
+            bar.write(f"evaluate: α = {alpha:g}: FID {acc.fid[alpha]:.3f}, {_kid_text(acc.kid[alpha])}")
         t_fid += time.time() - t1
         bar.update(len(batch["task"]))
     bar.close()
-    fids = acc.result()
+    fids, kids = acc.result(), acc.kid_result()
     t_gen = time.time() - t0 - t_fid
 
-    result = {"label": label, "fid": {f"{a:g}": v for a, v in fids.items()}, "alphas": args.alphas,
+    result = {"label": label, "fid": {f"{a:g}": v for a, v in fids.items()},
+              "kid": {f"{a:g}": v for a, v in kids.items()}, "reference": reference, "alphas": args.alphas,
               "pairs": args.pairs, "weights_id": weights_id, "real": real_info, "seed": args.seed,
               "split": args.split, "decoder": args.decoder, "embeddings": args.embeddings, "column": args.column,
               "regularized_alphas": acc.regularized, "real_floor": floor,
               "timing": {"real_seconds": round(t_real, 3), "generated_seconds": round(t_gen, 3),
                          "generated_images_per_second": round(total / t_gen, 3) if t_gen > 0 else None,
-                         "frechet_seconds": round(t_fid, 3)}}
-    table = fid_table([result])
+                         "frechet_seconds": round(acc.seconds["frechet"], 3),
+                         "kid_seconds": round(acc.seconds["kid"], 3)}}
+    table = fid_table([result]) + "\n\n" + kid_table([result])
     atomic_write_bytes(join(args.out, "fid.png"), fid_plot([result], title=f"Interpolation FID, {label}"))
     atomic_write_bytes(join(args.out, "fid.md"), fid_markdown(result).encode())
     _write_manifest(args.out, "evaluate", config, info, embeddings=args.embeddings, data=args.data,
-                    decoder_dir=args.decoder, fid=result["fid"], real=real_info, timing=result["timing"],
+                    decoder_dir=args.decoder, fid=result["fid"], kid=result["kid"], reference=reference,
+                    real=real_info, timing=result["timing"],
                     files=["fid.json", "fid.md", "fid.png"])
     atomic_write_bytes(join(args.out, "fid.json"), json.dumps(result, indent=2).encode())
     print(table, flush=True)

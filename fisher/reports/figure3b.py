@@ -1,8 +1,9 @@
 """Interpolation FID against α (paper Algorithm 1): the tables and plots of Figure 3b (MNIST) and
 Figure 7 (CelebA).
 
-A result is the content of an ``fid.json`` ({'label': 'fisher/conv', 'fid': {α: FID}, 'pairs': N,
-'real': {'split', 'count'}, 'real_floor': {...} or None, 'weights_id', ...}); the paper's rows come
+A result is the content of an ``fid.json`` ({'label': 'fisher/conv', 'fid': {α: FID}, 'kid': {α: {'mean', 'std',
+'stderr', 'subsets', 'subset_size'}}, 'reference': 'grey' | 'image', 'pairs': N, 'real': {'split', 'count'},
+'real_floor': {..., 'fid', 'kid'} or None, 'weights_id', ...}); the paper's rows come
 from :mod:`fisher.reports.paper` (:data:`~fisher.reports.paper.PAPER_MNIST_FID`,
 ``PAPER_CELEBA_FID[prior]``). Pure functions: results in, markdown text or PNG bytes out.
 """
@@ -56,14 +57,59 @@ def fid_table(results: list[dict], paper: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _kid_cell(k: dict | None) -> str:
+    if not k or k.get("mean") is None or not math.isfinite(k["mean"]):
+        return "–"
+    err = k.get("stderr")
+    return f"{k['mean'] * 1e3:.2f}" + (f" ± {err * 1e3:.2f}" if err is not None and math.isfinite(err) else "")
+
+
+def kid_table(results: list[dict]) -> str:
+    """Markdown KID-vs-α table beside :func:`fid_table` (beyond the paper): KID × 10³ ± its standard error
+    × 10³ (over the KID subsets), rows the labels (embedding/decoder) and each result's floor
+    (``real_floor['kid']``: N real images against the same real features), columns the α values, then N and
+    the subsets × subset size. Results without ``kid`` show "–"."""
+    rows = [(r.get("label", "?"), {float(a): k for a, k in (r.get("kid") or {}).items()}, r.get("pairs", r.get("n")),
+             r) for r in results]
+    alphas = sorted({a for r in results for a in _fid_values(r)} | {a for _, row, _, _ in rows for a in row})
+    floors = {}
+    for r in results:
+        f = r.get("real_floor")
+        if f and f.get("kid"):
+            floors.setdefault((f["split"], f["count"]), f["kid"])
+    rows += [(f"real {split} images (floor at this N)", {a: k for a in alphas}, n, None)
+             for (split, n), k in floors.items()]
+
+    def size(row: dict) -> str:
+        k = next((v for v in row.values() if v), None)
+        return f"{k['subsets']} × {k['subset_size']}" if k and "subsets" in k else "–"
+    head = ("| embedding / decoder | " + " | ".join(f"α = {_alpha_key(a)}" for a in alphas)
+            + " | N pairs | subsets × size |")
+    lines = [head, "|---" * (len(alphas) + 3) + "|"]
+    for label, row, n, _ in rows:
+        cells = [_kid_cell(row.get(a)) for a in alphas]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {n if n is not None else '–'} | {size(row)} |")
+    return "\n".join(lines)
+
+
 def fid_markdown(result: dict, paper: dict | None = None) -> str:
-    """``fid.md`` of one ``fisher evaluate`` result: the protocol in one paragraph, then :func:`fid_table`."""
+    """``fid.md`` of one ``fisher evaluate`` result: the protocol in one paragraph, then :func:`fid_table`
+    and, where the result has KID, :func:`kid_table`."""
     real, floor = result["real"], result.get("real_floor")
-    return (f"Interpolation FID (paper Algorithm 1; layout of Figure 3b / Figure 7): N = {result['pairs']} pairs "
-            f"per α, against {real['count']} real {real['split']} images; Inception weights {result['weights_id']}."
+    reference = result.get("reference") or real.get("reference")
+    text = (f"Interpolation FID (paper Algorithm 1; layout of Figure 3b / Figure 7): N = {result['pairs']} pairs "
+            f"per α, against {real['count']} real {real['split']} images"
+            + (f" ({reference} reference)" if reference else "") + f"; Inception weights {result['weights_id']}."
             + (f" Floor: {floor['count']} real {floor['split']} images score {floor['fid']:.2f} against the same "
                "statistics, the lowest value this N can show." if floor else "") + "\n\n"
             + fid_table([result], paper) + "\n")
+    if result.get("kid"):
+        kept = real.get("features_kept")
+        text += ("\nKID × 10³ ± standard error × 10³ (Kernel Inception Distance, beyond the paper: unbiased at any N, "
+                 "so ≈ 0 for real images; against "
+                 + (f"{kept} of the real images' features" if kept else "the real images' features") + "):\n\n"
+                 + kid_table([result]) + "\n")
+    return text
 
 
 def fid_plot(results: list[dict], paper: dict | None = None, title: str = "Interpolation FID") -> bytes:

@@ -183,6 +183,19 @@ def test_write_shards_and_decode_images(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         data.decode_images(batch)
 
+    grey = rng.integers(0, 256, (2, 6, 5, 1), dtype=np.uint8)
+    both = data.write_shards(str(tmp_path / "g"), "test", ["b", "a"], images[:2, :, :, :1], np.array([7, 3]),
+                             extra_images={"grey": grey})
+    table = pq.read_table(tmp_path / "g" / both[0]["file"])
+    assert table.schema.names == ["id", "image", "grey", "label", "split"]
+    assert np.array_equal(data.decode_images(table, column="grey"), grey[::-1])     # sorted by id with the rest
+    assert np.array_equal(data.decode_images(table), images[:2, :, :, :1][::-1])
+    with pytest.raises(ValueError, match="shape of images"):
+        data.write_shards(str(tmp_path / "g"), "test", ["b", "a"], images[:2, :, :, :1], np.array([7, 3]),
+                          extra_images={"grey": grey[:, :5]})
+    with pytest.raises(FisherError, match=r"no 'grey' column in the prepared data \(has id, image, attrs, split\)"):
+        data.decode_images(sliced, column="grey")
+
     labels = data.write_shards(str(tmp_path), "test", ["b", "a"], images[:2, :, :, :1], np.array([7, 3]))
     table = pq.read_table(tmp_path / labels[0]["file"])
     assert table["label"].type == pa.int64() and table["label"].to_pylist() == [3, 7]
@@ -212,8 +225,21 @@ def test_prepare_mnist_reuse_and_config_mismatch(tmp_path):
     assert manifest["image_shape"] == [28, 28, 1] and len(manifest["shards"]) == 4 + 2
     loaded = data.load_prepared(str(out), "train")
     assert loaded["image"].shape == (30, 28, 28, 1) and loaded["id"][0] == "train-00000"
-    expected = data.binarize(data.load_mnist_split(str(src), "train")[0], 1, "train")
+    grey = data.load_mnist_split(str(src), "train")[0]
+    expected = data.binarize(grey, 1, "train")
     assert np.array_equal(loaded["image"][..., 0], expected)
+    # the grey originals are kept beside the binarized images, with their levels in the manifest
+    assert np.array_equal(loaded["grey"][..., 0], grey) and loaded["grey"].dtype == np.uint8
+    assert manifest["references"] == {"image": 2, "grey": 256} and data.data_references(manifest) == manifest["references"]
+    assert manifest["columns"] == ["id", "image", "grey", "label", "split"]
+    assert pq.read_table(out / "train-00000.parquet").schema.names == manifest["columns"]
+    assert data.reference_column(manifest, None, "d") == ("grey", 256)
+    assert data.reference_column(manifest, "image", "d") == ("image", 2)
+    old = {k: v for k, v in manifest.items() if k != "references"}       # prepared before grey was kept
+    assert data.data_references(old) == {"image": 2} and data.reference_column(old, None, "d") == ("image", 2)
+    with pytest.raises(FisherError, match=r"^--reference grey: d has no 'grey' column, only image \(2 levels\) "
+                                          r"\(MNIST prepared before .*\); pass --reference image$"):
+        data.reference_column(old, "grey", "d")
     assert data.prepare_mnist(data.MnistConfig(str(src), seed=1, shard_size=8), str(out))[1] is True
     with pytest.raises(FisherError, match=r"different config \(seed: 1 there, 2 now\)"):
         data.prepare_mnist(data.MnistConfig(str(src), seed=2, shard_size=8), str(out))
@@ -259,6 +285,28 @@ def test_prepare_rerun_rewrites_shards_of_another_config_or_damaged(tmp_path):
     data.prepare_mnist(cfg, str(out))
     data.prepare_mnist(cfg, str(clean))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
+
+
+def test_prepare_rerun_rewrites_shards_without_the_grey_column(tmp_path):
+    """An interrupted run of the same config from before MNIST kept its grey originals left shards without
+    ``grey``: they are not taken as finished, so the rerun's artifact is a clean run's bytes."""
+    src = _small_mnist(tmp_path / "src")
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    cfg = data.MnistConfig(str(src), shard_size=8)
+    data.prepare_mnist(cfg, str(out))
+    (out / "manifest.json").unlink()
+    shard = out / "test-00001.parquet"
+    table = pq.read_table(shard)
+    old = table.drop_columns(["grey"]).replace_schema_metadata(table.schema.metadata)    # same config bytes
+    pq.write_table(old, shard)
+    config = json.loads(json.dumps(cfg.to_dict()))
+    columns = ["id", "image", "grey", "label", "split"]
+    assert data._finished(str(out), config, data._Job("test", 1, 8, 12), columns) is None
+    assert data._finished(str(out), config, data._Job("test", 0, 0, 8), columns) == (8, [])
+    data.prepare_mnist(cfg, str(out))
+    data.prepare_mnist(cfg, str(clean))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
+    assert "grey" in pq.read_table(shard).column_names
 
 
 def test_prepare_celeba_rerun_decodes_only_unfinished_shards(tmp_path, make_celeba):

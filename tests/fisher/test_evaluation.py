@@ -98,6 +98,38 @@ def test_accumulator_independent_of_batching_and_matches_one_process(setup):
     partial.add(np.arange(n), per_alpha[0.0])
     with pytest.raises(FisherError, match="incomplete"):
         partial.result()
+    assert acc.kid == {} and acc.kid_result() == {}                # statistics without real features: no KID
+
+
+def test_accumulator_kid_is_fisher_kid_on_the_same_features(setup):
+    """Each α's KID, computed when the α completes (batches in any order), is fisher.fid.kid of that α's
+    features in task order against the real rows, with the documented protocol (100 × min(1000, N))."""
+    from fisher.fid import kid
+    decoder, z, pairs, feats, _ = setup
+    n = len(pairs)
+    scorer = ev.InterpolationFeatures(decoder, feats, z, pairs, ALPHAS, levels=2)
+    per_alpha = {alpha: scorer(a * n + np.arange(n)) for a, alpha in enumerate(ALPHAS)}
+    real_rows = np.random.default_rng(5).random((9, 48)).astype(np.float32)
+    real = stats_from_features(real_rows)
+    real.features = real_rows
+    acc = ev.FIDAccumulator(n, ALPHAS, real)
+    tasks = np.random.default_rng(1).permutation(n * len(ALPHAS))
+    for chunk in np.array_split(tasks, 4):
+        pair_idx, alpha_idx = ev.split_tasks(chunk, n, ALPHAS)
+        acc.add(chunk, np.concatenate([per_alpha[ALPHAS[a]][[i]] for i, a in zip(pair_idx, alpha_idx)]))
+    acc.result()
+    got = acc.kid_result()
+    assert list(got) == ALPHAS
+    for alpha in ALPHAS:
+        assert got[alpha] == kid(per_alpha[alpha], real_rows, subsets=100, subset_size=1000, seed=0)
+        assert got[alpha]["subsets"] == 100 and got[alpha]["subset_size"] == min(n, 9)
+    assert (ev.KID_SUBSETS, ev.KID_SUBSET_SIZE, ev.KID_SEED) == (100, 1000, 0)
+    assert got[0.5]["mean"] != got[0.0]["mean"]                  # per α, not one value reused
+    # real features passed explicitly take precedence over the statistics' own
+    other = ev.FIDAccumulator(n, [0.0], real, real_features=real_rows[:4] + 1, kid_subsets=7)
+    other.add(np.arange(n), per_alpha[0.0])
+    assert other.kid[0.0] == kid(per_alpha[0.0], real_rows[:4] + 1, subsets=7, subset_size=1000, seed=0)
+    assert other.seconds["kid"] > 0 and other.seconds["frechet"] > 0
 
 
 def test_degenerate_covariances_are_regularized(monkeypatch):

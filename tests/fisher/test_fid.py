@@ -119,6 +119,33 @@ def test_stats_cache_computes_once(tmp_path):
     assert len(calls) == 2
 
 
+def test_stats_cache_keeps_real_features_and_recomputes_old_caches(tmp_path):
+    """With keep_features, the cache keeps the real rows KID needs (all of them up to the cap, else a seeded
+    subset); a cache written without them (before KID) is recomputed and replaced, not an error."""
+    feats, calls = _stats(4), []
+
+    def compute():
+        calls.append(1)
+        return feats
+    cache = str(tmp_path / "cache")
+    uri = tmp_path / "cache" / "fid-stats-k.npz"
+    old = fid.cached_real_stats(cache, "k", compute)                      # an old-style cache: no features
+    assert old.features is None and fid.cache_status(str(uri), 50) == "no-features"
+    assert fid.cache_status(str(uri)) == "usable" and fid.cache_status(str(tmp_path / "none.npz"), 50) == "absent"
+    new = fid.cached_real_stats(cache, "k", compute, keep_features=50)
+    assert len(calls) == 2 and fid.cache_status(str(uri), 50) == "usable"
+    keep = fid.kept_rows(200, 50)
+    assert len(keep) == 50 and np.all(np.diff(keep) > 0) and np.array_equal(keep, fid.kept_rows(200, 50))
+    np.testing.assert_array_equal(new.features, feats[keep].astype(np.float32))
+    again = fid.cached_real_stats(cache, "k", compute, keep_features=50)      # reused: features loaded
+    assert len(calls) == 2 and again.features.dtype == np.float32
+    np.testing.assert_array_equal(again.features, new.features)
+    np.testing.assert_array_equal(again.mu, old.mu)
+    assert fid.cache_status(str(uri), 300) == "no-features"                 # another cap: recomputed
+    assert len(fid.cached_real_stats(cache, "k", compute, keep_features=300).features) == 200 and len(calls) == 3
+    assert np.array_equal(fid.kept_rows(7, 10), np.arange(7)) and fid.REAL_FEATURES_KEPT == 10_000
+
+
 def test_corrupt_stats_file(tmp_path):
     (tmp_path / "s.npz").write_bytes(b"not an npz")
     with pytest.raises(FisherError, match="corrupt FID statistics"):

@@ -130,6 +130,27 @@ def test_fid_markdown_with_floor():
     assert "Floor" not in figure3b.fid_markdown({**result, "real_floor": None})
 
 
+def test_kid_table_and_markdown():
+    k = lambda mean, err: {"mean": mean, "std": err * 10, "stderr": err, "subsets": 100, "subset_size": 8}
+    result = {"label": "fisher/conv", "fid": {"0": 9.5, "0.5": 12.25}, "pairs": 8, "weights_id": "w1",
+              "kid": {"0": k(0.0123, 0.0004), "0.5": k(0.05, 0.002)}, "reference": "grey",
+              "real": {"split": "test", "count": 40, "features_kept": 40},
+              "real_floor": {"split": "train", "count": 8, "fid": 7.125, "kid": k(-0.0001, 0.0003)}}
+    rows = _rows(figure3b.kid_table([result, {"label": "old", "fid": {"0": 1.0}, "pairs": 8}]))
+    assert rows[0] == ["embedding / decoder", "α = 0", "α = 0.5", "N pairs", "subsets × size"]
+    by = {r[0]: r[1:] for r in rows[2:]}
+    assert by == {"fisher/conv": ["12.30 ± 0.40", "50.00 ± 2.00", "8", "100 × 8"],
+                  "old": ["–", "–", "8", "–"],                          # an fid.json from before KID
+                  "real train images (floor at this N)": ["-0.10 ± 0.30", "-0.10 ± 0.30", "8", "100 × 8"]}
+    md = figure3b.fid_markdown(result)
+    assert "against 40 real test images (grey reference); Inception weights w1." in md
+    fid_part, kid_part = md.split("KID × 10³ ± standard error × 10³")
+    assert "| fisher/conv | 9.50 | 12.25 | 8 |" in fid_part and "against 40 of the real images' features" in kid_part
+    assert "| fisher/conv | 12.30 ± 0.40 | 50.00 ± 2.00 | 8 | 100 × 8 |" in kid_part
+    assert "KID" not in figure3b.fid_markdown({**result, "kid": {}})
+    assert figure3b.fid_table([result]) == figure3b.fid_table([result], None)     # the report's call still works
+
+
 def test_fid_plot_png():
     png = figure3b.fid_plot([{"label": "fisher/conv", "fid": {"0": 1.0, "0.5": 2.0}}], paper.PAPER_MNIST_FID)
     assert png[:8] == PNG

@@ -52,9 +52,14 @@ def test_mnist_full(tmp_path, mnist_dir, capsys):
         assert counts == {"train": 60000, "test": 10000}
     assert manifest["stage"] == "prepare" and manifest["counts"] == counts
     assert manifest["image_shape"] == [28, 28, 1] and manifest["levels"] == 2 and manifest["config"]["seed"] == 0
+    assert manifest["references"] == {"image": 2, "grey": 256}
     for split, n in counts.items():
         _, table = _read_split(out, split)
         images = data.decode_images(table)
+        # the grey column holds the idx file's pixels; the binarized image is Bernoulli(grey/255) as before
+        grey = data.read_idx(mnist_dir / data.MNIST_FILES[split][0])
+        assert np.array_equal(data.decode_images(table, column="grey")[..., 0], grey)
+        assert np.array_equal(images[..., 0], data.binarize(grey, 0, split))
         ids = table["id"].to_pylist()
         assert images.shape == (n, 28, 28, 1) and set(np.unique(images)) == {0, 1}
         assert len(set(ids)) == n and ids == sorted(ids) and ids[0] == f"{split}-00000"
@@ -106,6 +111,7 @@ def test_celeba_real(tmp_path, celeba_real, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 4657, "val": 780, "test": 660}
     assert manifest["image_shape"] == [32, 32, 3] and manifest["levels"] == 32
+    assert manifest["references"] == {"image": 32} and "grey" not in manifest["columns"]
     assert manifest["config"]["crop"] == [25, 45, 153, 173] and manifest["skipped"]["count"] == 0
     assert manifest["attr_names"][:2] == ["5_o_Clock_Shadow", "Arched_Eyebrows"] and len(manifest["attr_names"]) == 40
     _, train = _read_split(out, "train")
