@@ -228,11 +228,11 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
             kinds["fisher"] = (d("sweep", "embeddings"),
                                spec.column(single=len(grid["dim"]) * len(grid["density"]) == 1))
             continue
-        kinds[kind] = (d(f"emb-{kind}"), "z_t" if transformed else "z")
-        steps.append(Step(f"embed-{kind}", "embed", embed.run,
-                          dataclasses.replace(projection, kind=kind, out=d(f"emb-{kind}"),
-                                              prior=None if kind == "pixel" else prior),
-                          f"emb-{kind}/manifest.json"))
+        options = dataclasses.replace(projection, kind=kind, out=d(f"emb-{kind}"))
+        if kind == "pixel":                 # the images themselves: no prior, no standardization or PCA
+            options = dataclasses.replace(options, prior=None, standardize=False, pca=None)
+        kinds[kind] = (d(f"emb-{kind}"), "z_t" if transformed and kind != "pixel" else "z")
+        steps.append(Step(f"embed-{kind}", "embed", embed.run, options, f"emb-{kind}/manifest.json"))
     evaluate_section = {k: v for k, v in (preset.get("evaluate") or {}).items() if k != "seeds"}
     decoder_section = dict(preset.get("decoder") or {})
     suffixes = seed_suffixes(preset)
