@@ -67,6 +67,9 @@ def run(args: PrepareOptions) -> dict:
                        if split in manifest["counts"])
     if reused:
         print(f"{args.out}: already prepared with the same config ({counts}); nothing to do")
+        if args.dataset == "mnist" and "grey" not in data.data_references(manifest):
+            print(f"note: {args.out} was prepared before MNIST kept its grey originals: `fisher evaluate` can only "
+                  "compare with the binarized images (--reference image); prepare into a new --out to keep them")
     else:
         skipped = manifest["skipped"]["count"]
         print(f"{args.out}: prepared {args.dataset} ({counts}; image shape {manifest['image_shape']}, "

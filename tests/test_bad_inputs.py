@@ -305,6 +305,19 @@ def emb_other_prior_resume(c):
     return emb_other_prior(c)
 
 
+def data_without_grey(c):
+    """Prepared MNIST from before the grey originals were kept: no ``references``, no ``grey`` column."""
+    d = c.copy("data")
+    m = json.loads((d / "manifest.json").read_text())
+    del m["references"]
+    m["columns"] = [col for col in m["columns"] if col != "grey"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    for shard in d.glob("*.parquet"):
+        table = pq.read_table(shard)
+        pq.write_table(table.drop_columns(["grey"]).replace_schema_metadata(table.schema.metadata), shard)
+    return {"data": d}
+
+
 def data_other(c):
     d = c.copy("data")
     m = json.loads((d / "manifest.json").read_text())
@@ -403,6 +416,11 @@ CASES = [
      r"dec: trained on embeddings \w+ \(.*\), not on .*emb-copy \(\w+\); pass matching --embeddings"),
     ("interpolate-emb-inf", emb_inf, ["interpolate", *INPUTS],
      r"emb-copy/test-00000\.parquet: column 'z' holds NaN or Inf in 1 of 64 rows"),
+    ("evaluate-reference-grey-without-grey", data_without_grey, ["evaluate", *INPUTS, "--pairs", "2",
+                                                                 "--reference", "grey"],
+     r"^fisher evaluate: error: --reference grey: .*data-copy has no 'grey' column, only image \(2 levels\) "
+     r"\(MNIST prepared before grey originals were kept: prepare it again into a new --out\); "
+     r"pass --reference image$"),
     ("evaluate-decoder-z-dim", dec_zdim, ["evaluate", *INPUTS, "--pairs", "2"],
      r"dec8: decodes 8-dim embeddings, but column 'z' of .* has dim 16; pass the decoder trained on these"),
     ("interpolate-decoder-weights-z-dim", dec_weights_zdim, ["interpolate", *INPUTS],

@@ -83,28 +83,58 @@ def test_evaluate_fid_with_cache(run, tmp_path, capsys, monkeypatch):
     assert sorted(res["fid"]) == ["0", "0.5"] and all(math.isfinite(v) and v > 0 for v in res["fid"].values())
     assert res["pairs"] == 4 and res["label"] == "fisher/conv" and res["real"]["count"] == 8
     assert res["weights_id"] == (WEIGHTS.parent / (WEIGHTS.name + ".sha256")).read_text()[:16]
+    # MNIST keeps its grey originals, so they are the default reference; recorded everywhere
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert res["reference"] == res["real"]["reference"] == "grey" == manifest["config"]["reference"] == \
+        manifest["reference"]
+    assert manifest["stage"] == "evaluate" and manifest["kid"] == res["kid"]
     md = (out / "fid.md").read_text()
     assert "| embedding / decoder | α = 0 | α = 0.5 | N pairs |" in md
     assert f"| fisher/conv | {res['fid']['0']:.2f} | {res['fid']['0.5']:.2f} | 4 |" in md
     assert (out / "fid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "manifest.json").read_text())["stage"] == "evaluate"
     stats = list(cache.glob("fid-stats-*.npz"))
-    assert len(stats) == 1 and stats[0].name.endswith(f"-test-{res['weights_id']}-8.npz")
-    assert "computing real statistics of 8 test images" in capsys.readouterr().out
-    # the floor: the first 4 train images scored against the same real statistics, as computed in-process
+    assert len(stats) == 1 and stats[0].name.endswith(f"-test-grey-{res['weights_id']}-8.npz")
+    printed = capsys.readouterr().out
+    assert "computing real statistics of 8 test images (grey reference" in printed
     from fisher.data import load_prepared
-    from fisher.evaluation import frechet, real_features
-    from fisher.fid import FIDStats, load_inception
+    from fisher.embedding import read_embeddings
+    from fisher.evaluation import InterpolationFeatures, frechet, real_features
+    from fisher.fid import FIDStats, kid, load_inception
+    from fisher.decoders import load_decoder
+    from fisher.manipulation import random_pairs
+    inception = load_inception(str(WEIGHTS))
+    real = FIDStats.load(str(stats[0]))
+    assert real.features.shape == (8, 2048) and res["real"]["features_kept"] == 8
+    test = load_prepared(run["data"], "test")
+    grey_feats = real_features(inception, test["grey"][:8], 256)       # the cache holds the grey images' features
+    np.testing.assert_allclose(real.features, grey_feats, rtol=1e-3, atol=1e-4)
+    # KID per α is fisher.fid.kid of the decoded interpolations' features against those real features
+    ids, z = read_embeddings(run["emb"], "test", "z")
+    scorer = InterpolationFeatures(load_decoder(run["decoder"]), inception, z, random_pairs(len(ids), 4, 0),
+                                   [0.0, 0.5], 2)
+    assert sorted(res["kid"]) == sorted(res["fid"])
+    for a, key in enumerate(("0", "0.5")):
+        expect = kid(scorer(a * 4 + np.arange(4)), real.features, subsets=100, subset_size=1000, seed=0)
+        got = res["kid"][key]
+        assert set(got) == {"mean", "std", "stderr", "subsets", "subset_size"}
+        assert (got["subsets"], got["subset_size"]) == (100, 4) and math.isfinite(got["mean"])
+        assert got["mean"] == pytest.approx(expect["mean"], rel=1e-3, abs=1e-6)
+        assert got["stderr"] == pytest.approx(expect["stderr"], rel=1e-3, abs=1e-6)
+        assert f"evaluate: α = {key}: FID {res['fid'][key]:.3f}, KID {got['mean'] * 1e3:.3f} ± " in printed
+        assert f"{got['mean'] * 1e3:.2f} ± {got['stderr'] * 1e3:.2f}" in md
+    # the floor: the first 4 train images, grey like the reference, scored against the same real statistics
     floor = res["real_floor"]
-    assert (floor["split"], floor["count"]) == ("train", 4)
+    assert (floor["split"], floor["count"], floor["reference"]) == ("train", 4, "grey")
     train = load_prepared(run["data"], "train")
-    feats = real_features(load_inception(str(WEIGHTS)), train["image"][:4], 2)
-    assert floor["fid"] == pytest.approx(frechet(feats[np.argsort(train["id"][:4])], FIDStats.load(str(stats[0])))[0],
-                                         rel=1e-3)
+    order = np.argsort(train["id"][:4])
+    feats = real_features(inception, train["grey"][:4], 256)[order]
+    assert floor["fid"] == pytest.approx(frechet(feats, real)[0], rel=1e-3)
+    assert floor["kid"]["mean"] == pytest.approx(kid(feats, real.features)["mean"], rel=1e-3, abs=1e-6)
     assert f"| real train images (floor at this N) | {floor['fid']:.2f} | {floor['fid']:.2f} | 4 |" in md
+    assert "KID × 10³" in md and f"| real train images (floor at this N) | {floor['kid']['mean'] * 1e3:.2f}" in md
     mtime = os.stat(stats[0]).st_mtime_ns
 
-    out2 = tmp_path / "fid2"      # other α set, same pairs and cached real statistics
+    out2 = tmp_path / "fid2"      # other α set, same pairs and cached real statistics (with their features)
     assert cli.main(["evaluate", *args, "--alphas", "0", "--no-floor", "--out", str(out2)]) == 0
     assert "real statistics reused" in capsys.readouterr().out
     assert os.stat(stats[0]).st_mtime_ns == mtime
@@ -112,8 +142,27 @@ def test_evaluate_fid_with_cache(run, tmp_path, capsys, monkeypatch):
     assert res2["label"] == "fisher/conv"                              # default: embedding kind / decoder arch
     assert res2["real_floor"] is None and "floor" not in (out2 / "fid.md").read_text()
     assert res2["fid"]["0"] == pytest.approx(res["fid"]["0"], rel=1e-3)
+    assert res2["kid"]["0"]["mean"] == pytest.approx(res["kid"]["0"]["mean"], rel=1e-3, abs=1e-6)
     assert cli.main(["evaluate", *args, "--alphas", "0", "--no-floor", "--out", str(out2)]) == 0   # nothing to do
     assert "nothing to do" in capsys.readouterr().out
+
+    # --reference image: its own cache entry. One left there by an older version (no real features,
+    # made-up statistics) is recomputed from the binarized images, not reused and not an error.
+    image_cache = cache / stats[0].name.replace("-grey-", "-image-")
+    FIDStats(np.zeros(2048), np.eye(2048), 8).save(str(image_cache))
+    out3 = tmp_path / "fid3"
+    assert cli.main(["evaluate", *args, "--alphas", "0", "--no-floor", "--reference", "image",
+                     "--out", str(out3)]) == 0
+    printed = capsys.readouterr().out
+    assert "computing real statistics of 8 test images (image reference; cached as" in printed
+    assert "replacing a cache without the real features KID needs" in printed
+    res3 = json.loads((out3 / "fid.json").read_text())
+    assert res3["reference"] == "image" and res3["real"]["key"] != res["real"]["key"]
+    image_real = FIDStats.load(str(image_cache))
+    image_feats = real_features(inception, test["image"][:8], 2)
+    np.testing.assert_allclose(image_real.features, image_feats, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(image_real.mu, image_feats.mean(0), rtol=1e-3, atol=1e-4)
+    assert abs(res3["fid"]["0"] - res["fid"]["0"]) > 1
 
 
 def test_evaluate_offline_without_weights(run, tmp_path, capsys, monkeypatch):

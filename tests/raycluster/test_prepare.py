@@ -89,6 +89,13 @@ def test_mnist_limit_shards_and_config_change(tmp_path, mnist_dir, capsys):
     grey = data.read_idx(mnist_dir / data.MNIST_FILES["test"][0])[:50]
     assert np.array_equal(data.decode_images(table)[..., 0], data.binarize(grey, 5, "test"))
     _fails(capsys, argv + ["--seed", "6"], "different config", "seed: 5 there, 6 now")
+    assert cli.main(argv + ["--seed", "5"]) == 0 and "note:" not in capsys.readouterr().out
+    del manifest["references"]                           # as prepared before MNIST kept its grey originals
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(argv + ["--seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "already prepared" in printed and "prepared before MNIST kept its grey originals" in printed
+    assert "--reference image" in printed and "grey" not in data.data_references(json.loads((out / "manifest.json").read_text()))
 
 
 def test_mnist_bad_inputs(tmp_path, capsys, monkeypatch):
