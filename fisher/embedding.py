@@ -73,9 +73,9 @@ class ActivationKind(EmbeddingKind):
 @EMBEDDINGS.register("pixel")
 class PixelKind(EmbeddingKind):
     """The pixel-space baseline (paper sec. 5.2 compares its interpolations with pixel interpolation):
-    e(x) = x, the sub-pixel values in [0, levels) as floats in (C, H, W) order, unprojected so that
-    the decoder ``pixels`` (:mod:`fisher.decoders.pixels`) can decode (1 - α) z₁ + α z₂ as the
-    cross-fade of the two images. Needs no prior."""
+    e(x) = x on [0, 1] (sub-pixel values / (levels - 1), :class:`Embedder`'s ``levels``) in (C, H, W)
+    order, unprojected so that the decoder ``pixels`` (:mod:`fisher.decoders.pixels`) decodes
+    (1 - α) z₁ + α z₂ as the cross-fade of the two images. Needs no prior."""
     projected = False
     needs_prior = False
 
@@ -111,13 +111,15 @@ def feature_count(model: Prior, kind: str, image_shape) -> int:
 class Embedder:
     """Maps uint8 images (N, H, W, C) to {column: float32 array (N, dim)}.
 
+    ``levels``: the images' sub-pixel levels, which unprojected kinds (``pixel``) scale by.
+
     Builds its projections once from (seed, n_features, dim, density), so every
     process that constructs an Embedder with the same arguments computes the
     same embeddings.
     """
 
     def __init__(self, model: Prior, kind: str, specs: list[EmbedSpec], image_shape,
-                 seed: int = 0, chunk_size: int = DEFAULT_CHUNK, device: str = "cpu"):
+                 seed: int = 0, chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", levels: int | None = None):
         if kind not in EMBEDDINGS:
             raise ValueError(f"kind must be one of {KINDS}")
         self._kind = EMBEDDINGS.build(kind)
@@ -125,6 +127,9 @@ class Embedder:
             raise ValueError(f"embedding kind {kind!r} needs a prior")
         self.model = model.to(device).eval() if model is not None else None
         self.kind, self.device, self.chunk = kind, device, chunk_size
+        if not self._kind.projected and not (isinstance(levels, int) and levels >= 2):
+            raise ValueError(f"embedding kind {kind!r} needs the images' levels (>= 2), got {levels!r}")
+        self.levels = levels
         n = self._kind.n_features(model, image_shape)
         self.n_features = n
         if not self._kind.projected:
@@ -137,6 +142,8 @@ class Embedder:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = to_model_input(images, self.device)
         zs = self._kind.project(self.model, x, self.projections, self._stack, self.chunk)
+        if not self._kind.projected:
+            zs = [z / (self.levels - 1) for z in zs]
         return {c: z.detach().cpu().numpy().astype(np.float32, copy=False) for c, z in zip(self.columns, zs)}
 
     def describe(self) -> dict:

@@ -102,6 +102,8 @@ class EmbedOptions(RayOptions):
     density: list = option(default_factory=lambda: [None], parse=_densities,
                            help="projection density(ies) in (0, 1], comma separated; 'auto' = 1/sqrt(n_features)")
     seed: int = option(0, help="projection seed (same seed = same matrix everywhere)")
+    reference: str | None = option(None, help="--kind pixel: the image column to embed (default grey where the "
+                                              "data keeps MNIST's grey originals, else image)")
     splits: list | None = option(None, parse=_splits, help="comma-separated splits to embed (default: all)")
     standardize: bool = option(False, help="standardize each coordinate (fitted on train)")
     pca: int | None = option(None, help="reduce to this many PCA components (fitted on train)")
@@ -134,7 +136,8 @@ def register(sub) -> None:
 class _ScoreActor:
     """Ray Data actor: one Embedder per process, applied to pyarrow batches."""
 
-    def __init__(self, prior: str, kind: str, specs: list, shape, seed: int, chunk: int, threads: int, gpu: bool):
+    def __init__(self, prior: str, kind: str, specs: list, shape, seed: int, chunk: int, threads: int, gpu: bool,
+                 column: str = "image", levels: int | None = None):
         import ray
         import torch
 
@@ -145,11 +148,12 @@ class _ScoreActor:
         self.shape = shape
         self.node = ray.get_runtime_context().get_node_id()     # recorded per shard in the manifest
         self.embedder = Embedder(load_prior(prior) if prior else None, kind, [EmbedSpec(**s) for s in specs], shape,
-                                 seed=seed, chunk_size=chunk, device=device)
+                                 seed=seed, chunk_size=chunk, device=device, levels=levels)
+        self.column = column
 
     def __call__(self, batch: pa.Table) -> dict:
         from fisher.data import decode_images
-        out = self.embedder(decode_images(batch, self.shape))
+        out = self.embedder(decode_images(batch, self.shape, column=self.column))
         return {"id": np.asarray(batch["id"].to_pylist(), dtype=object),
                 "path": np.asarray(batch["path"].to_pylist(), dtype=object),
                 _NODE: np.full(batch.num_rows, self.node, dtype=object), **out}
@@ -171,6 +175,13 @@ def run(args: EmbedOptions) -> None:
         model = load_prior(args.prior)
     elif args.prior:
         print(f"note: --kind {args.kind} does not use --prior {args.prior}", flush=True)
+    column, levels = "image", None
+    if not kind.projected:
+        from fisher.data import reference_column
+        column, levels = reference_column(data_manifest, args.reference, args.data)
+    elif args.reference:
+        raise FisherError(f"--reference {args.reference}: only for --kind pixel (the other kinds embed what the "
+                          "prior models: the image column)")
     n = feature_count(model, args.kind, shape)
     specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)] if kind.projected \
         else [EmbedSpec(n, None)]
@@ -184,7 +195,7 @@ def run(args: EmbedOptions) -> None:
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
             "prior": manifest_hash(prior_manifest) if prior_manifest else None,
             "prior_weights_sha256": prior_manifest.get("weights_sha256"),
-            "data": manifest_hash(data_manifest)}
+            "data": manifest_hash(data_manifest), **({"column": column, "levels": levels} if levels else {})}
     claim_output(args.out, "embed", plan)
 
     todo = [s for s in shards if not exists(join(args.out, s["file"]))]
@@ -195,7 +206,7 @@ def run(args: EmbedOptions) -> None:
     timing = _run_pool(args, todo, shape, plan) if todo else {}
 
     columns = {s.column(len(specs) == 1): {"dim": s.dim, "density": s.density if s.density else 1 / n ** 0.5}
-               for s in specs} if kind.projected else {"z": {"dim": n, "density": None, "projected": False}}
+               for s in specs} if kind.projected else {"z": {"dim": n, "density": None, "projected": False, "source": column}}
     extra = {}
     if args.standardize or args.pca:
         extra["transform"] = _fit_and_apply(args, shards, list(columns))
@@ -251,12 +262,14 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
 
     files = [join(args.data, s["file"]) for s in todo]
     expected = {s["file"]: _rows(args.data, s) for s in todo}
-    ds = read_shards(files, ["id", "image", "path"], include_paths=True)
+    column = plan.get("column", "image")
+    ds = read_shards(files, ["id", column, "path"], include_paths=True)
     threads = 1 if args.gpu else max(1, worker_threads(resources, args.actors))
     ds = ds.map_batches(
         _ScoreActor, batch_size=args.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs=dict(prior=args.prior if plan["prior"] else None, kind=args.kind, specs=plan["specs"], shape=shape,
-                                   seed=args.seed, chunk=args.chunk_size, threads=threads, gpu=args.gpu),
+        fn_constructor_kwargs=dict(prior=args.prior if plan["prior"] else None, kind=args.kind,
+                                   specs=plan["specs"], shape=shape, seed=args.seed, chunk=args.chunk_size, threads=threads, gpu=args.gpu,
+                                   column=column, levels=plan.get("levels")),
         compute=ActorPoolStrategy(size=args.actors),
         num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor)
     # One output block per batch: Ray Data holds an actor's output until it exceeds target_max_block_size

@@ -1,13 +1,15 @@
 """The decoder of the pixel-space baseline (paper sec. 5.2's comparison with interpolation in pixels).
 
-With the embedding kind ``pixel`` (:mod:`fisher.embedding`) z is the image itself: its sub-pixel
-values in [0, levels), flattened in (C, H, W) order. Decoding is the identity scaled to [0, 1], so
+With the embedding kind ``pixel`` (:mod:`fisher.embedding`) z is the image itself on [0, 1],
+flattened in (C, H, W) order: for MNIST the grey original by default (what a decoder's mean
+estimates, and what FID compares with), else the image as prepared. Decoding is the identity, so
 the paper's (1 - α) z₁ + α z₂ becomes the cross-fade (1 - α) x₁ + α x₂ of the two images
 (:func:`fisher.baselines.pixel_interpolations`) and interpolation, FID, KID and the probes measure
 the row every learned embedding should beat half-way through an interpolation.
 
 It has no parameters, no likelihood (``has_likelihood = False``: its reconstruction NLL is
-undefined, its MSE is 0) and no input standardization; ``fisher train-decoder --decoder pixels``
+undefined; its MSE against the prepared image is 0, or for MNIST's grey originals the distance between
+grey and binarized images) and no input standardization; ``fisher train-decoder --decoder pixels``
 writes it without an optimisation step.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fisher.errors import FisherError
 
 @DECODERS.register("pixels")
 class PixelDecoder(Decoder):
-    """z (B, C·H·W) of sub-pixel values → the image on [0, 1]; the identity up to that scale."""
+    """z (B, C·H·W) on [0, 1] → the image (B, C, H, W): the identity."""
     has_likelihood = False
     trainable = False
 
@@ -38,7 +40,7 @@ class PixelDecoder(Decoder):
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         h, w, c = self.image_shape
-        return (z.reshape(len(z), c, h, w) / (self.levels - 1)).clamp(0, 1)
+        return z.reshape(len(z), c, h, w).clamp(0, 1)
 
     def generate(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.mean(z)

@@ -217,12 +217,20 @@ def run_dir(tmp_path, mnist_dir):
     write_manifest(str(out / "prior"), "train-prior", {"prior": "pixelcnn", "model": {"n_layers": 1, "filters": 8}},
                    metrics={"epoch": 1, "test_nll_nats": 123.456, "test_bits_per_dim": 0.2272})
     for kind, bce in (("fisher", 0.125), ("activation", 0.25)):
-        write_manifest(str(out / f"decoder-{kind}"), "train-decoder", {"column": "z"},
+        write_manifest(str(out / f"decoder-{kind}"), "train-decoder", {"column": "z", "decoder": "conv"},
                        metrics={"test_bce_nats_per_pixel": bce, "test_mse": bce / 10})
         (out / f"fid-{kind}").mkdir()
         (out / f"fid-{kind}" / "fid.json").write_text(json.dumps(
             {"label": f"{kind}/conv", "fid": {"0": 3.0, "0.5": 4.0}, "pairs": 4,
              "real": {"split": "test", "count": 20}, "real_floor": None}))
+    (out / "baselines").mkdir()
+    (out / "baselines" / "baselines.json").write_text(json.dumps(
+        {"split": "test", "prior": {"nll_nats": 120.5, "n_test": 20},
+         "independent_pixel": {"nll_nats_per_image": 210.25}}))
+    (out / "probe-fisher").mkdir()
+    (out / "probe-fisher" / "probe.json").write_text(json.dumps(
+        {"target": "label", "n_train": 20, "n_test": 20, "linear_probe": {"accuracy": 0.75, "dim": 16},
+         "knn": {"k": 10, "agreement": 0.5}, "majority": {"accuracy": 0.2}}))
     (out / "sweep").mkdir()
     (out / "sweep" / "grid.md").write_text("# Grid\n\n## Test BCE (nats per pixel)\n\n| dim \\ density | 1 |\n")
     return out
@@ -236,15 +244,18 @@ def test_report_markdown(run_dir):
     kinds = {"fisher": ("emb", "z"), "activation": ("emb-a", "z")}
     md = run_report.report_markdown(str(run_dir), preset, kinds, {"prepare": 1.5, "train-prior": 2.0}, paper_preset)
     assert md.startswith("# Fisher-score run: preset `toy`")
-    assert "PixelCNN 1 layers × 8 filters, 1 epochs: test NLL **123.46 nats/image**" in md
-    assert "PixelCNN 81.30, Gated PixelCNN 80.10" in md and "Independent-pixel baseline" in md
+    assert "PixelCNN 1 layers × 8 filters, 1 epochs, trained by this run: test NLL **123.46 nats/image**" in md
+    assert "PixelCNN 81.30, Gated PixelCNN 80.10" in md
+    assert "On this run's 20 test images: the prior **120.50** nats/image; the independent-pixel model" in md
+    assert "210.25" in md
     # ours demoted under the report's heading, then the paper's Figure 3a in the same layout
     assert "### Grid" in md and "#### Test BCE (nats per pixel)" in md
     assert "| 256 | 0.653 | 0.456 | 0.170 | 0.155 |" in md
-    assert "| fisher | `z` | 0.1250 | 0.0125 |" in md and "| activation | `z` | 0.2500 | 0.0250 |" in md
+    assert "| fisher | `z` | conv | 0.1250 | 0.0125 | 1 |" in md and "| activation | `z` | conv | 0.2500 | 0.0250 | 1 |" in md
     assert "| none: the train split's mean image |" in md
-    fid = {r[0]: r[1:] for r in _rows("\n".join(l for l in md.splitlines() if l.startswith("| ") and "α" not in l))}
-    assert fid["fisher/conv"][:1] == ["3.00"] and fid["fisher/conv (paper, Figure 3b (MNIST))"][0] == "1.21"
+    lines = md.splitlines()
+    assert "| fisher/conv | 3.00 | 4.00 | 1 | 4 |" in lines and "| fisher/conv (paper) | 1.21 | 5.43 | 1 | 50000 |" in lines
+    assert "| fisher | 16 | 0.750 | 0.500 |" in lines and "| majority label | – | 0.200 | – |" in lines
     assert "a 1-layer, 8-filter PixelCNN trained for 1 epoch(s)" in md
     assert "(preset `mnist-paper`) has all the data, a 5-layer, 64-filter prior, conv decoders and 50000" in md
     assert "| total | 3.5 |" in md

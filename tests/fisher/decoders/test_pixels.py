@@ -19,7 +19,7 @@ from fisher.manipulation import random_pairs
 def test_decoded_pixel_interpolations_are_the_cross_fade(shape, levels):
     rng = np.random.default_rng(0)
     images = rng.integers(0, levels, size=(10, *shape), dtype=np.uint8)
-    emb = Embedder(None, "pixel", [EmbedSpec(1024, 0.5)], shape)          # dim/density unused: unprojected
+    emb = Embedder(None, "pixel", [EmbedSpec(1024, 0.5)], shape, levels=levels)   # dim/density unused
     z = emb(images)["z"]
     assert z.shape == (10, int(np.prod(shape))) and emb.describe()["columns"]["z"]["dim"] == z.shape[1]
     decoder = build_decoder("pixels", z.shape[1], shape, levels)
@@ -34,7 +34,7 @@ def test_decoded_pixel_interpolations_are_the_cross_fade(shape, levels):
 def test_pixel_decoder_is_fitted_without_training():
     shape, levels = (4, 4, 1), 2
     x = torch.randint(0, 2, (8, 1, 4, 4))
-    z = x.flatten(1).float()
+    z = x.flatten(1).float()          # levels 2: the image on [0, 1] is the image
     cfg = DecoderTrainConfig(decoder="pixels", epochs=5)
     seen = []
     decoder, metrics = fit_decoder(cfg, z, x, z, x, levels, shape, on_epoch=lambda e, m, d, o: seen.append(e))
@@ -51,3 +51,5 @@ def test_pixel_decoder_refuses_a_projected_embedding():
 def test_embedding_kinds_that_need_a_prior_refuse_none():
     with pytest.raises(ValueError, match="needs a prior"):
         Embedder(None, "fisher", [EmbedSpec(8, 1.0)], (4, 4, 1))
+    with pytest.raises(ValueError, match="needs the images' levels"):
+        Embedder(None, "pixel", [EmbedSpec(8, 1.0)], (4, 4, 1))
