@@ -5,7 +5,8 @@ information" (class structure on MNIST, attributes on CelebA), which is why inte
 in that space works. These probes test the claim directly on train/test embeddings:
 
 * :func:`linear_probe`: closed-form ridge regression onto one-hot class targets (argmax) or onto 0/1
-  attribute columns (threshold ½), on features standardized with the train statistics;
+  attribute columns (threshold ½), on features standardized with the train statistics, the ridge
+  fixed or chosen on a hold-out of the train rows (:func:`select_ridge`);
 * :func:`knn_agreement`: how many of a test point's k nearest train neighbours (cosine similarity of
   standardized vectors) share its label;
 * :func:`majority_baseline`: the accuracy of always predicting the most frequent train label.
@@ -134,16 +135,45 @@ def _ridge(z_train: np.ndarray, targets: np.ndarray, z_test: np.ndarray, ridge: 
     return pred + t_mean, solver
 
 
-def linear_probe(z_train, y_train, z_test, y_test, ridge: float = 1e-3, solver: str = "auto") -> dict:
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)    # candidates of ridge="auto"
+HOLDOUT = 0.2                                            # share of the train rows that scores them
+
+
+def select_ridge(z_train, y_train, grid=RIDGE_GRID, holdout: float = HOLDOUT, seed: int = 0,
+                 solver: str = "auto") -> dict:
+    """The ridge of ``grid`` whose probe, fitted on a seeded (1 - ``holdout``) share of the train rows, is the
+    most accurate on the rest (ties: the larger ridge). The test split is never looked at.
+    Returns {ridge, holdout_accuracy: {ridge: accuracy}, n_fit, n_holdout}."""
+    z_train = np.asarray(z_train)
+    y_train = _labels(y_train, len(z_train), "y_train")
+    n_hold = int(round(len(z_train) * holdout))
+    if not 0 < n_hold < len(z_train) - 1:
+        raise FisherError(f"probe: {len(z_train)} train rows are too few to choose the ridge on a "
+                          f"{holdout:.0%} hold-out; pass a fixed ridge")
+    order = np.random.default_rng(seed).permutation(len(z_train))
+    fit, hold = np.sort(order[n_hold:]), np.sort(order[:n_hold])
+    scores = {float(r): linear_probe(z_train[fit], y_train[fit], z_train[hold], y_train[hold], ridge=r,
+                                     solver=solver)["accuracy"] for r in grid}
+    best = max(scores, key=lambda r: (scores[r], r))
+    return {"ridge": best, "holdout_accuracy": scores, "n_fit": len(fit), "n_holdout": len(hold)}
+
+
+def linear_probe(z_train, y_train, z_test, y_test, ridge: float | str = 1e-3, solver: str = "auto") -> dict:
     """Test accuracy of a closed-form ridge-regression probe (see :func:`ridge_predict` for the objective).
 
     ``y`` of shape (N,): class labels; the probe regresses one-hot targets over the train classes and
     predicts the argmax (a test label absent from train counts as wrong). ``y`` of shape (N, A) with 0/1
     values: A binary attributes (e.g. CelebA's 40); each column is regressed on its own and predicted 1
     where the fit exceeds ½; ``per_column`` holds the A accuracies and ``accuracy`` their mean.
+    ``ridge="auto"`` chooses it on a hold-out of the train rows (:func:`select_ridge`, recorded as
+    ``ridge_selection``) and then fits on all of them.
     Returns {accuracy, per_column (multi-label only), solver, ridge, n_train, n_test, dim}.
     """
     z_train, z_test = _embeddings(z_train, z_test)
+    if ridge == "auto":
+        selection = select_ridge(z_train, y_train, solver=solver)
+        return {**linear_probe(z_train, y_train, z_test, y_test, selection["ridge"], solver),
+                "ridge_selection": selection}
     y_train, y_test = _both_labels(y_train, y_test, len(z_train), len(z_test))
     targets, classes = _scores(y_train)
     pred, used = _ridge(z_train, targets, z_test, ridge, solver)

@@ -152,3 +152,21 @@ def test_constant_coordinates_are_harmless():
 def test_bad_input(call, match):
     with pytest.raises(FisherError, match=match):
         call()
+
+
+def test_ridge_selection_uses_only_the_train_split():
+    from fisher.probes import RIDGE_GRID, linear_probe, select_ridge
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=300)
+    z = np.concatenate([np.eye(3)[y] + 0.8 * rng.standard_normal((300, 3)), rng.standard_normal((300, 400))], 1)
+    sel = select_ridge(z[:200], y[:200])
+    assert sel["ridge"] in RIDGE_GRID and sel["n_fit"] + sel["n_holdout"] == 200
+    assert sel["holdout_accuracy"][sel["ridge"]] == max(sel["holdout_accuracy"].values())
+    auto = linear_probe(z[:200], y[:200], z[200:], y[200:], ridge="auto")
+    fixed = linear_probe(z[:200], y[:200], z[200:], y[200:], ridge=sel["ridge"])
+    assert auto["accuracy"] == fixed["accuracy"] and auto["ridge"] == sel["ridge"]
+    shuffled = linear_probe(z[:200], y[:200], z[200:], rng.permutation(y[200:]), ridge="auto")
+    assert shuffled["ridge"] == auto["ridge"]                  # the test labels never choose the ridge
+    # 400 noise dimensions on 160 fitting rows: the tiniest ridge interpolates the noise and loses
+    assert sel["ridge"] > RIDGE_GRID[0]
+    assert auto["accuracy"] > linear_probe(z[:200], y[:200], z[200:], y[200:], ridge=RIDGE_GRID[0])["accuracy"]

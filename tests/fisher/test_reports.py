@@ -229,7 +229,7 @@ def run_dir(tmp_path, mnist_dir):
          "independent_pixel": {"nll_nats_per_image": 210.25}}))
     (out / "probe-fisher").mkdir()
     (out / "probe-fisher" / "probe.json").write_text(json.dumps(
-        {"target": "label", "n_train": 20, "n_test": 20, "linear_probe": {"accuracy": 0.75, "dim": 16},
+        {"target": "label", "n_train": 20, "n_test": 20, "linear_probe": {"accuracy": 0.75, "dim": 16, "ridge": 0.1},
          "knn": {"k": 10, "agreement": 0.5}, "majority": {"accuracy": 0.2}}))
     (out / "sweep").mkdir()
     (out / "sweep" / "grid.md").write_text("# Grid\n\n## Test BCE (nats per pixel)\n\n| dim \\ density | 1 |\n")
@@ -255,7 +255,7 @@ def test_report_markdown(run_dir):
     assert "| none: the train split's mean image |" in md
     lines = md.splitlines()
     assert "| fisher/conv | 3.00 | 4.00 | 1 | 4 |" in lines and "| fisher/conv (paper) | 1.21 | 5.43 | 1 | 50000 |" in lines
-    assert "| fisher | 16 | 0.750 | 0.500 |" in lines and "| majority label | – | 0.200 | – |" in lines
+    assert "| fisher | 16 | 0.750 | 0.1 | 0.500 |" in lines and "| majority label | – | 0.200 | – | – |" in lines
     assert "a 1-layer, 8-filter PixelCNN trained for 1 epoch(s)" in md
     assert "(preset `mnist-paper`) has all the data, a 5-layer, 64-filter prior, conv decoders and 50000" in md
     assert "| total | 3.5 |" in md

@@ -75,7 +75,7 @@ def test_every_step_and_the_report(run):
         assert (out / f"interpolate-{kind}" / "interpolations.png").exists()
         probe = json.loads((out / f"probe-{kind}" / "probe.json").read_text())
         assert probe["kind"] == kind and 0 <= probe["linear_probe"]["accuracy"] <= 1
-        assert f"| {kind} | {probe['linear_probe']['dim']} | {probe['linear_probe']['accuracy']:.3f} |" in report
+        assert f"| {kind} | {probe['linear_probe']['dim']} | {probe['linear_probe']['accuracy']:.3f} | " in report
     assert "seeds (decoder training and pair draw)" in report
     assert json.loads((out / "preset.json").read_text())["prior"]["builtin"] == "mnist-pixelcnn"
 
