@@ -102,12 +102,77 @@ def torch_trainer(loop, loop_config: dict, args, name: str, workers: int = 1, da
     storage = f"{args.out.rstrip('/')}/ray" if "://" in args.out else os.path.abspath(os.path.join(args.out, "ray"))
     return TorchTrainer(
         loop, train_loop_config={**loop_config, "threads": worker_threads(resources, workers)},
+        torch_config=node_torch_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=args.gpu,
                                                resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
         datasets=datasets)
+
+
+_STORE = None      # in the Train worker of rank 0: the TCPStore server of the process group
+
+
+def _node_store(world_size: int, timeout_s: float) -> tuple[str, int]:
+    """Rank 0's TCPStore server on a socket bound to this node's Ray address only (127.0.0.1 for a
+    local Ray): torch's own store binds every interface (``::``). Returns (address, port)."""
+    import socket
+    from datetime import timedelta
+
+    import ray
+    import torch.distributed as dist
+    global _STORE
+    addr = ray.util.get_node_ip_address()
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((addr, 0))
+    s.listen(128)
+    port = s.getsockname()[1]
+    _STORE = dist.TCPStore(addr, port, world_size, True, timedelta(seconds=timeout_s),
+                           wait_for_workers=False, master_listen_fd=s.detach())
+    return addr, port
+
+
+def _join_process_group(backend: str, rank: int, world_size: int, addr: str, port: int, timeout_s: float) -> None:
+    """Join the process group through rank 0's store; on a loopback node, gloo / NCCL use ``lo``
+    (elsewhere gloo binds the address the node's host name resolves to)."""
+    import ipaddress
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    if ipaddress.ip_address(addr).is_loopback:
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+    store = _STORE if rank == 0 else dist.TCPStore(addr, port, world_size, False, timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def node_torch_config():
+    """Ray Train's ``TorchConfig`` with the process group's store bound to rank 0's Ray node address
+    (127.0.0.1 for a local Ray), never to every interface as torch's default store is."""
+    from dataclasses import dataclass
+
+    import ray
+    from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars, _TorchBackend
+
+    class _NodeBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            n = len(worker_group)
+            backend = backend_config.backend or ("nccl" if worker_group.get_resources_per_worker().get("GPU", 0)
+                                                 else "gloo")
+            addr, port = worker_group.execute_single(0, _node_store, n, backend_config.timeout_s)
+            worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(i, _join_process_group, backend, i, n, addr, port,
+                                                       backend_config.timeout_s) for i in range(n)])
+
+    @dataclass
+    class NodeTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _NodeBackend
+
+    return NodeTorchConfig()
 
 
 def fit(trainer, out: str):
