@@ -42,6 +42,7 @@ from fisher.io import (
     FisherError,
     atomic_write_bytes,
     atomic_write_table,
+    claim_output,
     exists,
     is_dir,
     join,
@@ -536,14 +537,26 @@ def _config_bytes(config: dict) -> bytes:
 
 
 def _remove_shards(out: str, keep: Iterable[str] = ()) -> None:
-    """Delete shards (but ``keep``), their temporary files and the manifest: leftovers of a killed or failed run."""
+    """Delete this stage's shards (but ``keep``), its temporary shard files and the manifest: leftovers of
+    a killed or failed run. A shard-named file that `fisher prepare` did not write (no prepare config in
+    its footer: another stage's shard, a user's file) is never deleted; it is refused."""
     fs, path = resolve(out)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return
-    keep = set(keep)
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if (SHARD_RE.match(info.base_name) and info.base_name not in keep) or info.base_name == MANIFEST:
-            fs.delete_file(info.path)
+    keep, infos = set(keep), fs.get_file_info(pafs.FileSelector(path))
+    doomed = [i for i in infos if SHARD_RE.match(i.base_name) and i.base_name not in keep]
+    for info in doomed:
+        if ".tmp-" in info.base_name:
+            continue
+        try:
+            ours = CONFIG_KEY in (pq.read_metadata(info.path, filesystem=fs).metadata or {})
+        except (OSError, pa.ArrowException):
+            ours = False
+        if not ours:
+            raise FisherError(f"{join(out, info.base_name)}: not a shard written by `fisher prepare`; "
+                              "move it out of --out or pass a new --out (nothing was deleted)")
+    for info in doomed + [i for i in infos if i.base_name == MANIFEST]:
+        fs.delete_file(info.path)
 
 
 def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _Source],
@@ -559,6 +572,7 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
     if manifest is not None:
         return manifest, True
     counts, extra, make = source()            # everything but the pixels read and checked before any write
+    claim_output(out, "prepare")
     jobs = [_Job(split, k, start, min(start + cfg.shard_size, n)) for split, n in counts.items()
             for k, start in enumerate(range(0, n, cfg.shard_size))]
     done = {job.name: found for job in jobs if (found := _finished(out, config, job))}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisher.io import FisherError, check_output
+from fisher.io import FisherError, check_output, claim_output
 
 STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "run", "priors")   # modules of raycluster, one per stage
 
@@ -43,13 +43,6 @@ def _absolute(args) -> None:
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
 
 
-def _check_out_dir(out: str) -> None:
-    """Refuse a local ``--out`` that exists but is not a directory (before any work)."""
-    import os
-    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
-        raise FisherError(f"--out {out}: exists and is not a directory; pass a new directory path")
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -64,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             args = from_args(options, args)
         if isinstance(getattr(args, "out", None), str):
             check_output(args.out)      # a missing bucket is refused before any work or write
-            _check_out_dir(args.out)
+            claim_output(args.out, command, write=False)     # "", /, a file, foreign files: refused now
         func(args)
     except FisherError as e:
         print(f"fisher {command}: error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from fisher.io import FisherError, atomic_write_bytes, exists, join, read_bytes
+from fisher.io import FisherError, atomic_write_bytes, claim_output, exists, join, read_bytes
 from raycluster.options import add_options, from_mapping, option
 from raycluster.runtime import RayOptions
 
@@ -195,6 +195,7 @@ def run(args: RunOptions) -> None:
         raise FisherError(f"celeba needs --data (or ${DATA_ENV}): the folder with img_align_celeba/, "
                           "list_attr_celeba.txt and list_eval_partition.txt")
     steps, kinds = plan(args, preset)            # every step's options checked before anything is written
+    claim_output(args.out, "run")
     r = _Runner(args.out)
     atomic_write_bytes(join(args.out, "preset.json"),
                        json.dumps({k: v for k, v in preset.items() if k != "_path"}, indent=2).encode())

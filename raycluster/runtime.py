@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from raycluster.options import add_options, at_least, option, positive
+from raycluster.options import add_options, at_least, at_most, option, positive, seeds
 
 
 @dataclass(kw_only=True)
@@ -18,6 +18,7 @@ class RayOptions:
 
     def __post_init__(self):
         at_least(self, 1, "num_cpus")
+        at_most(self, 1 << 16, "num_cpus")
 
 
 @dataclass(kw_only=True)
@@ -36,7 +37,10 @@ class TrainerOptions(RayOptions):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "epochs", "batch_size")
-        at_least(self, 0, "seed", "max_failures")
+        at_most(self, 100_000, "epochs", "max_failures")
+        at_most(self, 1 << 20, "batch_size")
+        at_least(self, 0, "max_failures")
+        seeds(self, "seed")
         positive(self, "lr", "cpus_per_worker")
 
 
@@ -70,6 +74,18 @@ def loopback_only() -> None:
     from ray._private import ray_constants
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def check_memory(args, nbytes: float, what: str) -> None:
+    """Refuse, before anything is allocated, a request for more memory than this machine has (a local run;
+    on a cluster the nodes are not known before Ray starts and may be larger)."""
+    from fisher.io import FisherError
+    if getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"):
+        return
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > 0.8 * total:
+        raise FisherError(f"{what}: needs about {nbytes / 2**30:.1f} GiB, more than 80% of this machine's "
+                          f"{total / 2**30:.1f} GiB; pass smaller values (or run on a cluster with --address)")
 
 
 def worker_threads(resources: dict, workers: int) -> int:
@@ -219,9 +235,9 @@ def finished_run(out: str, stage: str, stage_config: dict, inputs: dict) -> bool
     """True if ``out`` holds this finished run. A finished run of the same config with fewer
     epochs is continued (False); any other content of ``out`` is an error."""
     from fisher.io import MANIFEST, FisherError, claim_output, exists, join, read_manifest
+    claim_output(out, stage)
     if not exists(join(out, MANIFEST)):
         return False
-    claim_output(out, stage)
     old = read_manifest(out)
     same = {k: v for k, v in old.get("config", {}).items() if k != "epochs"} == \
         {k: v for k, v in stage_config.items() if k != "epochs"}

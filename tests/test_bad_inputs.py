@@ -328,6 +328,52 @@ def dec_weights_zdim(c):
     return {"dec": d}
 
 
+def out_foreign(c):
+    """--out is a user's directory: a file no stage wrote."""
+    (c.tmp / "out").mkdir()
+    (c.tmp / "out" / "notes.txt").write_text("my notes\n")
+    return {}
+
+
+def _out_copy_of(key: str):
+    """A builder: --out is a copy of the good ``key`` artifact (another stage's output)."""
+    def build(c):
+        c.copy(key, "out")
+        return {}
+    return build
+
+
+def out_interrupted_embed(c):
+    """--out holds an interrupted embed: shards named like prepare's, its _plan.json, no manifest."""
+    d = c.copy("emb", "out")
+    (d / "manifest.json").unlink()
+    return {}
+
+
+def out_prepare_foreign_shard(c):
+    """An interrupted prepare (no manifest) into which an embedding shard of the same name was copied:
+    prepare would delete it as a leftover of its own."""
+    d = c.copy("data", "out")
+    (d / "manifest.json").unlink()
+    shutil.copy(c.good["emb"] / "test-00000.parquet", d / "test-00000.parquet")
+    return {}
+
+
+def fid_weights_text(c):
+    f = c.tmp / "inception.pth"
+    f.write_text("these are not weights\n")
+    return {"fid": f}
+
+
+def fid_weights_nan(c):
+    """FID Inception weights with the right keys and shapes, one NaN."""
+    from fisher.fid import fid_inception_arch
+    sd = fid_inception_arch().state_dict()
+    sd["Mixed_7c.branch_pool.conv.weight"].view(-1)[0] = float("nan")
+    torch.save(sd, c.tmp / "inception.pth")
+    return {"fid": c.tmp / "inception.pth"}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -426,6 +472,48 @@ CASES = [
     ("run-set-bad-value", None, ["run", "--set", "decoder.epochs=0", "--out", "{out}"], r"--epochs 0: must be >= 1"),
     ("run-set-option-of-another-decoder", None, ["run", "--set", "decoder.channels=8", "--out", "{out}"],
      r"--channels: not an option of decoder 'conv'"),
+    # outputs are claimed, never clobbered
+    ("prepare-out-empty", None, [*MNIST[:5], "", *MNIST[6:]], r"--out '': an empty path .*; pass a new directory"),
+    ("prepare-out-root", None, [*MNIST[:5], "/", *MNIST[6:]], r"--out /: a filesystem root; pass a new directory"),
+    ("prepare-out-foreign-files", out_foreign, MNIST,
+     r"/out: not empty and not made by `fisher prepare` \(holds notes\.txt\); pass a new or empty --out"),
+    ("prepare-out-interrupted-embed", out_interrupted_embed, MNIST,
+     r"/out: claimed by an unfinished `fisher embed`; pass a new --out"),
+    ("prepare-keeps-foreign-shard", out_prepare_foreign_shard,
+     ["prepare", "mnist", "--src", "{src}", "--out", "{out}", "--limit", str(N), "--shard-size", str(N)],
+     r"out/test-00000\.parquet: not a shard written by `fisher prepare`; .*\(nothing was deleted\)"),
+    ("train-out-is-data", _out_copy_of("data"), TRAIN, r"/out: holds a 'prepare' artifact; pass a new --out"),
+    ("embed-out-foreign-files", out_foreign, ["embed", *PRIOR, "--dim", "16"],
+     r"/out: not empty and not made by `fisher embed` \(holds notes\.txt\)"),
+    ("decoder-out-is-prior", _out_copy_of("prior"), DECODE, r"/out: holds a 'train-prior' artifact; pass a new --out"),
+    ("interpolate-out-foreign-files", out_foreign, ["interpolate", *INPUTS],
+     r"/out: not empty and not made by `fisher interpolate`"),
+    ("evaluate-out-is-embeddings", _out_copy_of("emb"), ["evaluate", *INPUTS, "--pairs", "2"],
+     r"/out: holds a 'embed' artifact; pass a new --out"),
+    ("run-out-foreign-files", out_foreign, ["run", "--out", "{out}"], r"/out: not empty and not made by `fisher run`"),
+    # nothing non-finite published; counts, seeds and memory bounded before any work
+    ("train-lr-inf", None, [*TRAIN, "--lr", "inf"], r"--lr inf: must be a finite number > 0"),
+    ("decoder-lr-nan", None, [*DECODE, "--lr", "nan"], r"--lr nan: must be a finite number > 0"),
+    ("sweep-lr-0", None, ["sweep", "--prior", "{prior}", "--data", "{data}", "--out", "{out}", "--lr", "0"],
+     r"--lr 0\.0: must be a finite number > 0"),
+    ("prepare-negative-seed", None, [*MNIST, "--seed", "-3"], r"--seed -3: must be >= 0"),
+    ("edit-seed-too-large", None, ["edit", *INPUTS, "--attribute", "Smiling", "--seed", str(2**70)],
+     r"--seed \d+: must be <= 9223372036854775807"),
+    ("interpolate-pairs-1e9", None, ["interpolate", *INPUTS, "--pairs", "1000000000"],
+     r"--pairs 1000000000: must be <= 1024 \(one decoded row each\)"),
+    ("evaluate-pairs-1e9", None, ["evaluate", *INPUTS, "--pairs", "1000000000"],
+     r"--pairs 1000000000: must be <= 1000000"),
+    ("density-1e-30", None, ["embed", *PRIOR, "--density", "1e-30"],
+     r"--density 1e-30: below 2\^-40 = 9\.09e-13, the smallest density a projection resolves"),
+    ("embed-projection-too-big", None, ["embed", *PRIOR, "--dim", "1000000000", "--density", "1"],
+     r"--dim 1000000000 x --density with \d+ features, in 1 actor\(s\): needs about [\d.]+ GiB, more than 80%"),
+    ("embed-densities-same-column", None, ["embed", *PRIOR, "--dim", "16", "--density", "0.1234561,0.1234562"],
+     r"two projections share the column name z_d16_p0\.123456 .*pass distinct values"),
+    ("embed-negative-pca", None, ["embed", *PRIOR, "--dim", "16", "--pca", "-5"], r"--pca -5: must be >= 1"),
+    ("evaluate-fid-weights-text", fid_weights_text, ["evaluate", *INPUTS, "--pairs", "2", "--fid-weights", "{fid}"],
+     r"inception\.pth: not a plain tensor state dict \(.*\); pass pytorch-fid's"),
+    ("evaluate-fid-weights-nan", fid_weights_nan, ["evaluate", *INPUTS, "--pairs", "2", "--fid-weights", "{fid}"],
+     r"inception\.pth: tensor 'Mixed_7c\.branch_pool\.conv\.weight' holds NaN or Inf"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
