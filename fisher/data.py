@@ -257,11 +257,21 @@ def read_celeba_attrs(uri: str) -> tuple[list[str], dict[str, np.ndarray]]:
     if len(rows) != int(lines[0]):
         raise FisherError(f"{uri} line 1: says {int(lines[0])} rows, found {len(rows)}; "
                           "the file is truncated, use the official CelebA file")
+    _no_duplicates(uri, [(lineno, name) for lineno, name, _ in rows])
     values = _parse_signs(rows)
     if values is None:
         _raise_first_bad_row(uri, rows)
     table = (values + 1) // 2
     return names, {name: table[i] for i, (_, name, _) in enumerate(rows)}
+
+
+def _no_duplicates(uri: str, rows: Iterable[tuple[int, str]]) -> None:
+    """Refuse an image listed twice (the second row would silently win)."""
+    first: dict[str, int] = {}
+    for lineno, name in rows:
+        if name in first:
+            raise _line_error(uri, lineno, f"{name} is listed again (first on line {first[name]})")
+        first[name] = lineno
 
 
 def _parse_signs(rows: list[tuple[int, str, str]]) -> np.ndarray | None:
@@ -298,6 +308,8 @@ def read_celeba_partition(uri: str) -> dict[str, str]:
             continue
         if len(parts) != 2 or parts[1] not in split_of:
             raise _line_error(uri, lineno, f"expected '<name>.jpg 0|1|2', found {line.strip()!r}")
+        if parts[0] in out:
+            raise _line_error(uri, lineno, f"{parts[0]} is listed again")
         out[parts[0]] = split_of[parts[1]]
     return out
 

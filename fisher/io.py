@@ -157,9 +157,10 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def parquet_metadata(uri: str, rows: int | None = None,
-                     fix: str = "delete it and rerun the stage that wrote it") -> pq.FileMetaData:
+                     fix: str = "delete it and rerun the stage that wrote it", columns=()) -> pq.FileMetaData:
     """A Parquet file's footer, read without its data: a cheap check, before any work starts, that a
-    shard is readable (not truncated or replaced) and, given ``rows``, holds the rows its manifest says."""
+    shard is readable (not truncated or replaced), given ``rows`` holds the rows its manifest says, and
+    has the ``columns`` a stage reads."""
     fs, path = resolve(uri)
     try:
         with fs.open_input_file(path) as f:
@@ -170,6 +171,10 @@ def parquet_metadata(uri: str, rows: int | None = None,
         raise FisherError(f"{uri}: not a readable Parquet file ({_first_line(e)}); {fix}") from e
     if rows is not None and meta.num_rows != rows:
         raise FisherError(f"{uri}: holds {meta.num_rows} rows but its manifest says {rows}; {fix}")
+    names = meta.schema.to_arrow_schema().names
+    for column in columns:
+        if column not in names:
+            raise FisherError(f"{uri}: no column '{column}' (has {', '.join(names)}); {fix}")
     return meta
 
 
@@ -203,11 +208,37 @@ def read_manifest(dir_uri: str, stage: str | None = None) -> dict:
         raise FisherError(f"{dir_uri}: no {MANIFEST}; this is not {what} (run `fisher {stage or '<stage>'}` to make one)")
     try:
         manifest = json.loads(read_bytes(uri))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FisherError(f"{uri}: corrupt manifest ({e}); rerun the stage that wrote it") from e
+    if not isinstance(manifest, dict):
+        raise FisherError(f"{uri}: not a manifest (a JSON {type(manifest).__name__}, not an object); "
+                          "rerun the stage that wrote it")
     if stage is not None and manifest.get("stage") != stage:
         raise FisherError(f"{dir_uri}: made by stage '{manifest.get('stage')}', expected '{stage}'")
+    _check_fields(uri, manifest)
     return manifest
+
+
+_FIELDS = {"prepare": {"image_shape": list, "shards": list, "counts": dict},   # what stages read from a manifest
+           "embed": {"columns": dict, "shards": list, "config": dict},
+           "train-prior": {"config": dict}, "train-decoder": {"config": dict}}
+
+
+def _check_fields(uri: str, manifest: dict) -> None:
+    """The fields other stages read, with their JSON types; shard names are plain file names."""
+    fix = "rerun the stage that wrote it"
+    for key, kind in _FIELDS.get(manifest.get("stage"), {}).items():
+        if not isinstance(manifest.get(key), kind):
+            raise FisherError(f"{uri}: field '{key}' is {manifest.get(key)!r:.60}, not a JSON "
+                              f"{'array' if kind is list else 'object'}; {fix}")
+    shape = manifest.get("image_shape")
+    if shape is not None and not (len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          and 1 <= v <= 1 << 14 for v in shape)):
+        raise FisherError(f"{uri}: field 'image_shape' is {shape!r:.60}, not [H, W, C] of positive sizes; {fix}")
+    for shard in manifest.get("shards") or []:
+        name = shard.get("file") if isinstance(shard, dict) else shard
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+            raise FisherError(f"{uri}: shard entry {shard!r:.80} does not name a file of this directory; {fix}")
 
 
 def manifest_hash(manifest: dict) -> str:

@@ -184,7 +184,8 @@ def run(args: EmbedOptions) -> None:
     if not shards:
         raise FisherError(f"{args.data}: no shards for splits {splits}")
     for s in shards:        # truncated or replaced input shards: refused before anything is written
-        parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}")
+        parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}",
+                         columns=("id", "image"))
     plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
             "prior": manifest_hash(prior_manifest), "prior_weights_sha256": prior_manifest.get("weights_sha256"),

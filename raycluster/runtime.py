@@ -49,12 +49,79 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     add_options(p, RayOptions)
 
 
+ADDRESS_WAIT_S = 10        # how long an --address may take to answer before the stage gives up
+
+
+def check_address(address: str) -> None:
+    """Refuse an ``--address`` where nothing answers within ``ADDRESS_WAIT_S`` (Ray itself retries forever)."""
+    import socket
+    from fisher.io import FisherError
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise FisherError(f"--address {address}: expected HOST:PORT of the Ray head (e.g. 10.0.0.2:6379), "
+                          "ray://HOST:PORT, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_WAIT_S).close()
+    except OSError as e:
+        raise FisherError(f"--address {address}: nothing answers there ({e.strerror or e}; waited at most "
+                          f"{ADDRESS_WAIT_S} s); check the address and that the head is up (`ray status`)") from e
+
+
+def _requests(args) -> tuple[float, float, str, str]:
+    """(CPUs, GPUs) that one worker, actor or trial of this stage needs at once, and the options asking."""
+    cpus, gpus, flags = 0.0, 0.0, []
+    workers = getattr(args, "workers", 1) if hasattr(args, "cpus_per_worker") else 1
+    for name in ("cpus_per_worker", "cpus_per_actor", "cpus_per_trial"):
+        if getattr(args, name, None):
+            value = getattr(args, name) * (workers if name == "cpus_per_worker" else 1)
+            if value > cpus:
+                cpus = value
+                flags = [f"--{name.replace('_', '-')} {getattr(args, name)}"]
+                if name == "cpus_per_worker" and workers > 1:
+                    flags.append(f"x --workers {workers}")
+    gpu_flag = "--gpu"
+    for name, per in (("gpu", 1.0), ("embed_gpu", 1.0), ("gpus_per_trial", None)):
+        value = getattr(args, name, None)
+        if value and (per or float(value)) > gpus:
+            gpus, gpu_flag = per or float(value), f"--{name.replace('_', '-')}"
+    return cpus, gpus, " ".join(flags), gpu_flag
+
+
+def check_resources(args) -> None:
+    """Refuse, before Ray starts, what a local Ray can never schedule (Ray would wait forever): a GPU on a
+    machine without one, more CPUs for one worker (all Train workers at once) than the local Ray has.
+    On a cluster the autoscaler may add nodes, so nothing is refused there."""
+    import ray
+    from fisher.io import FisherError
+    if getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"):
+        return
+    cpus, gpus, flags, gpu_flag = _requests(args)
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+        have_cpus, have_gpus = have.get("CPU", 0), have.get("GPU", 0)
+    else:
+        import torch
+        have_cpus = getattr(args, "num_cpus", None) or os.cpu_count()
+        have_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > have_gpus:
+        raise FisherError(f"{gpu_flag}: this machine has {have_gpus:g} GPU(s) for a local Ray; drop {gpu_flag} "
+                          "or pass --address of a cluster with GPUs")
+    if cpus > have_cpus:
+        raise FisherError(f"{flags}: needs {cpus:g} CPUs at once, but the local Ray has {have_cpus:g}; pass a "
+                          "smaller value (fractions allowed) or --num-cpus")
+
+
 def init_ray(args) -> dict:
     """Join ``--address`` or start a local Ray bound to loopback; returns the cluster resources."""
     import ray
+    check_resources(args)
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address:
+            check_address(address)
             ray.init(address=address, log_to_driver=True)
         else:
             loopback_only()

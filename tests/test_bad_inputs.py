@@ -374,6 +374,79 @@ def fid_weights_nan(c):
     return {"fid": c.tmp / "inception.pth"}
 
 
+def _edit_json(key: str, name: str, fn):
+    """A builder: a copy of the good ``key`` artifact whose JSON file ``name`` is replaced by ``fn(old)``."""
+    def build(c):
+        d = c.copy(key)
+        f = d / name
+        f.write_text(json.dumps(fn(json.loads(f.read_text()))))
+        return {key: d}
+    return build
+
+
+def _set(path: str, value):
+    def fn(obj):
+        *head, last = path.split(".")
+        target = obj
+        for k in head:
+            target = target[int(k)] if isinstance(target, list) else target[k]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value
+        return obj
+    return fn
+
+
+_DELETE = object()
+
+
+def _preset(content: bytes):
+    def build(c):
+        f = c.tmp / "preset.json"
+        f.write_bytes(content)
+        return {"preset": f}
+    return build
+
+
+def _small_preset(**changes) -> bytes:
+    from raycluster.run import PRESETS
+    preset = json.loads((PRESETS / "mnist-small.json").read_text())
+    preset.update(changes)
+    return json.dumps(preset).encode()
+
+
+def src_not_utf8(c):
+    d = Path(os.fsdecode(bytes(c.tmp) + b"/mnist-\xff"))
+    d.mkdir()
+    return {"src": d}
+
+
+def shard_without_image(c):
+    d = c.copy("data")
+    f = d / "train-00000.parquet"
+    t = pq.read_table(f)
+    pq.write_table(t.drop_columns(["image"]).replace_schema_metadata(t.schema.metadata), f)
+    return {"data": d}
+
+
+def _celeba_duplicate(name: str, line: int):
+    """A builder: the CelebA folder whose ``name`` file lists the image of ``line`` again, with other values."""
+    def build(c):
+        root = _celeba(c)
+        f = root / name
+        lines = f.read_bytes().decode().split("\r\n")
+        row = lines[line - 1].split(" ")
+        row[-1] = {"1": "-1", "-1": "1", "0": "2"}.get(row[-1], "0")
+        lines.append(" ".join(row))
+        if name == "list_attr_celeba.txt":
+            lines = [l for l in lines if l]
+            lines[0] = str(len(lines) - 2)
+        f.write_bytes("\r\n".join(lines).encode())
+        return {"celeba": root}
+    return build
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -514,6 +587,58 @@ CASES = [
      r"inception\.pth: not a plain tensor state dict \(.*\); pass pytorch-fid's"),
     ("evaluate-fid-weights-nan", fid_weights_nan, ["evaluate", *INPUTS, "--pairs", "2", "--fid-weights", "{fid}"],
      r"inception\.pth: tensor 'Mixed_7c\.branch_pool\.conv\.weight' holds NaN or Inf"),
+    # no hangs: requests a local Ray can never meet, an --address where nothing answers
+    ("train-gpu-without-gpu", None, [*TRAIN, "--gpu"], r"--gpu: this machine has 0 GPU\(s\) for a local Ray; drop --gpu"),
+    ("embed-gpu-without-gpu", None, ["embed", *PRIOR, "--gpu"], r"--gpu: this machine has 0 GPU\(s\)"),
+    ("sweep-gpus-per-trial-without-gpu", None, ["sweep", "--prior", "{prior}", "--data", "{data}", "--out", "{out}",
+                                                "--gpus-per-trial", "0.5"], r"--gpus-per-trial: this machine has 0 GPU"),
+    ("run-set-gpu-without-gpu", None, ["run", "--set", "prior.gpu=true", "--out", "{out}"],
+     r"--gpu: this machine has 0 GPU\(s\)"),
+    ("train-cpus-above-machine", None, [*TRAIN, "--cpus-per-worker", "64"],
+     r"--cpus-per-worker 64\.0: needs 64 CPUs at once, but the local Ray has \d+; pass a smaller value"),
+    ("train-workers-above-machine", None, [*TRAIN, "--workers", "64", "--cpus-per-worker", "0.5"],
+     r"--cpus-per-worker 0\.5 x --workers 64: needs 32 CPUs at once"),
+    ("embed-address-unreachable", None, ["embed", *PRIOR, "--address", "127.0.0.1:1"],
+     r"--address 127\.0\.0\.1:1: nothing answers there \(.*waited at most 10 s\); check the address"),
+    ("train-address-malformed", None, [*TRAIN, "--address", "headnode"],
+     r"--address headnode: expected HOST:PORT of the Ray head"),
+    # wrong-shape JSON, non-UTF-8 names, missing columns: one line naming the file and the field
+    ("data-manifest-is-a-list", _edit_json("data", "manifest.json", lambda m: [m]), TRAIN,
+     r"data-copy/manifest\.json: not a manifest \(a JSON list, not an object\); rerun the stage"),
+    ("data-manifest-no-image-shape", _edit_json("data", "manifest.json", _set("image_shape", _DELETE)), TRAIN,
+     r"manifest\.json: field 'image_shape' is None, not a JSON array; rerun the stage that wrote it"),
+    ("data-manifest-negative-shape", _edit_json("data", "manifest.json", _set("image_shape", [28, -28, 1])),
+     ["embed", *PRIOR, "--dim", "16"], r"manifest\.json: field 'image_shape' is \[28, -28, 1\], not \[H, W, C\]"),
+    ("data-manifest-shard-outside", _edit_json("data", "manifest.json", _set("shards.0.file", "../../etc/passwd")),
+     TRAIN, r"manifest\.json: shard entry .*etc/passwd.* does not name a file of this directory"),
+    ("prior-module-json-negative-size", _edit_json("prior", "module.json", _set("config.filters", -8)),
+     ["embed", *PRIOR, "--dim", "16"], r"prior-copy/module\.json: config\.filters = -8 is outside \[0, 65536\]"),
+    ("prior-module-json-200000-layers", _edit_json("prior", "module.json", _set("config.n_layers", 200000)),
+     ["embed", *PRIOR, "--dim", "16"], r"module\.json: config\.n_layers = 200000 is outside \[0, 65536\]"),
+    ("prior-module-json-too-many-parameters",
+     _edit_json("prior", "module.json", lambda m: _set("config.filters", 4096)(_set("config.n_layers", 10)(m))),
+     ["embed", *PRIOR, "--dim", "16"], r"module\.json: describes [\d,]+ parameters, more than 1,073,741,824"),
+    ("prior-module-json-wrong-type", _edit_json("prior", "module.json", _set("config.kernel_size", "seven")),
+     ["embed", *PRIOR, "--dim", "16"], r"prior-copy/module\.json: .*kernel_size"),
+    ("run-preset-prepare-null", _preset(_small_preset(prepare=None)), ["run", "--preset", "{preset}", "--out", "{out}"],
+     r"preset\.json: section 'prepare' is None, not a JSON object of options"),
+    ("run-preset-binary", _preset(bytes(range(256)) * 4), ["run", "--preset", "{preset}", "--out", "{out}"],
+     r"preset\.json: not a JSON preset \(.*\); start from a copy of"),
+    ("run-preset-list", _preset(b"[1, 2]"), ["run", "--preset", "{preset}", "--out", "{out}"],
+     r"preset\.json: a preset is a JSON object of sections, not a list"),
+    ("run-preset-unknown-dataset", _preset(_small_preset(dataset="cifar")), ["run", "--preset", "{preset}", "--out",
+                                                                            "{out}"],
+     r"preset\.json: 'dataset' is 'cifar'; expected \"mnist\" or \"celeba\""),
+    ("prepare-src-not-utf8", src_not_utf8, MNIST, r"--src '.*mnist-\\udcff': not a UTF-8 name; rename"),
+    ("train-shard-without-image", shard_without_image, TRAIN,
+     r"data-copy/train-00000\.parquet: no column 'image' \(has id, label, split\); rerun `fisher prepare`"),
+    ("embed-shard-without-image", shard_without_image, ["embed", *PRIOR, "--dim", "16"],
+     r"data-copy/train-00000\.parquet: no column 'image'"),
+    # data consistency
+    ("attr-conflicting-duplicate", _celeba_duplicate("list_attr_celeba.txt", 4), CELEBA,
+     r"list_attr_celeba\.txt line 12: 000002\.jpg is listed again \(first on line 4\); use the official CelebA"),
+    ("partition-conflicting-duplicate", _celeba_duplicate("list_eval_partition.txt", 3), CELEBA,
+     r"list_eval_partition\.txt line 10: 000003\.jpg is listed again; use the official CelebA file"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
@@ -573,6 +698,8 @@ def run_case(build, argv_template, pattern, ctx: Ctx, capsys, inside_ray: bool =
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, good, tmp_path, make_celeba, capsys):
     case_id, build, argv, pattern = case
+    if "without-gpu" in case_id and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     run_case(build, argv, pattern, Ctx(good, tmp_path, make_celeba), capsys, inside_ray=case_id in INSIDE_RAY)
 
 
