@@ -151,24 +151,57 @@ def _read_raw(uri: str, hint: str) -> bytes:
         raise FisherError(f"{uri}: cannot be read ({reason}); {hint}") from e
 
 
+MAX_IDX_BYTES = 1 << 30      # the largest idx payload read (MNIST's largest file: 47 MB)
+
+
 def read_idx(path_or_uri: str) -> np.ndarray:
-    """Read an idx file (gzip or raw), checking the magic number and the size."""
+    """Read an idx file (gzip or raw), checking the magic number and the size. The read is bounded by the
+    sizes its header declares: an endless device, a gzip bomb or trailing bytes are refused, never read whole."""
     uri = str(path_or_uri)
-    data = _read_raw(uri, _MNIST_SRC_HINT)
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise FisherError(f"{uri}: corrupt or truncated gzip ({e}); download the file again") from e
-    _check(len(data) >= 4 and data[:2] == b"\0\0" and data[2] in _IDX_DTYPES and data[3] >= 1,
-           f"{uri}: not an idx file (bad magic number {data[:4].hex()}); pass the original MNIST idx files")
-    ndim, dtype = data[3], np.dtype(_IDX_DTYPES[data[2]])
-    _check(len(data) >= 4 + 4 * ndim, f"{uri}: truncated idx header; download the file again")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
-    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
-    _check(len(data) == expected, f"{uri}: idx size mismatch (header {shape} needs {expected} bytes, "
-                                  f"found {len(data)}); the file is truncated or corrupt, download it again")
-    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path, compression=None) as raw:
+            head = raw.read(2)
+            stream = gzip.GzipFile(fileobj=_Prefixed(head, raw)) if head == b"\x1f\x8b" else _Prefixed(head, raw)
+            return _read_idx_stream(uri, stream)
+    except FileNotFoundError as e:
+        raise FisherError(f"{uri}: file not found; {_MNIST_SRC_HINT}") from e
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise FisherError(f"{uri}: corrupt or truncated gzip ({e}); download the file again") from e
+    except OSError as e:                # a file where a directory belongs, a directory here, no permission
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FisherError(f"{uri}: cannot be read ({reason}); {_MNIST_SRC_HINT}") from e
+
+
+class _Prefixed:
+    """A read-only stream: ``prefix`` bytes, then the rest of ``raw``."""
+
+    def __init__(self, prefix: bytes, raw):
+        self.prefix, self.raw = prefix, raw
+
+    def read(self, n: int = -1) -> bytes:
+        out, self.prefix = self.prefix[:n] if n >= 0 else self.prefix, self.prefix[n:] if n >= 0 else b""
+        return out + (self.raw.read(n - len(out)) if n < 0 or len(out) < n else b"")
+
+
+def _read_idx_stream(uri: str, f) -> np.ndarray:
+    magic = f.read(4)
+    _check(len(magic) == 4 and magic[:2] == b"\0\0" and magic[2] in _IDX_DTYPES and magic[3] >= 1,
+           f"{uri}: not an idx file (bad magic number {magic.hex()}); pass the original MNIST idx files")
+    ndim, dtype = magic[3], np.dtype(_IDX_DTYPES[magic[2]])
+    dims = f.read(4 * ndim)
+    _check(len(dims) == 4 * ndim, f"{uri}: truncated idx header; download the file again")
+    shape = tuple(int(d) for d in np.frombuffer(dims, ">u4", ndim))
+    payload = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    expected = 4 + 4 * ndim + payload
+    _check(payload <= MAX_IDX_BYTES, f"{uri}: idx header declares {shape}, {payload} bytes, more than "
+                                     f"{MAX_IDX_BYTES}; pass the original MNIST idx files")
+    data = f.read(payload)
+    extra = f.read(1)
+    _check(len(data) == payload and not extra,
+           f"{uri}: idx size mismatch (header {shape} needs {expected} bytes, found "
+           f"{4 + 4 * ndim + len(data)}{' or more' if extra else ''}); the file is truncated or corrupt, download it again")
+    return np.frombuffer(data, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def binarize(images: np.ndarray, seed: int, split: str, start_index: int = 0) -> np.ndarray:

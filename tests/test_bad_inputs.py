@@ -447,6 +447,21 @@ def _celeba_duplicate(name: str, line: int):
     return build
 
 
+def mnist_endless(c):
+    """The training images file is a link to an endless device."""
+    src = _mnist_links(c, skip=(MNIST_NAMES["train"][0],))
+    (src / MNIST_NAMES["train"][0]).symlink_to("/dev/zero")
+    return {"src": src}
+
+
+def mnist_gzip_bomb(c):
+    """190 KB of gzip that declares 100 images and inflates to 200 MB."""
+    src = _mnist_links(c, skip=(MNIST_NAMES["train"][0],))
+    header = bytes([0, 0, 8, 3]) + np.asarray([100, 28, 28], ">u4").tobytes()
+    (src / MNIST_NAMES["train"][0]).write_bytes(gzip.compress(header + bytes(200_000_000), 9))
+    return {"src": src}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -639,6 +654,11 @@ CASES = [
      r"list_attr_celeba\.txt line 12: 000002\.jpg is listed again \(first on line 4\); use the official CelebA"),
     ("partition-conflicting-duplicate", _celeba_duplicate("list_eval_partition.txt", 3), CELEBA,
      r"list_eval_partition\.txt line 10: 000003\.jpg is listed again; use the official CelebA file"),
+    ("mnist-link-to-endless-device", mnist_endless, MNIST,
+     r"train-images-idx3-ubyte\.gz: not an idx file \(bad magic number 00000000\); pass the original MNIST"),
+    ("mnist-gzip-bomb", mnist_gzip_bomb, MNIST,
+     r"train-images-idx3-ubyte\.gz: idx size mismatch \(header \(100, 28, 28\) needs 78416 bytes, found 78416 or "
+     r"more\); the file is truncated or corrupt"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
