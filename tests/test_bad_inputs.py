@@ -462,6 +462,13 @@ def mnist_gzip_bomb(c):
     return {"src": src}
 
 
+def emb_duplicate_ids(c):
+    """An embedding shard copied over another: the same ids in two shards."""
+    d = c.copy("emb")
+    shutil.copy(d / "train-00000.parquet", d / "test-00000.parquet")
+    return {"emb": d}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -659,6 +666,8 @@ CASES = [
     ("mnist-gzip-bomb", mnist_gzip_bomb, MNIST,
      r"train-images-idx3-ubyte\.gz: idx size mismatch \(header \(100, 28, 28\) needs 78416 bytes, found 78416 or "
      r"more\); the file is truncated or corrupt"),
+    ("decoder-duplicate-ids", emb_duplicate_ids, DECODE,
+     r"emb-copy/test-00000\.parquet: id 'train-\d+' is also in train-00000\.parquet; every image is embedded once"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
