@@ -117,11 +117,11 @@ def build_from_spec(spec: dict, family: str, where: str = "checkpoint") -> nn.Mo
     if missing:
         raise FisherError(f"{where}/{spec['file']}: missing or incomplete ({', '.join(missing)}); "
                           f"pass a {family} checkpoint directory")
-    for part in ("args", "config"):             # sizes: no negative width, no 200 000 layers
+    for part in ("args", "config"):             # sizes: no 200 000 layers (negative ones: the config's own check)
         for key, value in spec[part].items():
             for x in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(x, int) and not isinstance(x, bool) and not 0 <= x <= MAX_SIZE:
-                    raise FisherError(f"{where}/{spec['file']}: {part}.{key} = {value!r} is outside [0, {MAX_SIZE}]; "
+                if isinstance(x, int) and not isinstance(x, bool) and x > MAX_SIZE:
+                    raise FisherError(f"{where}/{spec['file']}: {part}.{key} = {value!r} is above {MAX_SIZE}; "
                                       f"{_retrain(family)}")
     args = [spec["args"][a] for a in arg_names]
     try:

@@ -290,10 +290,10 @@ def read_celeba_attrs(uri: str) -> tuple[list[str], dict[str, np.ndarray]]:
     if len(rows) != int(lines[0]):
         raise FisherError(f"{uri} line 1: says {int(lines[0])} rows, found {len(rows)}; "
                           "the file is truncated, use the official CelebA file")
-    _no_duplicates(uri, [(lineno, name) for lineno, name, _ in rows])
     values = _parse_signs(rows)
     if values is None:
         _raise_first_bad_row(uri, rows)
+    _no_duplicates(uri, [(lineno, name) for lineno, name, _ in rows])
     table = (values + 1) // 2
     return names, {name: table[i] for i, (_, name, _) in enumerate(rows)}
 
