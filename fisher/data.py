@@ -39,6 +39,7 @@ from PIL import Image
 
 from fisher.io import (
     MANIFEST,
+    PLAN,
     FisherError,
     atomic_write_bytes,
     atomic_write_table,
@@ -617,6 +618,7 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
     if manifest is not None:
         return manifest, True
     counts, extra, make = source()            # everything but the pixels read and checked before any write
+    claimed_now = not exists(join(out, PLAN)) and not exists(join(out, MANIFEST))
     claim_output(out, "prepare")
     jobs = [_Job(split, k, start, min(start + cfg.shard_size, n)) for split, n in counts.items()
             for k, start in enumerate(range(0, n, cfg.shard_size))]
@@ -636,6 +638,8 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
             raise FisherError(f"{out}: no image could be read" + (f" (first: {bad[0]['error']})" if bad else ""))
     except FisherError:
         _remove_shards(out)
+        if claimed_now:                       # bad input: leave --out as it was, claim included
+            resolve(join(out, PLAN))[0].delete_file(resolve(join(out, PLAN))[1])
         raise
     shards = [{"file": job.name, "split": job.split, "rows": done[job.name][0]} for job in jobs if done[job.name][0]]
     return write_manifest(out, "prepare", config, shards=shards,
