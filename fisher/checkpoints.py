@@ -29,6 +29,8 @@ from fisher.io import atomic_write_bytes, exists, join, read_bytes
 
 WEIGHTS, SPEC, OPTIMIZER, PROGRESS, METRICS = "weights.pt", "module.json", "optimizer.pt", "progress.json", "metrics.json"
 FORMAT = "fisher-module/1"
+MAX_SIZE = 1 << 16                  # any integer in a module description: layers, filters, kernel, z_dim, ...
+MAX_PARAMETERS = 1 << 30            # 4 GiB of float32 weights
 LEGACY_SPEC = {"prior": "model.json", "decoder": "decoder.json"}           # checkpoints of fisher-ray 0.1
 FAMILIES = {"prior": ("fisher.priors", "PRIORS", "fisher train-prior", "rerun `fisher train-prior`"),
             "decoder": ("fisher.decoders", "DECODERS", "fisher train-decoder", "retrain the decoder")}
@@ -115,10 +117,28 @@ def build_from_spec(spec: dict, family: str, where: str = "checkpoint") -> nn.Mo
     if missing:
         raise FisherError(f"{where}/{spec['file']}: missing or incomplete ({', '.join(missing)}); "
                           f"pass a {family} checkpoint directory")
+    for part in ("args", "config"):             # sizes: no 200 000 layers (negative ones: the config's own check)
+        for key, value in spec[part].items():
+            for x in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(x, int) and not isinstance(x, bool) and x > MAX_SIZE:
+                    raise FisherError(f"{where}/{spec['file']}: {part}.{key} = {value!r} is above {MAX_SIZE}; "
+                                      f"{_retrain(family)}")
+    args = [spec["args"][a] for a in arg_names]
     try:
-        return reg.build(spec["arch"], *[spec["args"][a] for a in arg_names], **spec["config"])
+        with torch.device("meta"):              # count the parameters without allocating them
+            count = sum(p.numel() for p in reg.build(spec["arch"], *args, **spec["config"]).parameters())
+    except Exception:                           # noqa: BLE001  an architecture that cannot be built on meta
+        count = 0
+    if count > MAX_PARAMETERS:
+        raise FisherError(f"{where}/{spec['file']}: describes {count:,} parameters, more than {MAX_PARAMETERS:,}; "
+                          f"{_retrain(family)}")
+    try:
+        return reg.build(spec["arch"], *args, **spec["config"])
     except FisherError as e:
         raise FisherError(f"{where}/{spec['file']}: {e}") from e
+    except (TypeError, ValueError, RuntimeError) as e:     # a field of the wrong type, a size torch refuses
+        raise FisherError(f"{where}/{spec['file']}: cannot build '{spec.get('arch')}' from it "
+                          f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); {_retrain(family)}") from e
 
 
 def load_weights(module: nn.Module, data: bytes | None, where: str, config_name: str, retrain: str,

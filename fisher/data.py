@@ -47,9 +47,11 @@ from PIL import Image
 
 from fisher.io import (
     MANIFEST,
+    PLAN,
     FisherError,
     atomic_write_bytes,
     atomic_write_table,
+    claim_output,
     exists,
     is_dir,
     join,
@@ -160,24 +162,57 @@ def _read_raw(uri: str, hint: str) -> bytes:
         raise FisherError(f"{uri}: cannot be read ({reason}); {hint}") from e
 
 
+MAX_IDX_BYTES = 1 << 30      # the largest idx payload read (MNIST's largest file: 47 MB)
+
+
 def read_idx(path_or_uri: str) -> np.ndarray:
-    """Read an idx file (gzip or raw), checking the magic number and the size."""
+    """Read an idx file (gzip or raw), checking the magic number and the size. The read is bounded by the
+    sizes its header declares: an endless device, a gzip bomb or trailing bytes are refused, never read whole."""
     uri = str(path_or_uri)
-    data = _read_raw(uri, _MNIST_SRC_HINT)
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise FisherError(f"{uri}: corrupt or truncated gzip ({e}); download the file again") from e
-    _check(len(data) >= 4 and data[:2] == b"\0\0" and data[2] in _IDX_DTYPES and data[3] >= 1,
-           f"{uri}: not an idx file (bad magic number {data[:4].hex()}); pass the original MNIST idx files")
-    ndim, dtype = data[3], np.dtype(_IDX_DTYPES[data[2]])
-    _check(len(data) >= 4 + 4 * ndim, f"{uri}: truncated idx header; download the file again")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
-    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
-    _check(len(data) == expected, f"{uri}: idx size mismatch (header {shape} needs {expected} bytes, "
-                                  f"found {len(data)}); the file is truncated or corrupt, download it again")
-    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path, compression=None) as raw:
+            head = raw.read(2)
+            stream = gzip.GzipFile(fileobj=_Prefixed(head, raw)) if head == b"\x1f\x8b" else _Prefixed(head, raw)
+            return _read_idx_stream(uri, stream)
+    except FileNotFoundError as e:
+        raise FisherError(f"{uri}: file not found; {_MNIST_SRC_HINT}") from e
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise FisherError(f"{uri}: corrupt or truncated gzip ({e}); download the file again") from e
+    except OSError as e:                # a file where a directory belongs, a directory here, no permission
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FisherError(f"{uri}: cannot be read ({reason}); {_MNIST_SRC_HINT}") from e
+
+
+class _Prefixed:
+    """A read-only stream: ``prefix`` bytes, then the rest of ``raw``."""
+
+    def __init__(self, prefix: bytes, raw):
+        self.prefix, self.raw = prefix, raw
+
+    def read(self, n: int = -1) -> bytes:
+        out, self.prefix = self.prefix[:n] if n >= 0 else self.prefix, self.prefix[n:] if n >= 0 else b""
+        return out + (self.raw.read(n - len(out)) if n < 0 or len(out) < n else b"")
+
+
+def _read_idx_stream(uri: str, f) -> np.ndarray:
+    magic = f.read(4)
+    _check(len(magic) == 4 and magic[:2] == b"\0\0" and magic[2] in _IDX_DTYPES and magic[3] >= 1,
+           f"{uri}: not an idx file (bad magic number {magic.hex()}); pass the original MNIST idx files")
+    ndim, dtype = magic[3], np.dtype(_IDX_DTYPES[magic[2]])
+    dims = f.read(4 * ndim)
+    _check(len(dims) == 4 * ndim, f"{uri}: truncated idx header; download the file again")
+    shape = tuple(int(d) for d in np.frombuffer(dims, ">u4", ndim))
+    payload = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    expected = 4 + 4 * ndim + payload
+    _check(payload <= MAX_IDX_BYTES, f"{uri}: idx header declares {shape}, {payload} bytes, more than "
+                                     f"{MAX_IDX_BYTES}; pass the original MNIST idx files")
+    data = f.read(payload)
+    extra = f.read(1)
+    _check(len(data) == payload and not extra,
+           f"{uri}: idx size mismatch (header {shape} needs {expected} bytes, found "
+           f"{4 + 4 * ndim + len(data)}{' or more' if extra else ''}); the file is truncated or corrupt, download it again")
+    return np.frombuffer(data, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def binarize(images: np.ndarray, seed: int, split: str, start_index: int = 0) -> np.ndarray:
@@ -271,8 +306,18 @@ def read_celeba_attrs(uri: str) -> tuple[list[str], dict[str, np.ndarray]]:
     values = _parse_signs(rows)
     if values is None:
         _raise_first_bad_row(uri, rows)
+    _no_duplicates(uri, [(lineno, name) for lineno, name, _ in rows])
     table = (values + 1) // 2
     return names, {name: table[i] for i, (_, name, _) in enumerate(rows)}
+
+
+def _no_duplicates(uri: str, rows: Iterable[tuple[int, str]]) -> None:
+    """Refuse an image listed twice (the second row would silently win)."""
+    first: dict[str, int] = {}
+    for lineno, name in rows:
+        if name in first:
+            raise _line_error(uri, lineno, f"{name} is listed again (first on line {first[name]})")
+        first[name] = lineno
 
 
 def _parse_signs(rows: list[tuple[int, str, str]]) -> np.ndarray | None:
@@ -309,6 +354,8 @@ def read_celeba_partition(uri: str) -> dict[str, str]:
             continue
         if len(parts) != 2 or parts[1] not in split_of:
             raise _line_error(uri, lineno, f"expected '<name>.jpg 0|1|2', found {line.strip()!r}")
+        if parts[0] in out:
+            raise _line_error(uri, lineno, f"{parts[0]} is listed again")
         out[parts[0]] = split_of[parts[1]]
     return out
 
@@ -571,14 +618,26 @@ def _config_bytes(config: dict) -> bytes:
 
 
 def _remove_shards(out: str, keep: Iterable[str] = ()) -> None:
-    """Delete shards (but ``keep``), their temporary files and the manifest: leftovers of a killed or failed run."""
+    """Delete this stage's shards (but ``keep``), its temporary shard files and the manifest: leftovers of
+    a killed or failed run. A shard-named file that `fisher prepare` did not write (no prepare config in
+    its footer: another stage's shard, a user's file) is never deleted; it is refused."""
     fs, path = resolve(out)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return
-    keep = set(keep)
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if (SHARD_RE.match(info.base_name) and info.base_name not in keep) or info.base_name == MANIFEST:
-            fs.delete_file(info.path)
+    keep, infos = set(keep), fs.get_file_info(pafs.FileSelector(path))
+    doomed = [i for i in infos if SHARD_RE.match(i.base_name) and i.base_name not in keep]
+    for info in doomed:
+        if ".tmp-" in info.base_name:
+            continue
+        try:
+            ours = CONFIG_KEY in (pq.read_metadata(info.path, filesystem=fs).metadata or {})
+        except (OSError, pa.ArrowException):
+            ours = False
+        if not ours:
+            raise FisherError(f"{join(out, info.base_name)}: not a shard written by `fisher prepare`; "
+                              "move it out of --out or pass a new --out (nothing was deleted)")
+    for info in doomed + [i for i in infos if i.base_name == MANIFEST]:
+        fs.delete_file(info.path)
 
 
 def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _Source],
@@ -596,6 +655,8 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
     counts, extra, make = source()            # everything but the pixels read and checked before any write
     columns = ["id", *(c for c in IMAGE_COLUMNS if c in extra["references"]),
                "label" if config["dataset"] == "mnist" else "attrs", "split"]
+    claimed_now = not exists(join(out, PLAN)) and not exists(join(out, MANIFEST))
+    claim_output(out, "prepare")
     jobs = [_Job(split, k, start, min(start + cfg.shard_size, n)) for split, n in counts.items()
             for k, start in enumerate(range(0, n, cfg.shard_size))]
     done = {job.name: found for job in jobs if (found := _finished(out, config, job, columns))}
@@ -615,6 +676,8 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
             raise FisherError(f"{out}: no image could be read" + (f" (first: {bad[0]['error']})" if bad else ""))
     except FisherError:
         _remove_shards(out)
+        if claimed_now:                       # bad input: leave --out as it was, claim included
+            resolve(join(out, PLAN))[0].delete_file(resolve(join(out, PLAN))[1])
         raise
     shards = [{"file": job.name, "split": job.split, "rows": done[job.name][0]} for job in jobs if done[job.name][0]]
     return write_manifest(out, "prepare", config, shards=shards,

@@ -264,8 +264,25 @@ def read_embeddings(dir_uri: str, split: str, column: str = "z") -> tuple[np.nda
     Every shard must come from the run its manifest describes and hold finite values (else FisherError)."""
     from fisher.io import read_manifest
     manifest = read_manifest(dir_uri, "embed")
-    parts = [_read_shard(dir_uri, manifest, s, column) for s in _split_shards(dir_uri, manifest, split, column)]
+    names = _split_shards(dir_uri, manifest, split, column)
+    parts = [_read_shard(dir_uri, manifest, s, column) for s in names]
+    seen: dict = {}
+    for name, (ids, _) in zip(names, parts):
+        _unique_ids(dir_uri, name, ids, seen)
     return np.concatenate([i for i, _ in parts]), np.concatenate([z for _, z in parts])
+
+
+def _unique_ids(dir_uri: str, name: str, ids: np.ndarray, seen: dict) -> None:
+    """Refuse an id that a shard repeats or that an earlier shard (``seen``: id → shard) already holds."""
+    from fisher.io import FisherError, join
+    values, counts = np.unique(ids, return_counts=True)
+    twice = values[counts > 1]
+    other = next((i for i in values if i in seen), None)
+    if len(twice) or other is not None:
+        where = "twice in this shard" if len(twice) else f"also in {seen[other]}"
+        raise FisherError(f"{join(dir_uri, name)}: id '{twice[0] if len(twice) else other}' is {where}; every "
+                          "image is embedded once: delete the copied shard and rerun `fisher embed`")
+    seen.update(dict.fromkeys(values.tolist(), name))
 
 
 def check_embeddings(dir_uri: str, column: str, splits=("train", "test")) -> None:
@@ -273,9 +290,10 @@ def check_embeddings(dir_uri: str, column: str, splits=("train", "test")) -> Non
     refuse bad embeddings before it starts any work."""
     from fisher.io import read_manifest
     manifest = read_manifest(dir_uri, "embed")
+    seen: dict = {}
     for split in splits:
         for name in _split_shards(dir_uri, manifest, split, column):
-            _read_shard(dir_uri, manifest, name, column)
+            _unique_ids(dir_uri, name, _read_shard(dir_uri, manifest, name, column)[0], seen)
 
 
 def load_pairs(emb_dir: str, data_dir: str, split: str, column: str = "z") -> dict:

@@ -78,8 +78,8 @@ def _read_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], bytes]:
     data = read_bytes(uri)
     try:
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        raise FisherError(f"{uri}: not a plain tensor state dict ({str(e).splitlines()[0][:200]}); {_HINT}") from e
+    except Exception as e:   # not a torch file at all (text: KeyError, ...), a pickle carrying code, truncated
+        raise FisherError(f"{uri}: not a plain tensor state dict ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); {_HINT}") from e
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise FisherError(f"{uri}: not a state dict of named tensors (got {type(sd).__name__}); {_HINT}")
     return sd, data
@@ -98,6 +98,9 @@ def _from_file(uri: str) -> tuple[nn.Module, str]:
     sd, data = _read_state_dict(uri)
     net = fid_inception_arch()
     _check_keys(uri, set(sd), set(net.state_dict()))
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise FisherError(f"{uri}: tensor '{bad}' holds NaN or Inf; {_HINT}")
     try:
         net.load_state_dict(sd, strict=False)
     except RuntimeError as e:
@@ -191,6 +194,9 @@ class FIDStats:
             raise FisherError(f"{uri}: corrupt FID statistics (mu {stats.mu.shape}, sigma {stats.sigma.shape}"
                               + ("" if stats.features is None else f", features {stats.features.shape}")
                               + "); delete it and rerun")
+        if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()
+                and (stats.features is None or np.isfinite(stats.features).all())):
+            raise FisherError(f"{uri}: corrupt FID statistics (NaN or Inf values); delete it and rerun")
         return stats
 
 
@@ -199,6 +205,9 @@ def stats_from_features(feats: np.ndarray) -> FIDStats:
     feats = np.asarray(feats, dtype=np.float64)
     if feats.ndim != 2 or len(feats) < 2:
         raise FisherError(f"FID needs at least 2 feature rows of shape [N, D], got {feats.shape}")
+    if not np.isfinite(feats).all():
+        raise FisherError(f"Inception features hold NaN or Inf in {int((~np.isfinite(feats)).any(1).sum())} of "
+                          f"{len(feats)} rows; check the images and the FID weights")
     return FIDStats(np.mean(feats, axis=0), np.cov(feats, rowvar=False), len(feats))
 
 

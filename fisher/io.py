@@ -157,9 +157,10 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def parquet_metadata(uri: str, rows: int | None = None,
-                     fix: str = "delete it and rerun the stage that wrote it") -> pq.FileMetaData:
+                     fix: str = "delete it and rerun the stage that wrote it", columns=()) -> pq.FileMetaData:
     """A Parquet file's footer, read without its data: a cheap check, before any work starts, that a
-    shard is readable (not truncated or replaced) and, given ``rows``, holds the rows its manifest says."""
+    shard is readable (not truncated or replaced), given ``rows`` holds the rows its manifest says, and
+    has the ``columns`` a stage reads."""
     fs, path = resolve(uri)
     try:
         with fs.open_input_file(path) as f:
@@ -170,6 +171,10 @@ def parquet_metadata(uri: str, rows: int | None = None,
         raise FisherError(f"{uri}: not a readable Parquet file ({_first_line(e)}); {fix}") from e
     if rows is not None and meta.num_rows != rows:
         raise FisherError(f"{uri}: holds {meta.num_rows} rows but its manifest says {rows}; {fix}")
+    names = meta.schema.to_arrow_schema().names
+    for column in columns:
+        if column not in names:
+            raise FisherError(f"{uri}: no column '{column}' (has {', '.join(names)}); {fix}")
     return meta
 
 
@@ -203,11 +208,37 @@ def read_manifest(dir_uri: str, stage: str | None = None) -> dict:
         raise FisherError(f"{dir_uri}: no {MANIFEST}; this is not {what} (run `fisher {stage or '<stage>'}` to make one)")
     try:
         manifest = json.loads(read_bytes(uri))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FisherError(f"{uri}: corrupt manifest ({e}); rerun the stage that wrote it") from e
+    if not isinstance(manifest, dict):
+        raise FisherError(f"{uri}: not a manifest (a JSON {type(manifest).__name__}, not an object); "
+                          "rerun the stage that wrote it")
     if stage is not None and manifest.get("stage") != stage:
         raise FisherError(f"{dir_uri}: made by stage '{manifest.get('stage')}', expected '{stage}'")
+    _check_fields(uri, manifest)
     return manifest
+
+
+_FIELDS = {"prepare": {"image_shape": list, "shards": list, "counts": dict},   # what stages read from a manifest
+           "embed": {"columns": dict, "shards": list, "config": dict},
+           "train-prior": {"config": dict}, "train-decoder": {"config": dict}}
+
+
+def _check_fields(uri: str, manifest: dict) -> None:
+    """The fields other stages read, with their JSON types; shard names are plain file names."""
+    fix = "rerun the stage that wrote it"
+    for key, kind in _FIELDS.get(manifest.get("stage"), {}).items():
+        if not isinstance(manifest.get(key), kind):
+            raise FisherError(f"{uri}: field '{key}' is {manifest.get(key)!r:.60}, not a JSON "
+                              f"{'array' if kind is list else 'object'}; {fix}")
+    shape = manifest.get("image_shape")
+    if shape is not None and not (len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          and 1 <= v <= 1 << 14 for v in shape)):
+        raise FisherError(f"{uri}: field 'image_shape' is {shape!r:.60}, not [H, W, C] of positive sizes; {fix}")
+    for shard in manifest.get("shards") or []:
+        name = shard.get("file") if isinstance(shard, dict) else shard
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+            raise FisherError(f"{uri}: shard entry {shard!r:.80} does not name a file of this directory; {fix}")
 
 
 def manifest_hash(manifest: dict) -> str:
@@ -216,7 +247,7 @@ def manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
-PLAN = "_plan.json"     # written when a stage starts filling a directory: what it is being filled with
+PLAN = "_plan.json"     # written when a stage claims a directory: which stage fills it, and with what
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -230,28 +261,66 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def claim_output(out: str, stage: str, plan: dict | None = None) -> None:
-    """Claim ``out`` for ``stage``: refuse a directory holding another stage's artifact; with ``plan``,
-    record what the directory is being filled with (``_plan.json``) or refuse one started with another
-    plan, naming each value that differs. Called before any work, so a refusal writes nothing."""
-    if exists(join(out, MANIFEST)):
+def check_output_path(out: str) -> None:
+    """Refuse an ``--out`` that can never be a stage's own directory: empty, a filesystem or bucket root,
+    or an existing file."""
+    if not str(out).strip():
+        raise FisherError("--out '': an empty path (it would write into the current directory's root); "
+                          "pass a new directory path")
+    fs, path = resolve(out)
+    if "://" in str(out) and "/" not in path.strip("/"):
+        raise FisherError(f"--out {out}: a bucket root; pass a prefix inside it (e.g. {str(out).rstrip('/')}/run)")
+    if "://" not in str(out) and os.path.dirname(path) == path:
+        raise FisherError(f"--out {out}: a filesystem root; pass a new directory path")
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise FisherError(f"--out {out}: exists and is not a directory; pass a new directory path")
+
+
+def _entries(out: str) -> list[str]:
+    fs, path = resolve(out)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)))
+
+
+def claim_output(out: str, stage: str, plan: dict | None = None, write: bool = True) -> None:
+    """Claim ``out`` for ``stage`` before any work: it must be new, empty, or a directory this stage
+    claimed before (its ``_plan.json`` or ``manifest.json`` names ``stage``). Anything else is refused:
+    an empty path, a root, a file, another stage's artifact, a directory holding files no stage wrote.
+    With ``plan``, a directory claimed with another plan is refused naming each value that differs.
+    ``write`` records the claim (``_plan.json``); ``write=False`` only checks, writing nothing."""
+    check_output_path(out)
+    names = _entries(out)
+    if MANIFEST in names:
         old = read_manifest(out).get("stage")
         if old != stage:
             raise FisherError(f"{out}: holds a '{old}' artifact; pass a new --out")
-    if plan is None:
-        return
-    uri = join(out, PLAN)
-    if exists(uri):
+    uri, claimed = join(out, PLAN), None
+    if PLAN in names:
         try:
-            old = json.loads(read_bytes(uri))
+            claimed = json.loads(read_bytes(uri))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FisherError(f"{uri}: corrupt ({e}); pass a new --out") from e
-        if old != plan:
-            a, b = _flat(old) if isinstance(old, dict) else {"": old}, _flat(plan)
-            diff = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now"
-                             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
-            raise FisherError(f"{out}: holds a {stage} run made with a different config ({diff}); pass a new --out")
-    elif exists(join(out, MANIFEST)):
-        raise FisherError(f"{out}: holds a {stage} artifact without its {PLAN}; pass a new --out")
-    else:
-        atomic_write_bytes(uri, json.dumps(plan, indent=2, sort_keys=True).encode())
+        if not isinstance(claimed, dict):
+            raise FisherError(f"{uri}: not a claim written by fisher; pass a new --out")
+        owner = claimed.get("stage", stage if plan is not None else "embed` or `fisher sweep")   # older plans: no stage
+        if owner != stage:
+            raise FisherError(f"{out}: claimed by an unfinished `fisher {owner}`; pass a new --out")
+    elif names and MANIFEST not in names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise FisherError(f"{out}: not empty and not made by `fisher {stage}` (holds {shown}); "
+                          "pass a new or empty --out")
+    record = {"stage": stage, **(plan or {})}
+    if plan is not None:
+        if claimed is not None:
+            old = {k: v for k, v in claimed.items() if k != "stage"}
+            if old != plan:
+                a, b = _flat(old), _flat(plan)
+                diff = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now"
+                                 for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+                raise FisherError(f"{out}: holds a {stage} run made with a different config ({diff}); "
+                                  "pass a new --out")
+        elif MANIFEST in names:
+            raise FisherError(f"{out}: holds a {stage} artifact without its {PLAN}; pass a new --out")
+    if write and claimed is None and MANIFEST not in names:     # a finished artifact is its own claim
+        atomic_write_bytes(uri, json.dumps(record, indent=2, sort_keys=True).encode())

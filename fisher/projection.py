@@ -27,6 +27,14 @@ import torch.nn.functional as F
 
 BLOCK = 1 << 16          # features per generation block (part of the matrix's definition)
 DENSE_ABOVE = 0.25       # densities above this are applied as dense matrices (same values)
+MIN_DENSITY = 2.0 ** -40  # the density's resolution in the generator's key: smaller ones are not distinct
+
+
+def estimated_bytes(n_features: int, dim: int, density: float) -> int:
+    """Memory a projection takes: int32 row + int8 sign per non-zero (int8 signs at density 1), plus the
+    float32 dense matrix it is applied as above ``DENSE_ABOVE``."""
+    stored = n_features * dim if density >= 1.0 else 5 * n_features * dim * density
+    return int(stored + (4 * n_features * dim if density > DENSE_ABOVE else 0))
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ def validate(n_features: int, dim: int, density: float | None) -> float:
         return 1.0 / math.sqrt(n_features)
     if not (0.0 < density <= 1.0) or math.isnan(density):
         raise FisherError(f"density={density}: must be in (0, 1] (or 'auto' for 1/sqrt(n_features))")
+    if density < MIN_DENSITY:
+        raise FisherError(f"density={density}: below 2^-40 = {MIN_DENSITY:.3g}, the smallest density a projection "
+                          "resolves; pass a larger one")
     return float(density)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisher.io import FisherError, check_output
+from fisher.io import FisherError, check_output, claim_output
 
 STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "probe", "run", "priors")   # modules of raycluster, one per stage
 
@@ -43,28 +43,30 @@ def _absolute(args) -> None:
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
 
 
-def _check_out_dir(out: str) -> None:
-    """Refuse a local ``--out`` that exists but is not a directory (before any work)."""
-    import os
-    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
-        raise FisherError(f"--out {out}: exists and is not a directory; pass a new directory path")
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:             # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     command, func = args.command, args.func
-    _absolute(args)
     try:
+        for name, value in vars(args).items():      # a file name that is not UTF-8 (undecodable bytes)
+            if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
+                raise FisherError(f"--{name.replace('_', '-')} {ascii(value)}: not a UTF-8 name; rename the file "
+                                  "or directory (or pass a path that names it in UTF-8)")
+        _absolute(args)
         options = getattr(args, "options", None)
         if options is not None:         # the stage's typed options: every value checked by its dataclass
             from raycluster.options import from_args
             args = from_args(options, args)
         if isinstance(getattr(args, "out", None), str):
             check_output(args.out)      # a missing bucket is refused before any work or write
-            _check_out_dir(args.out)
+            claim_output(args.out, command, write=False)     # "", /, a file, foreign files: refused now
+        if hasattr(args, "address"):    # requests Ray could never meet, an --address nothing answers at
+            from raycluster.runtime import check_address, check_resources
+            check_resources(args)
+            if args.address:
+                check_address(args.address)
         func(args)
     except FisherError as e:
         print(f"fisher {command}: error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fisher.embedding import column_array, embedding_table, vector_column
+from fisher.projection import MIN_DENSITY, estimated_bytes
 from fisher.io import (
     MANIFEST,
     FisherError,
@@ -43,8 +44,8 @@ from fisher.io import (
     resolve,
     write_manifest,
 )
-from raycluster.options import add_options, at_least, option, positive
-from raycluster.runtime import RayOptions, init_ray, read_shards, worker_threads
+from raycluster.options import add_options, at_least, at_most, option, positive, seeds
+from raycluster.runtime import RayOptions, check_memory, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
 _NODE = "_node"         # per-row Ray node id from the actors; not written to the shards
@@ -77,6 +78,9 @@ def _densities(value) -> list[float | None]:
             raise FisherError(f"--density {t!r}: expected a number in (0, 1] or 'auto'") from None
         if not 0 < d <= 1:
             raise FisherError(f"--density {t}: must be in (0, 1] (or 'auto' for 1/sqrt(n_features))")
+        if d < MIN_DENSITY:
+            raise FisherError(f"--density {t}: below 2^-40 = {MIN_DENSITY:.3g}, the smallest density a projection "
+                              "resolves; pass a larger one")
         out.append(d)
     return out
 
@@ -122,8 +126,18 @@ class EmbedOptions(RayOptions):
             raise FisherError(f"--prior: required by --kind {self.kind} (a `fisher train-prior` directory or "
                               "builtin:NAME; see `fisher priors`)")
         at_least(self, 1, "chunk_size", "batch_size", "actors", "pca")
-        at_least(self, 0, "seed")
+        at_most(self, 1 << 20, "chunk_size", "batch_size", "pca")
+        at_most(self, 1024, "actors")
+        seeds(self, "seed")
         positive(self, "cpus_per_actor")
+        from fisher.embedding import EmbedSpec
+        names = [EmbedSpec(d, p).column(False) for d in self.dim for p in self.density]
+        same = next((c for c in names if names.count(c) > 1), None)
+        if same:
+            raise FisherError(f"--dim {','.join(map(str, self.dim))} --density "
+                              f"{','.join('auto' if p is None else str(p) for p in self.density)}: two projections "
+                              f"share the column name {same} (dimensions repeated, or densities equal to 6 digits); "
+                              "pass distinct values")
 
 
 def register(sub) -> None:
@@ -185,12 +199,16 @@ def run(args: EmbedOptions) -> None:
     n = feature_count(model, args.kind, shape)
     specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)] if kind.projected \
         else [EmbedSpec(n, None)]
+    if kind.projected:
+        check_memory(args, args.actors * sum(estimated_bytes(n, s.dim, s.density or n ** -0.5) for s in specs),
+                     f"--dim {','.join(map(str, args.dim))} x --density with {n} features, in {args.actors} actor(s)")
     splits = args.splits or sorted({s["split"] for s in data_manifest["shards"]})
     shards = [s for s in data_manifest["shards"] if s["split"] in splits]
     if not shards:
         raise FisherError(f"{args.data}: no shards for splits {splits}")
     for s in shards:        # truncated or replaced input shards: refused before anything is written
-        parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}")
+        parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}",
+                         columns=("id", column))
     plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
             "prior": manifest_hash(prior_manifest) if prior_manifest else None,

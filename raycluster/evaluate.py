@@ -49,7 +49,7 @@ from fisher.io import (
     read_manifest,
     read_table,
 )
-from raycluster.options import add_options, at_least, option, positive
+from raycluster.options import add_options, at_least, at_most, option, positive, seeds
 from raycluster.runtime import RayOptions, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
@@ -101,7 +101,13 @@ class _DecodeOptions(RayOptions):
                 setattr(self, name, _count(getattr(self, name)))
         if hasattr(self, "alphas"):
             self.alphas = _alphas(self.alphas)
-        at_least(self, 0, "seed")
+        seeds(self, "seed")
+        at_most(self, self._most_pairs, "pairs", "images", why="one decoded row each" if self._most_pairs < 10**5
+                else "the paper uses 50000")
+        at_most(self, 1 << 16, "batch_size")
+        at_most(self, 1024, "actors")
+
+    _most_pairs = 1024          # interpolation strips and edit grids: one PNG row per pair or image
 
 
 @dataclass(kw_only=True)
@@ -151,6 +157,8 @@ class EvaluateOptions(_DecodeOptions):
     actors: int = option(1, parse=_count, help="actors in the pool")
     gpu: bool = option(False, help="one GPU per actor")
     cpus_per_actor: float = option(0.5, help="CPUs reserved per actor (fractional allowed)")
+
+    _most_pairs = 1_000_000     # FID: pairs x alphas decoded images
 
     def __post_init__(self):
         super().__post_init__()

@@ -228,3 +228,20 @@ def positive(opts, *names: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
             raise FisherError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
+
+
+SEED_MAX = 2**63 - 1        # torch.manual_seed and numpy take seeds up to this
+
+
+def at_most(opts, maximum, *names: str, why: str = "") -> None:
+    """Refuse option values above ``maximum`` (None passes): one line naming the flag (and ``why``)."""
+    for name in names:
+        value = getattr(opts, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > maximum:
+            raise FisherError(f"--{name.replace('_', '-')} {value}: must be <= {maximum}" + (f" ({why})" if why else ""))
+
+
+def seeds(opts, *names: str) -> None:
+    """Seeds: integers in [0, 2^63 - 1]."""
+    at_least(opts, 0, *names)
+    at_most(opts, SEED_MAX, *names)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields
 from tqdm import tqdm
 
 from fisher import data
-from fisher.io import FisherError, join
-from raycluster.options import add_options, option
+from fisher.io import FisherError, claim_output, join
+from raycluster.options import add_options, at_least, at_most, option, seeds
 
 _MNIST = {f.name: f.default for f in fields(data.MnistConfig)}
 _CELEBA = {f.name: f.default for f in fields(data.CelebaConfig)}
@@ -48,6 +48,10 @@ class PrepareOptions:
     def __post_init__(self):
         if self.dataset not in ("mnist", "celeba"):
             raise FisherError(f"dataset {self.dataset!r}: expected mnist or celeba")
+        seeds(self, "seed")
+        at_least(self, 1, "shard_size", "limit", "workers", "size", "bits")
+        at_most(self, 1 << 20, "shard_size")
+        at_most(self, 1024, "workers")
 
 
 def register(subparsers) -> None:
@@ -92,6 +96,7 @@ def _run_mnist(args, options: dict) -> tuple[dict, bool]:
     src = args.src or join(args.out, "raw")
     cfg = data.MnistConfig(src=src, **options)
     if args.src is None:
+        claim_output(args.out, "prepare")          # OUT/raw is this stage's own
         print(f"MNIST idx files: {src} (downloading any that are missing)")
         data.mnist_download(src)
     return data.prepare_mnist(cfg, args.out)

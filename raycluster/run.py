@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from fisher.io import FisherError, atomic_write_bytes, exists, join, read_bytes
+from fisher.io import FisherError, atomic_write_bytes, claim_output, exists, join, read_bytes
 from raycluster.options import add_options, from_mapping, option
 from raycluster.runtime import RayOptions
 
@@ -63,7 +63,7 @@ def load_preset(name: str, overrides: list[str]) -> dict:
     if not path.exists():
         have = ", ".join(sorted(f.stem for f in PRESETS.glob("*.json")))
         raise FisherError(f"--preset {name}: no such preset (have {have}, or pass a .json file)")
-    preset = json.loads(path.read_text())
+    preset = _read_preset(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         section, _, field = key.partition(".")
@@ -75,6 +75,30 @@ def load_preset(name: str, overrides: list[str]) -> dict:
         except json.JSONDecodeError:
             preset[section][field] = value
     preset["_name"], preset["_path"] = path.stem, str(path)
+    return preset
+
+
+REQUIRED_SECTIONS = ("prepare", "prior", "embed", "decoder", "interpolate", "evaluate")   # JSON objects
+OPTIONAL_SECTIONS = ("sweep", "edit")                                                     # objects or null
+
+
+def _read_preset(path: Path) -> dict:
+    """A preset file parsed and checked: a JSON object with a known dataset and object-valued sections."""
+    try:
+        preset = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FisherError(f"{path}: not a JSON preset ({str(e)[:120]}); start from a copy of {PRESETS}/mnist-small.json") from e
+    except OSError as e:
+        raise FisherError(f"{path}: cannot be read ({e.strerror or e}); pass a readable preset file") from e
+    if not isinstance(preset, dict):
+        raise FisherError(f"{path}: a preset is a JSON object of sections, not a {type(preset).__name__}")
+    if preset.get("dataset") not in ("mnist", "celeba"):
+        raise FisherError(f"{path}: 'dataset' is {preset.get('dataset')!r}; expected \"mnist\" or \"celeba\"")
+    for section in REQUIRED_SECTIONS + OPTIONAL_SECTIONS:
+        value = preset.get(section, {} if section in REQUIRED_SECTIONS else None)
+        if not isinstance(value, dict) and not (value is None and section in OPTIONAL_SECTIONS):
+            raise FisherError(f"{path}: section '{section}' is {value!r:.40}, not a JSON object of options"
+                              + ("" if section in REQUIRED_SECTIONS else " (or null to skip it)"))
     return preset
 
 
@@ -278,6 +302,10 @@ def run(args: RunOptions) -> None:
         raise FisherError(f"celeba needs --data (or ${DATA_ENV}): the folder with img_align_celeba/, "
                           "list_attr_celeba.txt and list_eval_partition.txt")
     steps, kinds = plan(args, preset)            # every step's options checked before anything is written
+    from raycluster.runtime import check_resources
+    for step in steps:
+        check_resources(step.options)
+    claim_output(args.out, "run")
     r = _Runner(args.out)
     atomic_write_bytes(join(args.out, "preset.json"),
                        json.dumps({k: v for k, v in preset.items() if k != "_path"}, indent=2).encode())

@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from raycluster.options import add_options, at_least, option, positive
+from raycluster.options import add_options, at_least, at_most, option, positive, seeds
 
 
 @dataclass(kw_only=True)
@@ -18,6 +18,7 @@ class RayOptions:
 
     def __post_init__(self):
         at_least(self, 1, "num_cpus")
+        at_most(self, 1 << 16, "num_cpus")
 
 
 @dataclass(kw_only=True)
@@ -36,7 +37,10 @@ class TrainerOptions(RayOptions):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "epochs", "batch_size")
-        at_least(self, 0, "seed", "max_failures")
+        at_most(self, 100_000, "epochs", "max_failures")
+        at_most(self, 1 << 20, "batch_size")
+        at_least(self, 0, "max_failures")
+        seeds(self, "seed")
         positive(self, "lr", "cpus_per_worker")
 
 
@@ -45,12 +49,79 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     add_options(p, RayOptions)
 
 
+ADDRESS_WAIT_S = 10        # how long an --address may take to answer before the stage gives up
+
+
+def check_address(address: str) -> None:
+    """Refuse an ``--address`` where nothing answers within ``ADDRESS_WAIT_S`` (Ray itself retries forever)."""
+    import socket
+    from fisher.io import FisherError
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise FisherError(f"--address {address}: expected HOST:PORT of the Ray head (e.g. 10.0.0.2:6379), "
+                          "ray://HOST:PORT, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_WAIT_S).close()
+    except OSError as e:
+        raise FisherError(f"--address {address}: nothing answers there ({e.strerror or e}; waited at most "
+                          f"{ADDRESS_WAIT_S} s); check the address and that the head is up (`ray status`)") from e
+
+
+def _requests(args) -> tuple[float, float, str, str]:
+    """(CPUs, GPUs) that one worker, actor or trial of this stage needs at once, and the options asking."""
+    cpus, gpus, flags = 0.0, 0.0, []
+    workers = getattr(args, "workers", 1) if hasattr(args, "cpus_per_worker") else 1
+    for name in ("cpus_per_worker", "cpus_per_actor", "cpus_per_trial"):
+        if getattr(args, name, None):
+            value = getattr(args, name) * (workers if name == "cpus_per_worker" else 1)
+            if value > cpus:
+                cpus = value
+                flags = [f"--{name.replace('_', '-')} {getattr(args, name)}"]
+                if name == "cpus_per_worker" and workers > 1:
+                    flags.append(f"x --workers {workers}")
+    gpu_flag = "--gpu"
+    for name, per in (("gpu", 1.0), ("embed_gpu", 1.0), ("gpus_per_trial", None)):
+        value = getattr(args, name, None)
+        if value and (per or float(value)) > gpus:
+            gpus, gpu_flag = per or float(value), f"--{name.replace('_', '-')}"
+    return cpus, gpus, " ".join(flags), gpu_flag
+
+
+def check_resources(args) -> None:
+    """Refuse, before Ray starts, what a local Ray can never schedule (Ray would wait forever): a GPU on a
+    machine without one, more CPUs for one worker (all Train workers at once) than the local Ray has.
+    On a cluster the autoscaler may add nodes, so nothing is refused there."""
+    import ray
+    from fisher.io import FisherError
+    if getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"):
+        return
+    cpus, gpus, flags, gpu_flag = _requests(args)
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+        have_cpus, have_gpus = have.get("CPU", 0), have.get("GPU", 0)
+    else:
+        import torch
+        have_cpus = getattr(args, "num_cpus", None) or os.cpu_count()
+        have_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > have_gpus:
+        raise FisherError(f"{gpu_flag}: this machine has {have_gpus:g} GPU(s) for a local Ray; drop {gpu_flag} "
+                          "or pass --address of a cluster with GPUs")
+    if cpus > have_cpus:
+        raise FisherError(f"{flags}: needs {cpus:g} CPUs at once, but the local Ray has {have_cpus:g}; pass a "
+                          "smaller value (fractions allowed) or --num-cpus")
+
+
 def init_ray(args) -> dict:
     """Join ``--address`` or start a local Ray bound to loopback; returns the cluster resources."""
     import ray
+    check_resources(args)
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address:
+            check_address(address)
             ray.init(address=address, log_to_driver=True)
         else:
             loopback_only()
@@ -70,6 +141,18 @@ def loopback_only() -> None:
     from ray._private import ray_constants
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def check_memory(args, nbytes: float, what: str) -> None:
+    """Refuse, before anything is allocated, a request for more memory than this machine has (a local run;
+    on a cluster the nodes are not known before Ray starts and may be larger)."""
+    from fisher.io import FisherError
+    if getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"):
+        return
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > 0.8 * total:
+        raise FisherError(f"{what}: needs about {nbytes / 2**30:.1f} GiB, more than 80% of this machine's "
+                          f"{total / 2**30:.1f} GiB; pass smaller values (or run on a cluster with --address)")
 
 
 def worker_threads(resources: dict, workers: int) -> int:
@@ -102,12 +185,77 @@ def torch_trainer(loop, loop_config: dict, args, name: str, workers: int = 1, da
     storage = f"{args.out.rstrip('/')}/ray" if "://" in args.out else os.path.abspath(os.path.join(args.out, "ray"))
     return TorchTrainer(
         loop, train_loop_config={**loop_config, "threads": worker_threads(resources, workers)},
+        torch_config=node_torch_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=args.gpu,
                                                resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
         datasets=datasets)
+
+
+_STORE = None      # in the Train worker of rank 0: the TCPStore server of the process group
+
+
+def _node_store(world_size: int, timeout_s: float) -> tuple[str, int]:
+    """Rank 0's TCPStore server on a socket bound to this node's Ray address only (127.0.0.1 for a
+    local Ray): torch's own store binds every interface (``::``). Returns (address, port)."""
+    import socket
+    from datetime import timedelta
+
+    import ray
+    import torch.distributed as dist
+    global _STORE
+    addr = ray.util.get_node_ip_address()
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((addr, 0))
+    s.listen(128)
+    port = s.getsockname()[1]
+    _STORE = dist.TCPStore(addr, port, world_size, True, timedelta(seconds=timeout_s),
+                           wait_for_workers=False, master_listen_fd=s.detach())
+    return addr, port
+
+
+def _join_process_group(backend: str, rank: int, world_size: int, addr: str, port: int, timeout_s: float) -> None:
+    """Join the process group through rank 0's store; on a loopback node, gloo / NCCL use ``lo``
+    (elsewhere gloo binds the address the node's host name resolves to)."""
+    import ipaddress
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    if ipaddress.ip_address(addr).is_loopback:
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+    store = _STORE if rank == 0 else dist.TCPStore(addr, port, world_size, False, timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def node_torch_config():
+    """Ray Train's ``TorchConfig`` with the process group's store bound to rank 0's Ray node address
+    (127.0.0.1 for a local Ray), never to every interface as torch's default store is."""
+    from dataclasses import dataclass
+
+    import ray
+    from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars, _TorchBackend
+
+    class _NodeBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            n = len(worker_group)
+            backend = backend_config.backend or ("nccl" if worker_group.get_resources_per_worker().get("GPU", 0)
+                                                 else "gloo")
+            addr, port = worker_group.execute_single(0, _node_store, n, backend_config.timeout_s)
+            worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(i, _join_process_group, backend, i, n, addr, port,
+                                                       backend_config.timeout_s) for i in range(n)])
+
+    @dataclass
+    class NodeTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _NodeBackend
+
+    return NodeTorchConfig()
 
 
 def fit(trainer, out: str):
@@ -154,9 +302,9 @@ def finished_run(out: str, stage: str, stage_config: dict, inputs: dict) -> bool
     """True if ``out`` holds this finished run. A finished run of the same config with fewer
     epochs is continued (False); any other content of ``out`` is an error."""
     from fisher.io import MANIFEST, FisherError, claim_output, exists, join, read_manifest
+    claim_output(out, stage)
     if not exists(join(out, MANIFEST)):
         return False
-    claim_output(out, stage)
     old = read_manifest(out)
     same = {k: v for k, v in old.get("config", {}).items() if k != "epochs"} == \
         {k: v for k, v in stage_config.items() if k != "epochs"}

@@ -52,7 +52,7 @@ from fisher.io import (
     read_manifest,
     write_manifest,
 )
-from raycluster.options import add_options, at_least, option, positive
+from raycluster.options import add_options, at_least, option, positive, seeds
 from raycluster.runtime import RayOptions, init_ray
 
 CELLS = "cells"           # OUT/cells/<column>.json: one record per finished cell
@@ -90,7 +90,8 @@ class SweepOptions(RayOptions):
         if self.decoder not in DECODERS:
             raise FisherError(f"--decoder {self.decoder}: unknown (have {', '.join(DECODERS.names())})")
         at_least(self, 1, "epochs", "batch_size", "embed_actors", "max_concurrent")
-        at_least(self, 0, "max_failures", "seed", "gpus_per_trial")
+        at_least(self, 0, "max_failures", "gpus_per_trial")
+        seeds(self, "seed")
         positive(self, "lr", "cpus_per_trial")
 
 

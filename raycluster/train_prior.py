@@ -111,7 +111,7 @@ def _dataset(data_dir: str, manifest: dict, split: str, limit: int | None):
         raise FisherError(f"{data_dir}: no '{split}' shards; run `fisher prepare` with that split")
     files = [join(data_dir, s["file"]) for s in shards]
     for uri, s in zip(files, shards):      # truncated or replaced shards: refused before Ray starts
-        parquet_metadata(uri, s.get("rows"), fix=f"rerun `fisher prepare` for {data_dir}")
+        parquet_metadata(uri, s.get("rows"), fix=f"rerun `fisher prepare` for {data_dir}", columns=("id", "image"))
     ds = read_shards(files, ["image"])
     return ds.limit(limit) if limit else ds
 

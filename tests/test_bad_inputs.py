@@ -341,6 +341,147 @@ def dec_weights_zdim(c):
     return {"dec": d}
 
 
+def out_foreign(c):
+    """--out is a user's directory: a file no stage wrote."""
+    (c.tmp / "out").mkdir()
+    (c.tmp / "out" / "notes.txt").write_text("my notes\n")
+    return {}
+
+
+def _out_copy_of(key: str):
+    """A builder: --out is a copy of the good ``key`` artifact (another stage's output)."""
+    def build(c):
+        c.copy(key, "out")
+        return {}
+    return build
+
+
+def out_interrupted_embed(c):
+    """--out holds an interrupted embed: shards named like prepare's, its _plan.json, no manifest."""
+    d = c.copy("emb", "out")
+    (d / "manifest.json").unlink()
+    return {}
+
+
+def out_prepare_foreign_shard(c):
+    """An interrupted prepare (no manifest) into which an embedding shard of the same name was copied:
+    prepare would delete it as a leftover of its own."""
+    d = c.copy("data", "out")
+    (d / "manifest.json").unlink()
+    shutil.copy(c.good["emb"] / "test-00000.parquet", d / "test-00000.parquet")
+    return {}
+
+
+def fid_weights_text(c):
+    f = c.tmp / "inception.pth"
+    f.write_text("these are not weights\n")
+    return {"fid": f}
+
+
+def fid_weights_nan(c):
+    """FID Inception weights with the right keys and shapes, one NaN."""
+    from fisher.fid import fid_inception_arch
+    sd = fid_inception_arch().state_dict()
+    sd["Mixed_7c.branch_pool.conv.weight"].view(-1)[0] = float("nan")
+    torch.save(sd, c.tmp / "inception.pth")
+    return {"fid": c.tmp / "inception.pth"}
+
+
+def _edit_json(key: str, name: str, fn):
+    """A builder: a copy of the good ``key`` artifact whose JSON file ``name`` is replaced by ``fn(old)``."""
+    def build(c):
+        d = c.copy(key)
+        f = d / name
+        f.write_text(json.dumps(fn(json.loads(f.read_text()))))
+        return {key: d}
+    return build
+
+
+def _set(path: str, value):
+    def fn(obj):
+        *head, last = path.split(".")
+        target = obj
+        for k in head:
+            target = target[int(k)] if isinstance(target, list) else target[k]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value
+        return obj
+    return fn
+
+
+_DELETE = object()
+
+
+def _preset(content: bytes):
+    def build(c):
+        f = c.tmp / "preset.json"
+        f.write_bytes(content)
+        return {"preset": f}
+    return build
+
+
+def _small_preset(**changes) -> bytes:
+    from raycluster.run import PRESETS
+    preset = json.loads((PRESETS / "mnist-small.json").read_text())
+    preset.update(changes)
+    return json.dumps(preset).encode()
+
+
+def src_not_utf8(c):
+    d = Path(os.fsdecode(bytes(c.tmp) + b"/mnist-\xff"))
+    d.mkdir()
+    return {"src": d}
+
+
+def shard_without_image(c):
+    d = c.copy("data")
+    f = d / "train-00000.parquet"
+    t = pq.read_table(f)
+    pq.write_table(t.drop_columns(["image"]).replace_schema_metadata(t.schema.metadata), f)
+    return {"data": d}
+
+
+def _celeba_duplicate(name: str, line: int):
+    """A builder: the CelebA folder whose ``name`` file lists the image of ``line`` again, with other values."""
+    def build(c):
+        root = _celeba(c)
+        f = root / name
+        lines = f.read_bytes().decode().split("\r\n")
+        row = lines[line - 1].split(" ")
+        row[-1] = {"1": "-1", "-1": "1", "0": "2"}.get(row[-1], "0")
+        lines.append(" ".join(row))
+        if name == "list_attr_celeba.txt":
+            lines = [l for l in lines if l]
+            lines[0] = str(len(lines) - 2)
+        f.write_bytes("\r\n".join(lines).encode())
+        return {"celeba": root}
+    return build
+
+
+def mnist_endless(c):
+    """The training images file is a link to an endless device."""
+    src = _mnist_links(c, skip=(MNIST_NAMES["train"][0],))
+    (src / MNIST_NAMES["train"][0]).symlink_to("/dev/zero")
+    return {"src": src}
+
+
+def mnist_gzip_bomb(c):
+    """190 KB of gzip that declares 100 images and inflates to 200 MB."""
+    src = _mnist_links(c, skip=(MNIST_NAMES["train"][0],))
+    header = bytes([0, 0, 8, 3]) + np.asarray([100, 28, 28], ">u4").tobytes()
+    (src / MNIST_NAMES["train"][0]).write_bytes(gzip.compress(header + bytes(200_000_000), 9))
+    return {"src": src}
+
+
+def emb_duplicate_ids(c):
+    """An embedding shard copied over another: the same ids in two shards."""
+    d = c.copy("emb")
+    shutil.copy(d / "train-00000.parquet", d / "test-00000.parquet")
+    return {"emb": d}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -444,6 +585,107 @@ CASES = [
     ("run-set-bad-value", None, ["run", "--set", "decoder.epochs=0", "--out", "{out}"], r"--epochs 0: must be >= 1"),
     ("run-set-option-of-another-decoder", None, ["run", "--set", "decoder.channels=8", "--out", "{out}"],
      r"--channels: not an option of decoder 'conv'"),
+    # outputs are claimed, never clobbered
+    ("prepare-out-empty", None, [*MNIST[:5], "", *MNIST[6:]], r"--out '': an empty path .*; pass a new directory"),
+    ("prepare-out-root", None, [*MNIST[:5], "/", *MNIST[6:]], r"--out /: a filesystem root; pass a new directory"),
+    ("prepare-out-foreign-files", out_foreign, MNIST,
+     r"/out: not empty and not made by `fisher prepare` \(holds notes\.txt\); pass a new or empty --out"),
+    ("prepare-out-interrupted-embed", out_interrupted_embed, MNIST,
+     r"/out: claimed by an unfinished `fisher embed`; pass a new --out"),
+    ("prepare-keeps-foreign-shard", out_prepare_foreign_shard,
+     ["prepare", "mnist", "--src", "{src}", "--out", "{out}", "--limit", str(N), "--shard-size", str(N)],
+     r"out/test-00000\.parquet: not a shard written by `fisher prepare`; .*\(nothing was deleted\)"),
+    ("train-out-is-data", _out_copy_of("data"), TRAIN, r"/out: holds a 'prepare' artifact; pass a new --out"),
+    ("embed-out-foreign-files", out_foreign, ["embed", *PRIOR, "--dim", "16"],
+     r"/out: not empty and not made by `fisher embed` \(holds notes\.txt\)"),
+    ("decoder-out-is-prior", _out_copy_of("prior"), DECODE, r"/out: holds a 'train-prior' artifact; pass a new --out"),
+    ("interpolate-out-foreign-files", out_foreign, ["interpolate", *INPUTS],
+     r"/out: not empty and not made by `fisher interpolate`"),
+    ("evaluate-out-is-embeddings", _out_copy_of("emb"), ["evaluate", *INPUTS, "--pairs", "2"],
+     r"/out: holds a 'embed' artifact; pass a new --out"),
+    ("run-out-foreign-files", out_foreign, ["run", "--out", "{out}"], r"/out: not empty and not made by `fisher run`"),
+    # nothing non-finite published; counts, seeds and memory bounded before any work
+    ("train-lr-inf", None, [*TRAIN, "--lr", "inf"], r"--lr inf: must be a finite number > 0"),
+    ("decoder-lr-nan", None, [*DECODE, "--lr", "nan"], r"--lr nan: must be a finite number > 0"),
+    ("sweep-lr-0", None, ["sweep", "--prior", "{prior}", "--data", "{data}", "--out", "{out}", "--lr", "0"],
+     r"--lr 0\.0: must be a finite number > 0"),
+    ("prepare-negative-seed", None, [*MNIST, "--seed", "-3"], r"--seed -3: must be >= 0"),
+    ("edit-seed-too-large", None, ["edit", *INPUTS, "--attribute", "Smiling", "--seed", str(2**70)],
+     r"--seed \d+: must be <= 9223372036854775807"),
+    ("interpolate-pairs-1e9", None, ["interpolate", *INPUTS, "--pairs", "1000000000"],
+     r"--pairs 1000000000: must be <= 1024 \(one decoded row each\)"),
+    ("evaluate-pairs-1e9", None, ["evaluate", *INPUTS, "--pairs", "1000000000"],
+     r"--pairs 1000000000: must be <= 1000000"),
+    ("density-1e-30", None, ["embed", *PRIOR, "--density", "1e-30"],
+     r"--density 1e-30: below 2\^-40 = 9\.09e-13, the smallest density a projection resolves"),
+    ("embed-projection-too-big", None, ["embed", *PRIOR, "--dim", "1000000000", "--density", "1"],
+     r"--dim 1000000000 x --density with \d+ features, in 1 actor\(s\): needs about [\d.]+ GiB, more than 80%"),
+    ("embed-densities-same-column", None, ["embed", *PRIOR, "--dim", "16", "--density", "0.1234561,0.1234562"],
+     r"two projections share the column name z_d16_p0\.123456 .*pass distinct values"),
+    ("embed-negative-pca", None, ["embed", *PRIOR, "--dim", "16", "--pca", "-5"], r"--pca -5: must be >= 1"),
+    ("evaluate-fid-weights-text", fid_weights_text, ["evaluate", *INPUTS, "--pairs", "2", "--fid-weights", "{fid}"],
+     r"inception\.pth: not a plain tensor state dict \(.*\); pass pytorch-fid's"),
+    ("evaluate-fid-weights-nan", fid_weights_nan, ["evaluate", *INPUTS, "--pairs", "2", "--fid-weights", "{fid}"],
+     r"inception\.pth: tensor 'Mixed_7c\.branch_pool\.conv\.weight' holds NaN or Inf"),
+    # no hangs: requests a local Ray can never meet, an --address where nothing answers
+    ("train-gpu-without-gpu", None, [*TRAIN, "--gpu"], r"--gpu: this machine has 0 GPU\(s\) for a local Ray; drop --gpu"),
+    ("embed-gpu-without-gpu", None, ["embed", *PRIOR, "--gpu"], r"--gpu: this machine has 0 GPU\(s\)"),
+    ("sweep-gpus-per-trial-without-gpu", None, ["sweep", "--prior", "{prior}", "--data", "{data}", "--out", "{out}",
+                                                "--gpus-per-trial", "0.5"], r"--gpus-per-trial: this machine has 0 GPU"),
+    ("run-set-gpu-without-gpu", None, ["run", "--set", "prior.gpu=true", "--out", "{out}"],
+     r"--gpu: this machine has 0 GPU\(s\)"),
+    ("train-cpus-above-machine", None, [*TRAIN, "--cpus-per-worker", "64"],
+     r"--cpus-per-worker 64\.0: needs 64 CPUs at once, but the local Ray has \d+; pass a smaller value"),
+    ("train-workers-above-machine", None, [*TRAIN, "--workers", "64", "--cpus-per-worker", "0.5"],
+     r"--cpus-per-worker 0\.5 x --workers 64: needs 32 CPUs at once"),
+    ("embed-address-unreachable", None, ["embed", *PRIOR, "--address", "127.0.0.1:1"],
+     r"--address 127\.0\.0\.1:1: nothing answers there \(.*waited at most 10 s\); check the address"),
+    ("train-address-malformed", None, [*TRAIN, "--address", "headnode"],
+     r"--address headnode: expected HOST:PORT of the Ray head"),
+    # wrong-shape JSON, non-UTF-8 names, missing columns: one line naming the file and the field
+    ("data-manifest-is-a-list", _edit_json("data", "manifest.json", lambda m: [m]), TRAIN,
+     r"data-copy/manifest\.json: not a manifest \(a JSON list, not an object\); rerun the stage"),
+    ("data-manifest-no-image-shape", _edit_json("data", "manifest.json", _set("image_shape", _DELETE)), TRAIN,
+     r"manifest\.json: field 'image_shape' is None, not a JSON array; rerun the stage that wrote it"),
+    ("data-manifest-negative-shape", _edit_json("data", "manifest.json", _set("image_shape", [28, -28, 1])),
+     ["embed", *PRIOR, "--dim", "16"], r"manifest\.json: field 'image_shape' is \[28, -28, 1\], not \[H, W, C\]"),
+    ("data-manifest-shard-outside", _edit_json("data", "manifest.json", _set("shards.0.file", "../../etc/passwd")),
+     TRAIN, r"manifest\.json: shard entry .*etc/passwd.* does not name a file of this directory"),
+    ("prior-module-json-negative-size", _edit_json("prior", "module.json", _set("config.filters", -8)),
+     ["embed", *PRIOR, "--dim", "16"], r"prior-copy/module\.json: prior 'pixelcnn': invalid config .*filters=-8 must be >= 1"),
+    ("prior-module-json-200000-layers", _edit_json("prior", "module.json", _set("config.n_layers", 200000)),
+     ["embed", *PRIOR, "--dim", "16"], r"module\.json: config\.n_layers = 200000 is above 65536; rerun `fisher train-prior`"),
+    ("prior-module-json-too-many-parameters",
+     _edit_json("prior", "module.json", lambda m: _set("config.filters", 4096)(_set("config.n_layers", 10)(m))),
+     ["embed", *PRIOR, "--dim", "16"], r"module\.json: describes [\d,]+ parameters, more than 1,073,741,824"),
+    ("prior-module-json-wrong-type", _edit_json("prior", "module.json", _set("config.kernel_size", "seven")),
+     ["embed", *PRIOR, "--dim", "16"], r"prior-copy/module\.json: .*kernel_size"),
+    ("run-preset-prepare-null", _preset(_small_preset(prepare=None)), ["run", "--preset", "{preset}", "--out", "{out}"],
+     r"preset\.json: section 'prepare' is None, not a JSON object of options"),
+    ("run-preset-binary", _preset(bytes(range(256)) * 4), ["run", "--preset", "{preset}", "--out", "{out}"],
+     r"preset\.json: not a JSON preset \(.*\); start from a copy of"),
+    ("run-preset-list", _preset(b"[1, 2]"), ["run", "--preset", "{preset}", "--out", "{out}"],
+     r"preset\.json: a preset is a JSON object of sections, not a list"),
+    ("run-preset-unknown-dataset", _preset(_small_preset(dataset="cifar")), ["run", "--preset", "{preset}", "--out",
+                                                                            "{out}"],
+     r"preset\.json: 'dataset' is 'cifar'; expected \"mnist\" or \"celeba\""),
+    ("prepare-src-not-utf8", src_not_utf8, MNIST, r"--src '.*mnist-\\udcff': not a UTF-8 name; rename"),
+    ("train-shard-without-image", shard_without_image, TRAIN,
+     r"data-copy/train-00000\.parquet: no column 'image' \(has id, label, split\); rerun `fisher prepare`"),
+    ("embed-shard-without-image", shard_without_image, ["embed", *PRIOR, "--dim", "16"],
+     r"data-copy/train-00000\.parquet: no column 'image'"),
+    # data consistency
+    ("attr-conflicting-duplicate", _celeba_duplicate("list_attr_celeba.txt", 4), CELEBA,
+     r"list_attr_celeba\.txt line 12: 000002\.jpg is listed again \(first on line 4\); use the official CelebA"),
+    ("partition-conflicting-duplicate", _celeba_duplicate("list_eval_partition.txt", 3), CELEBA,
+     r"list_eval_partition\.txt line 10: 000003\.jpg is listed again; use the official CelebA file"),
+    ("mnist-link-to-endless-device", mnist_endless, MNIST,
+     r"train-images-idx3-ubyte\.gz: not an idx file \(bad magic number 00000000\); pass the original MNIST"),
+    ("mnist-gzip-bomb", mnist_gzip_bomb, MNIST,
+     r"train-images-idx3-ubyte\.gz: idx size mismatch \(header \(100, 28, 28\) needs 78416 bytes, found 78416 or "
+     r"more\); the file is truncated or corrupt"),
+    ("decoder-duplicate-ids", emb_duplicate_ids, DECODE,
+     r"emb-copy/test-00000\.parquet: id 'train-\d+' is also in train-00000\.parquet; every image is embedded once"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
@@ -503,6 +745,8 @@ def run_case(build, argv_template, pattern, ctx: Ctx, capsys, inside_ray: bool =
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, good, tmp_path, make_celeba, capsys):
     case_id, build, argv, pattern = case
+    if "without-gpu" in case_id and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     run_case(build, argv, pattern, Ctx(good, tmp_path, make_celeba), capsys, inside_ray=case_id in INSIDE_RAY)
 
 

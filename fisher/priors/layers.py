@@ -23,12 +23,9 @@ def causal_mask(out_ch: int, in_ch: int, k: int, mask_type: str, channels: int) 
     c = k // 2
     mask[:, :, :c, :] = 1
     mask[:, :, c, :c] = 1
-    for o in range(out_ch):
-        go = _group(o, out_ch, channels)
-        for i in range(in_ch):
-            gi = _group(i, in_ch, channels)
-            if gi < go or (mask_type == "B" and gi == go):
-                mask[o, i, c, c] = 1
+    go = torch.arange(out_ch)[:, None] * channels // out_ch          # _group of every output / input map
+    gi = torch.arange(in_ch)[None, :] * channels // in_ch
+    mask[:, :, c, c] = ((gi < go) | ((gi == go) if mask_type == "B" else False)).to(mask.dtype)
     return mask
 
 

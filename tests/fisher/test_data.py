@@ -215,7 +215,8 @@ def _small_mnist(src):
 
 
 def _artifact_files(out):
-    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+    """The files of an artifact directory, but the stage's claim (``_plan.json``)."""
+    return sorted(p.name for p in out.iterdir() if p.name != "_plan.json") if out.exists() else []
 
 
 def test_prepare_mnist_reuse_and_config_mismatch(tmp_path):
@@ -262,7 +263,7 @@ def test_prepare_interrupted_then_rerun_keeps_finished_shards(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         data.prepare_mnist(cfg, str(out))
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert sorted(kept) == sorted(Path(u).name for u in written) and len(kept) == 3    # no manifest, no temp file
+    assert sorted(kept) == sorted(["_plan.json", *(Path(u).name for u in written)]) and len(kept) == 4  # the claim, no temp
 
     written.clear()
     monkeypatch.setattr(data, "atomic_write_table", real_write)
@@ -279,10 +280,14 @@ def test_prepare_rerun_rewrites_shards_of_another_config_or_damaged(tmp_path):
     out, clean = tmp_path / "out", tmp_path / "clean"
     data.prepare_mnist(data.MnistConfig(str(src), seed=5, shard_size=8), str(out))
     (out / "manifest.json").unlink()                       # an interrupted run of another seed
-    (out / "train-00001.parquet").write_bytes(b"PAR1 truncated")
-    (out / "train-00099.parquet").write_bytes(b"a stray shard")
+    (out / "train-00099.parquet").write_bytes(b"a stray shard")   # named like a shard, not written by prepare
     cfg = data.MnistConfig(str(src), seed=0, shard_size=8)
-    data.prepare_mnist(cfg, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FisherError, match=r"train-00099\.parquet: not a shard written by `fisher prepare`"):
+        data.prepare_mnist(cfg, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before      # nothing deleted, nothing written
+    (out / "train-00099.parquet").unlink()
+    data.prepare_mnist(cfg, str(out))                      # the other seed's own shards are replaced
     data.prepare_mnist(cfg, str(clean))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in clean.iterdir()}
 
