@@ -131,8 +131,8 @@ def check_fits(args, request: dict, options: dict, per: str = "actor") -> None:
     short, types = _shortfall(request, types)
     name = max(sorted(types), key=lambda n: (types[n].get(short, 0), *(types[n].get(k, 0) for k in request)))
     offer = ", ".join(f"{k} {types[name].get(k, 0):g}" for k in request)
-    raise FisherError(f"{options[short]}: asks {short} {request[short]:g} per {per}, more than any node of this cluster "
-                      f"can offer (largest node type: {name} with {offer}; from {source}); lower "
+    raise FisherError(f"{options[short]}: asks {short} {request[short]:g} per {per}, more than any node of this "
+                      f"cluster can offer (largest node type: {name} with {offer}; from {source}); lower "
                       f"{options[short].split()[0]} or add a larger node type")
 
 

@@ -123,7 +123,8 @@ def autoscaling_cluster(monkeypatch, cluster_yaml: dict):
            "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"}
     try:
         r = subprocess.run([RAY, "start", "--head", "--autoscaling-config", config, "--port", gcs.split(":")[1],
-                            "--node-ip-address", "127.0.0.1", "--num-cpus", "0", "--object-store-memory", str(200 * 2**20), "--include-dashboard", "false",
+                            "--node-ip-address", "127.0.0.1", "--num-cpus", "0",
+                            "--object-store-memory", str(200 * 2**20), "--include-dashboard", "false",
                             "--dashboard-port", dash, "--ray-client-server-port", client,
                             "--dashboard-agent-listen-port", agent, "--metrics-export-port", metrics,
                             "--temp-dir", temp, "--disable-usage-stats"],
@@ -148,7 +149,8 @@ class Timeline:
         import ray
         from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
-        alive = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"])
+        alive = sorted(n["NodeID"] for n in ray.nodes()
+                       if n["Alive"] and "node:__internal_head__" not in n["Resources"])
         for n in ray.nodes():
             self.resources.setdefault(n["NodeID"], {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")})
         status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
@@ -192,12 +194,13 @@ def _run_job(argv: list[str], env: dict, timeline: Timeline, on_sample=None, tim
 
 
 def _kill_node(node_id: str, marker: str) -> int:
-    """SIGKILL every process of one fake node: its raylet, agents and workers (they carry its node id)."""
+    """SIGKILL every process of one fake node: its raylet (``--node_id``), agents and workers (``--node-id``)."""
     import psutil
+    flags = {f"--node_id={node_id}", f"--node-id={node_id}"}
     killed = 0
     for p in ray_processes(marker):
         with contextlib.suppress(psutil.Error):
-            if p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+            if flags & set(p.cmdline()):
                 p.kill()
                 killed += 1
     return killed
@@ -271,17 +274,21 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
 
         def kill_one(alive):
             done = len(list((tmp_path / "emb2").glob("*.parquet")))
-            if not killed and alive and done >= 1:
-                assert done < len(manifest["shards"]), "the job finished before a worker could be killed"
-                killed.append((alive[-1], tl.last[0], done, _kill_node(alive[-1], temp)))
+            if killed or not alive or done < 1:
+                return
+            assert done < len(manifest["shards"]), "the job finished before a worker could be killed"
+            pool = sorted({a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+                           if a["State"] == "ALIVE" and "_ScoreActor" in a["ActorClassName"]} & set(alive))
+            if pool:                                        # a worker that runs one of the job's embedding actors
+                killed.append((pool[-1], tl.last[0], done, _kill_node(pool[-1], temp)))
 
         rc, out, t_submit2, t_done2 = _run_job(job + ["--out", str(tmp_path / "emb2"), "--address", gcs], env, tl,
                                                on_sample=kill_one)
         print(f"job 2: submitted {t_submit2}, done {t_done2}, kill {killed}; timeline {tl.samples}")
         assert rc == 0, out[-4000:]
-        assert killed and killed[0][3] > 0, killed
+        assert killed and killed[0][3] >= 3, killed                # raylet, agents, workers
         assert digests(tmp_path / "emb2") == digests(ref)
-        assert not [n for n in ray.nodes() if n["NodeID"] == killed[0][0] and n["Alive"]]    # the node is gone
+        tl.wait(lambda alive: killed[0][0] not in alive, 60, "the GCS to declare the killed node dead")
         t_zero2 = tl.wait(lambda alive: not alive, 60 + 3 * idle_s, "scale-down to zero workers after the kill")
         types, resources = dict(tl.types), dict(tl.resources)
         events = _autoscaler_events(temp)
@@ -295,7 +302,8 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
     for name, t in worker_types.items():
         launched = [n for n, tt in workers.items() if tt == name]
         assert all(resources.get(n) == {**t["resources"]} for n in launched if n in resources), resources
-    assert max(n for _, n in tl.samples) <= min(cfg["max_workers"], sum(t["max_workers"] for t in worker_types.values()))
+    limit = min(cfg["max_workers"], sum(t["max_workers"] for t in worker_types.values()))
+    assert max(n for _, n in tl.samples) <= limit
     assert used <= set(workers)
     assert listening and listening <= LOOPBACK, listening
     seconds = time.time() - started
