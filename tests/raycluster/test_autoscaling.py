@@ -194,22 +194,24 @@ def _run_job(argv: list[str], env: dict, timeline: Timeline, on_sample=None, tim
 
 
 def _kill_node(node_id: str, marker: str) -> int:
-    """SIGKILL every process of one fake node: its raylet (``--node_id``), agents and workers (``--node-id``)."""
+    """SIGKILL one fake node: its raylet (``--node_id``) and everything the raylet started (its agents
+    and workers, whose command lines Ray rewrites to ``ray::...``)."""
     import psutil
-    flags = {f"--node_id={node_id}", f"--node-id={node_id}"}
-    killed = 0
+    procs = []
     for p in ray_processes(marker):
         with contextlib.suppress(psutil.Error):
-            if flags & set(p.cmdline()):
-                p.kill()
-                killed += 1
-    return killed
+            if f"--node_id={node_id}" in p.cmdline():
+                procs += [p, *p.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return len(procs)
 
 
 def _autoscaler_events(temp: str) -> list[str]:
     """The autoscaler's launch / removal events (its monitor log), as 'HH:MM:SS event'."""
     out = []
-    for log in sorted(Path(temp).glob("session_*/logs/monitor.log")):
+    for log in sorted(Path(temp).glob("session_2*/logs/monitor.log")):          # not session_latest, a link
         for line in log.read_text(errors="replace").splitlines():
             if ":event_summary:" in line and ("Adding" in line or "Removing" in line):
                 out.append(f"{line.split()[1].split(',')[0]} {line.split(':event_summary:', 1)[1]}")
