@@ -153,14 +153,21 @@ class Timeline:
                        if n["Alive"] and "node:__internal_head__" not in n["Resources"])
         for n in ray.nodes():
             self.resources.setdefault(n["NodeID"], {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")})
-        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        if status:
-            self.types.update((json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {})
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or "{}")
+        self.report = status.get("autoscaler_report") or {}
+        self.requests = (status.get("load_metrics_report") or {}).get("request_demand")
+        self.types.update(self.report.get("node_type_mapping") or {})
         now = round(time.time() - self.t0, 1)
         if not self.samples or self.samples[-1][1] != len(alive):
             self.samples.append((now, len(alive)))
         self.last = (now, alive)
         return alive
+
+    def at_zero(self, alive) -> bool:
+        """No worker alive, none active, pending or being launched in the autoscaler's own report."""
+        r = self.report
+        return (not alive and set(r.get("active_nodes") or {}) <= {FAKE_HEAD} and not r.get("pending_nodes")
+                and not r.get("pending_launches"))
 
     def wait(self, predicate, timeout: float, what: str) -> float:
         deadline = time.time() + timeout
@@ -168,7 +175,8 @@ class Timeline:
             if predicate(self.sample()):
                 return self.last[0]
             time.sleep(0.5)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; timeline {self.samples}")
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; timeline {self.samples}; "
+                             f"autoscaler report {self.report}; resource requests {self.requests}")
 
 
 def _run_job(argv: list[str], env: dict, timeline: Timeline, on_sample=None, timeout: float = 300):
@@ -265,7 +273,7 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
         first_worker = next(t for t, n in tl.samples if n > 0) - t_submit
         peak1 = max(n for t, n in tl.samples)
         print(f"\njob 1: submitted {t_submit}, done {t_done}; timeline {tl.samples}")
-        t_zero = tl.wait(lambda alive: not alive, 60 + 3 * idle_s, "scale-down to zero workers")
+        t_zero = tl.wait(tl.at_zero, 60 + 3 * idle_s, "scale-down to zero workers")
         manifest = json.loads((tmp_path / "emb1" / "manifest.json").read_text())
         used = set(manifest["timing"]["nodes"])
         assert len(used) == 2 and digests(tmp_path / "emb1") == digests(ref)
@@ -291,7 +299,7 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
         assert killed and killed[0][3] >= 3, killed                # raylet, agents, workers
         assert digests(tmp_path / "emb2") == digests(ref)
         tl.wait(lambda alive: killed[0][0] not in alive, 60, "the GCS to declare the killed node dead")
-        t_zero2 = tl.wait(lambda alive: not alive, 60 + 3 * idle_s, "scale-down to zero workers after the kill")
+        t_zero2 = tl.wait(tl.at_zero, 120 + 3 * idle_s, "scale-down to zero workers after the kill")
         types, resources = dict(tl.types), dict(tl.resources)
         events = _autoscaler_events(temp)
 
@@ -315,7 +323,7 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
           f"zero workers at {t_zero} ({t_zero - t_done:.1f} s after the job, idle timeout {idle_s:g} s)\n"
           f"job 2: submitted {t_submit2}, killed {killed[0][0][-5:]} at {killed[0][1]} ({killed[0][2]} shards done), "
           f"done {t_done2}, zero workers at {t_zero2}; worker types {sorted(set(workers.values()))}, "
-          f"{len(workers)} launched in all; test {seconds:.0f} s")
+          f"{len(workers)} launched in all; resource requests left at the end: {tl.requests}; test {seconds:.0f} s")
 
 
 @pytest.mark.parametrize("request_, refused", [
