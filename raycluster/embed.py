@@ -45,7 +45,7 @@ from fisher.io import (
     write_manifest,
 )
 from raycluster.options import add_options, at_least, at_most, option, positive, seeds
-from raycluster.runtime import RayOptions, check_memory, init_ray, read_shards, worker_threads
+from raycluster.runtime import RayOptions, check_fits, check_memory, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
 _NODE = "_node"         # per-row Ray node id from the actors; not written to the shards
@@ -260,7 +260,10 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
     """:func:`_embed_shards`; a failure inside Ray becomes one line, naming the input shard when one is unreadable
     (corrupt pages pass the footer check and only fail when a worker decodes them)."""
     try:
-        return _embed_shards(args, todo, shape, plan, init_ray(args))
+        resources = init_ray(args)
+        check_fits(args, {"CPU": args.cpus_per_actor, "GPU": int(args.gpu)},
+                   {"CPU": f"--cpus-per-actor {args.cpus_per_actor:g}", "GPU": "--gpu"})
+        return _embed_shards(args, todo, shape, plan, resources)
     except FisherError:
         raise
     except Exception as e:      # ray.exceptions.RayTaskError, ...

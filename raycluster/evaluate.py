@@ -50,7 +50,7 @@ from fisher.io import (
     read_table,
 )
 from raycluster.options import add_options, at_least, at_most, option, positive, seeds
-from raycluster.runtime import RayOptions, init_ray, read_shards, worker_threads
+from raycluster.runtime import RayOptions, check_fits, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
 FIG_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5)        # Algorithm 1 / Figure 3b
@@ -534,6 +534,8 @@ def run_evaluate(args) -> None:
     def ray_resources() -> dict:
         if not resources:
             resources.update(init_ray(args))
+            check_fits(args, {"CPU": args.cpus_per_actor, "GPU": int(args.gpu)},
+                       {"CPU": f"--cpus-per-actor {args.cpus_per_actor:g}", "GPU": "--gpu"})
         return resources
 
     started = time.time()

@@ -133,6 +133,93 @@ def init_ray(args) -> dict:
     return ray.cluster_resources()
 
 
+def node_types(local: bool = False) -> tuple[dict[str, dict], str] | None:
+    """The largest nodes this cluster can ever have: ``({name: resources}, source)``; None when unknown.
+
+    The live nodes, plus the node types the autoscaler may add. The types come from the cluster
+    config that autoscaler v2 reports to the GCS, else from the config file the autoscaler runs with
+    (``--autoscaling-config`` of its monitor process, found by this cluster's GCS address: on a ``ray
+    up`` cluster the head's ``~/ray_bootstrap_config.yaml``, on the machine where a submitted job's
+    driver runs). None when an autoscaler may be running but its node types cannot be read (a driver
+    on another machine than the monitor): requests are then not checked. Without an autoscaler
+    (``local``: the Ray this command started) the live nodes are all there will be."""
+    import json
+
+    import ray
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+    live = {f"live node {n['NodeID'][:8]}": {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+            for n in ray.nodes() if n["Alive"]}
+    if local:
+        return live, "the Ray started by this command"
+    config = state.get_cluster_config()
+    if config and config.node_group_configs:
+        return {**live, **{g.name: dict(g.resources) for g in config.node_group_configs if g.max_count != 0}}, \
+            "the cluster config in the GCS (autoscaler v2)"
+    path = _autoscaling_config_path(ray.get_runtime_context().gcs_address)
+    if path:
+        import yaml
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+        types = {name: t.get("resources", {}) for name, t in (cfg.get("available_node_types") or {}).items()
+                 if t.get("max_workers", cfg.get("max_workers", 1)) or t.get("min_workers")}
+        return {**live, **types}, f"the autoscaler's config {path}"
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)       # written by the v1 monitor
+    if is_autoscaler_v2(fetch_from_server=True) or status is None or "autoscaler_report" in json.loads(status):
+        return None
+    return live, "the live nodes (the cluster has no autoscaler)"
+
+
+def _autoscaling_config_path(gcs_address: str) -> str | None:
+    """``--autoscaling-config`` of this cluster's autoscaler monitor, if it runs on this machine."""
+    import psutil
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if any(a.endswith("monitor.py") for a in cmd) and f"--gcs-address={gcs_address}" in cmd:
+            for a in cmd:
+                if a.startswith("--autoscaling-config="):
+                    path = os.path.expanduser(a.split("=", 1)[1])
+                    return path if os.path.isfile(path) else None
+    return None
+
+
+def check_fits(args, request: dict, options: dict, per: str = "actor") -> None:
+    """Refuse, with one line naming the option, a per-actor (per-trial, per-worker) resource request
+    that no node of the cluster can ever satisfy: Ray would leave it pending forever. ``options``
+    maps each resource of ``request`` to the option that asked for it (``{"CPU": "--cpus-per-actor 12"}``)."""
+    from fisher.io import FisherError
+    request = {k: v for k, v in request.items() if v}
+    known = node_types(local=not (args.address or os.environ.get("RAY_ADDRESS")))
+    if known is None:
+        print(f"note: the autoscaler's node types are not readable from here; not checking {per} resources "
+              f"{request} against them", flush=True)
+        return
+    types, source = known
+    if not types or any(all(res.get(k, 0) >= v for k, v in request.items()) for res in types.values()):
+        return
+    short, types = _shortfall(request, types)
+    name = max(sorted(types), key=lambda n: (types[n].get(short, 0), *(types[n].get(k, 0) for k in request)))
+    offer = ", ".join(f"{k} {types[name].get(k, 0):g}" for k in request)
+    raise FisherError(f"{options[short]}: asks {short} {request[short]:g} per {per}, more than any node of this "
+                      f"cluster can offer (largest node type: {name} with {offer}; from {source}); lower "
+                      f"{options[short].split()[0]} or add a larger node type")
+
+
+def _shortfall(request: dict, types: dict) -> tuple[str, dict]:
+    """The resource to name, and the node types to compare it with: one that no type has enough of,
+    else one that the types holding the rest of the request lack (CPUs on the GPU types)."""
+    for k in request:
+        if all(res.get(k, 0) < request[k] for res in types.values()):
+            return k, types
+    for k in request:
+        rest = {n: r for n, r in types.items() if all(r.get(j, 0) >= v for j, v in request.items() if j != k)}
+        if rest:
+            return k, rest
+    return next(iter(request)), types
+
+
 def loopback_only() -> None:
     """Keep a local Ray on 127.0.0.1. Ray turns a 127.0.0.1 node address into this machine's own IP
     (``resolve_ip_for_localhost``), and its GCS, raylet and workers then listen on every interface;
@@ -182,6 +269,8 @@ def torch_trainer(loop, loop_config: dict, args, name: str, workers: int = 1, da
     import ray.train
     from ray.train.torch import TorchTrainer
     resources = init_ray(args)
+    check_fits(args, {"CPU": args.cpus_per_worker, "GPU": int(args.gpu)},
+               {"CPU": f"--cpus-per-worker {args.cpus_per_worker:g}", "GPU": "--gpu"}, per="worker")
     storage = f"{args.out.rstrip('/')}/ray" if "://" in args.out else os.path.abspath(os.path.join(args.out, "ray"))
     return TorchTrainer(
         loop, train_loop_config={**loop_config, "threads": worker_threads(resources, workers)},

@@ -53,7 +53,7 @@ from fisher.io import (
     write_manifest,
 )
 from raycluster.options import add_options, at_least, option, positive, seeds
-from raycluster.runtime import RayOptions, init_ray
+from raycluster.runtime import RayOptions, check_fits, init_ray
 
 CELLS = "cells"           # OUT/cells/<column>.json: one record per finished cell
 SPLITS = ("train", "test")
@@ -136,6 +136,10 @@ def run(args: SweepOptions) -> None:
     cells = grid_cells(grid)
     started = time.time()
 
+    init_ray(args)                  # trials no node can hold are refused before the embeddings are computed
+    check_fits(args, {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial},
+               {"CPU": f"--cpus-per-trial {args.cpus_per_trial:g}", "GPU": f"--gpus-per-trial {args.gpus_per_trial:g}"},
+               per="trial")
     emb_dir = join(args.out, "embeddings")
     _embed(args, emb_dir, grid, seed)
     emb_manifest = read_manifest(emb_dir, "embed")
