@@ -163,7 +163,7 @@ def probe_section(out: str, kinds: dict) -> list[str]:
     lines = ["## Semantic probes (beyond the paper)", "",
              f"Test split ({first['n_test']} images; fitted on {first['n_train']} train images). Linear probe: "
              f"closed-form ridge regression ({target}; the ridge per row, chosen on a 20% hold-out of the train "
-             "split unless fixed, is in the table); kNN: the share of each test image's {first['knn']['k']} "
+             f"split unless fixed, is in the table); kNN: the share of each test image's {first['knn']['k']} "
              "nearest train neighbours (cosine, standardized) with its label. Sec. 5 of the paper claims that "
              "Fisher scores hold semantic information directly.", "",
              "| embedding | dims | linear probe | ridge | kNN agreement |", "|---|---|---|---|---|"]
@@ -247,7 +247,8 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
         lines.append(f"| none: the train split's mean image | – | – | {base['bce_nats_per_pixel']:.4f} | "
                      f"{base['mse']:.4f} | – |")
         lines += ["", "The mean-image row is what a decoder that ignores its embedding can reach; a decoder is only "
-                  "as useful as its distance below it. The pixel row decodes by the identity (MSE 0)."]
+                  "as useful as its distance below it. The pixel row decodes by the identity: its MSE is the distance "
+                  "of the embedded reference images (MNIST: the grey originals) to the prepared ones."]
     lines += [""] + fid_section(out, preset, kinds, suffixes)
     sfx0 = suffixes[0]
     lines += [f"![FID vs alpha, {k}](fid-{k}{sfx0}/fid.png)" for k in kinds if exists(d(f"fid-{k}{sfx0}", "fid.png"))]

@@ -255,6 +255,7 @@ def test_report_markdown(run_dir):
     assert "| none: the train split's mean image |" in md
     lines = md.splitlines()
     assert "| fisher/conv | 3.00 | 4.00 | 1 | 4 |" in lines and "| fisher/conv (paper) | 1.21 | 5.43 | 1 | 50000 |" in lines
+    assert "each test image's 10 nearest train neighbours" in md
     assert "| fisher | 16 | 0.750 | 0.1 | 0.500 |" in lines and "| majority label | – | 0.200 | – | – |" in lines
     assert "a 1-layer, 8-filter PixelCNN trained for 1 epoch(s)" in md
     assert "(preset `mnist-paper`) has all the data, a 5-layer, 64-filter prior, conv decoders and 50000" in md

@@ -1,8 +1,8 @@
 """``fisher run`` end to end with a tiny preset file: every step, the report, and a rerun that reuses them.
 
 The preset is the shape of ``mnist-small`` at toy scale (64 images per split, the builtin prior, a
-one-cell sweep, one-epoch decoders, two seeds); FID runs the real Inception weights on 4 pairs × 2 α
-against 8 real images, so the test is skipped without the weights file.
+one-cell sweep, one-epoch decoders, two seeds, Fisher scores and pixels); FID runs the real Inception
+weights on 4 pairs × 1 α against 8 real images, so the test is skipped without the weights file.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ WEIGHTS = SHARED_DATA / "pt_inception-2015-12-05-nofc.pth"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not WEIGHTS.exists(), reason=f"{WEIGHTS} absent (set FISHER_SHARED_DATA)")]
 
-STEPS = ["prepare", "baselines", "sweep", "embed-activation", "embed-pixel"]
-for _kind in ("fisher", "activation", "pixel"):
+STEPS = ["prepare", "baselines", "sweep", "embed-pixel"]
+for _kind in ("fisher", "pixel"):
     STEPS += [f"probe-{_kind}"] + ([f"decoder-{_kind}-s0", f"decoder-{_kind}-s1"] if _kind != "pixel" else
                                    ["decoder-pixel"]) + [f"interpolate-{_kind}", f"fid-{_kind}-s0", f"fid-{_kind}-s1"]
 
@@ -36,7 +36,8 @@ def run(tmp_path_factory, mnist_dir):
         "embed": {"dim": 16, "density": 1.0, "seed": 0, "actors": 1},
         "decoder": {"decoder": "conv", "epochs": 1, "batch_size": 32, "cpus_per_worker": 0.5},
         "interpolate": {"pairs": 2},
-        "evaluate": {"pairs": 4, "real_limit": 8, "alphas": [0.0, 0.5], "batch_size": 4, "seeds": 2},
+        "evaluate": {"pairs": 4, "real_limit": 8, "alphas": [0.5], "batch_size": 4, "seeds": 2},
+        "kinds": ["fisher", "pixel"],       # activations take the same path as pixels (embed, decoder, evaluate)
         "sweep": {"grid": str(grid), "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5},
     }
     (root / "toy.json").write_text(json.dumps(preset))
@@ -62,14 +63,16 @@ def test_every_step_and_the_report(run):
                     "## Semantic probes (beyond the paper)", "## How this run compares with the paper",
                     "## Timings (seconds, this run)"):
         assert heading in report, heading
-    assert "| fisher | `z` | conv |" in report and "| activation | `z` | conv |" in report
-    assert "| pixel | `z` | pixels | – | 0.0000 | 1 |" in report
+    assert "| fisher | `z` | conv |" in report and "| activation |" not in report
+    pixel_row = next(line for line in report.splitlines() if line.startswith("| pixel | `z` | pixels | – | "))
+    assert 0 < float(pixel_row.split("|")[5]) < 0.05       # grey originals vs their binarization: small, not 0
     assert "the train split's mean image" in report and "builtin:mnist-pixelcnn" in report
     baselines = json.loads((out / "baselines" / "baselines.json").read_text())
     assert baselines["prior"]["nll_nats"] < baselines["independent_pixel"]["nll_nats_per_image"] - 50
-    for kind in ("fisher", "activation", "pixel"):
+    for kind in ("fisher", "pixel"):
         fids = [json.loads((out / f"fid-{kind}-s{k}" / "fid.json").read_text()) for k in (0, 1)]
-        assert all(f["pairs"] == 4 and list(f["fid"]) == ["0", "0.5"] and f["fid"]["0"] > 0 for f in fids)
+        assert all(f["pairs"] == 4 and list(f["fid"]) == ["0.5"] and f["fid"]["0.5"] > 0 for f in fids)
+        assert all(f["reference"] == "grey" and list(f["kid"]) == ["0.5"] for f in fids)
         assert [f["seed"] for f in fids] == [0, 1]
         assert f"![{kind}](interpolate-{kind}/interpolations.png)" in report
         assert (out / f"interpolate-{kind}" / "interpolations.png").exists()
