@@ -215,13 +215,14 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
     if not isinstance(prior_section.pop("train", True), bool):
         raise FisherError(f"{where_of('prior')('train')}: prior.train must be true or false")
     prior = prior_of(args, preset)
+    # checked even when a builtin prior is used, so that a misspelt key is never ignored silently
+    training = opts(train_prior.TrainPriorOptions, "prior", "train-prior", prior_section, data=d("data"),
+                    out=d("prior"), **ray)
     if prior.startswith("builtin:"):
         from fisher.priors import prior_location
         prior_location(prior)                                   # an unknown name is refused now
     else:
-        steps.append(Step("train-prior", "train-prior", train_prior.run,
-                          opts(train_prior.TrainPriorOptions, "prior", "train-prior", prior_section, data=d("data"),
-                               out=d("prior"), **ray), "prior/manifest.json"))
+        steps.append(Step("train-prior", "train-prior", train_prior.run, training, "prior/manifest.json"))
     steps.append(Step("baselines", "baselines", run_baselines, BaselineOptions(prior=prior, data=d("data"),
                                                                                   out=d("baselines")),
                       "baselines/manifest.json"))

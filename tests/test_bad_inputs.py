@@ -632,7 +632,7 @@ CASES = [
     ("embed-gpu-without-gpu", None, ["embed", *PRIOR, "--gpu"], r"--gpu: this machine has 0 GPU\(s\)"),
     ("sweep-gpus-per-trial-without-gpu", None, ["sweep", "--prior", "{prior}", "--data", "{data}", "--out", "{out}",
                                                 "--gpus-per-trial", "0.5"], r"--gpus-per-trial: this machine has 0 GPU"),
-    ("run-set-gpu-without-gpu", None, ["run", "--set", "prior.gpu=true", "--out", "{out}"],
+    ("run-set-gpu-without-gpu", None, ["run", "--set", "embed.gpu=true", "--out", "{out}"],
      r"--gpu: this machine has 0 GPU\(s\)"),
     ("train-cpus-above-machine", None, [*TRAIN, "--cpus-per-worker", "64"],
      r"--cpus-per-worker 64\.0: needs 64 CPUs at once, but the local Ray has \d+; pass a smaller value"),
@@ -671,7 +671,7 @@ CASES = [
      r"preset\.json: 'dataset' is 'cifar'; expected \"mnist\" or \"celeba\""),
     ("prepare-src-not-utf8", src_not_utf8, MNIST, r"--src '.*mnist-\\udcff': not a UTF-8 name; rename"),
     ("train-shard-without-image", shard_without_image, TRAIN,
-     r"data-copy/train-00000\.parquet: no column 'image' \(has id, label, split\); rerun `fisher prepare`"),
+     r"data-copy/train-00000\.parquet: no column 'image' \(has id, grey, label, split\); rerun `fisher prepare`"),
     ("embed-shard-without-image", shard_without_image, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/train-00000\.parquet: no column 'image'"),
     # data consistency
