@@ -169,6 +169,8 @@ def test_train_prior_survives_a_killed_worker(inputs, local_ray, tmp_path):
     base, out = tmp_path / "base", tmp_path / "killed"
     assert _train(inputs, base, "--max-failures", "0") == 0
     experiment = out / "ray" / "prior"
+    from fisher.io import claim_output
+    claim_output(str(out), "train-prior")       # an earlier train-prior into this --out left the stray below
     stray_weights = _stray_checkpoint(experiment, epochs=2)
     snapshot = experiment / "checkpoint_manager_snapshot.json"        # written once epoch 1 is registered
     killer = _Killer(snapshot.exists, local_ray, "RayTrainWorker")
