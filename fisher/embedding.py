@@ -296,6 +296,19 @@ def check_embeddings(dir_uri: str, column: str, splits=("train", "test")) -> Non
             _unique_ids(dir_uri, name, _read_shard(dir_uri, manifest, name, column)[0], seen)
 
 
+def paired_manifests(emb_dir: str, data_dir: str, column: str) -> tuple[dict, dict]:
+    """(embed manifest, prepare manifest) of embeddings and the data they were made from, refusing data
+    other than the embeddings' and a column they lack, each in one line."""
+    from fisher.io import FisherError, manifest_hash, read_manifest
+    emb, data = read_manifest(emb_dir, "embed"), read_manifest(data_dir, "prepare")
+    if emb.get("inputs", {}).get("data") != manifest_hash(data):
+        raise FisherError(f"{emb_dir}: embeddings were made from other data than {data_dir}; "
+                          "pass the --data used by `fisher embed`")
+    if column not in emb["columns"]:
+        raise FisherError(f"{emb_dir}: no column '{column}' (has {', '.join(emb['columns'])}); pass --column")
+    return emb, data
+
+
 def load_pairs(emb_dir: str, data_dir: str, split: str, column: str = "z") -> dict:
     """Embeddings joined to their images by ``id``: {'id', 'z' [N, dim], 'image' [N, H, W, C], targets}."""
     from fisher.data import load_prepared

@@ -49,13 +49,8 @@ def register(sub) -> None:
 def run(args: ProbeOptions) -> None:
     from fisher.embedding import load_pairs
     from fisher.probes import knn_agreement, linear_probe, majority_baseline
-    emb, data = read_manifest(args.embeddings, "embed"), read_manifest(args.data, "prepare")
-    if emb.get("inputs", {}).get("data") != manifest_hash(data):
-        raise FisherError(f"{args.embeddings}: embeddings were made from other data than {args.data}; "
-                          "pass the --data used by `fisher embed`")
-    if args.column not in emb["columns"]:
-        raise FisherError(f"{args.embeddings}: no column '{args.column}' (has {', '.join(emb['columns'])}); "
-                          "pass --column")
+    from fisher.embedding import paired_manifests
+    emb, data = paired_manifests(args.embeddings, args.data, args.column)
     config = {"column": args.column, "k": args.k, "ridge": args.ridge}
     inputs = {"embeddings": manifest_hash(emb), "data": manifest_hash(data)}
     if _finished(args.out, config, inputs):

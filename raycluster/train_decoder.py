@@ -81,14 +81,8 @@ def _loop(config: dict) -> None:
 
 
 def run(args: TrainDecoderOptions) -> None:
-    emb = read_manifest(args.embeddings, "embed")
-    data = read_manifest(args.data, "prepare")
-    if emb.get("inputs", {}).get("data") != manifest_hash(data):
-        raise FisherError(f"{args.embeddings}: embeddings were made from other data than {args.data}; "
-                          "pass the --data used by `fisher embed`")
-    if args.column not in emb["columns"]:
-        raise FisherError(f"{args.embeddings}: no column '{args.column}' (has {', '.join(emb['columns'])}); "
-                          "pass --column")
+    from fisher.embedding import paired_manifests
+    emb, data = paired_manifests(args.embeddings, args.data, args.column)
     decoder_config = args.decoder_config
     from fisher.decoders import build_decoder
     dim = emb["columns"][args.column].get("dim") or 1
