@@ -588,6 +588,8 @@ CASES = [
                                     "--column", "nope"], r"no column 'nope' \(has z\); pass --column"),
     ("embed-reference-not-pixel", None, ["embed", *PRIOR, "--reference", "grey"],
      r"--reference grey: only for --kind pixel"),
+    ("run-set-seeds-zero", None, ["run", "--set", "evaluate.seeds=0", "--out", "{out}"],
+     r"evaluate\.seeds 0: must be an integer in 1\.\.100"),
     ("run-set-misspelt-key", None, ["run", "--set", "prior.epocs=5", "--out", "{out}"],
      r"--set prior\.epocs=5: `fisher train-prior` has no option --epocs; did you mean prior\.epochs\?"),
     ("run-set-bad-value", None, ["run", "--set", "decoder.epochs=0", "--out", "{out}"], r"--epochs 0: must be >= 1"),
