@@ -138,6 +138,19 @@ def read_bytes(uri: str) -> bytes:
 ROW_GROUP = 1024   # rows per Parquet row group: lets readers split a shard into several blocks
 
 
+def read_json(uri: str, what: str, fix: str, kind: type = dict):
+    """A JSON file this project wrote, as ``kind`` (an object by default): one error line naming the file,
+    what it should be and ``fix`` when it is unreadable, not JSON, or JSON of another shape."""
+    try:
+        value = json.loads(read_bytes(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FisherError(f"{uri}: corrupt {what} ({_first_line(e)}); {fix}") from e
+    if not isinstance(value, kind):
+        raise FisherError(f"{uri}: not a {what} (a JSON {type(value).__name__}, not "
+                          f"{'an array' if kind is list else 'an object'}); {fix}")
+    return value
+
+
 def atomic_write_table(uri: str, table: pa.Table) -> None:
     """Write an Arrow table as one Parquet file (row groups of ``ROW_GROUP`` rows), atomically."""
     buf = io.BytesIO()
@@ -221,7 +234,8 @@ def read_manifest(dir_uri: str, stage: str | None = None) -> dict:
 
 _FIELDS = {"prepare": {"image_shape": list, "shards": list, "counts": dict},   # what stages read from a manifest
            "embed": {"columns": dict, "shards": list, "config": dict},
-           "train-prior": {"config": dict}, "train-decoder": {"config": dict}}
+           "train-prior": {"config": dict, "metrics": dict}, "train-decoder": {"config": dict, "inputs": dict},
+           "evaluate": {"config": dict, "inputs": dict}}
 
 
 def _check_fields(uri: str, manifest: dict) -> None:
@@ -281,6 +295,25 @@ def _entries(out: str) -> list[str]:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)))
+
+
+def output_state(out: str) -> tuple[bool, bool]:
+    """(``out`` exists, ``out`` holds a claim): taken before a stage runs, for ``release_claim``."""
+    return exists(out), PLAN in _entries(out)
+
+
+def release_claim(out: str, before: tuple[bool, bool]) -> None:
+    """Undo a claim that no work followed: when a stage fails after ``claim_output`` wrote ``_plan.json``
+    but before it wrote anything else, remove that claim (and the directory, if the stage made it), so a
+    refused command leaves nothing behind. A claim that was there before, and any work, are kept for a
+    rerun to continue."""
+    existed, claimed = before
+    if claimed or _entries(out) != [PLAN]:
+        return
+    fs, path = resolve(out)
+    fs.delete_file(join(path, PLAN))
+    if not existed:
+        fs.delete_dir(path)
 
 
 def claim_output(out: str, stage: str, plan: dict | None = None, write: bool = True) -> None:

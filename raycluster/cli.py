@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fisher.io import FisherError, check_output, claim_output
+from fisher.io import FisherError, check_output, claim_output, output_state, release_claim
 
 STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "probe", "run", "priors")   # modules of raycluster, one per stage
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:             # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     command, func = args.command, args.func
+    out = None                          # --out once checked: a claim that no work followed is undone on failure
     try:
         for name, value in vars(args).items():      # a file name that is not UTF-8 (undecodable bytes)
             if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(args, "out", None), str):
             check_output(args.out)      # a missing bucket is refused before any work or write
             claim_output(args.out, command, write=False)     # "", /, a file, foreign files: refused now
+            out, before = args.out, output_state(args.out)
         if hasattr(args, "address"):    # requests Ray could never meet, an --address nothing answers at
             from raycluster.runtime import check_address, check_resources
             check_resources(args)
@@ -69,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
                 check_address(args.address)
         func(args)
     except FisherError as e:
+        if out is not None:
+            release_claim(out, before)
         print(f"fisher {command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:                # a path the stage did not expect to be unreadable, or a lost connection
+        if out is not None:
+            release_claim(out, before)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = ("check --address and that the Ray cluster is reachable" if isinstance(e, ConnectionError) else
                 "check that the path exists and that this user may read (and for --out, write) it")

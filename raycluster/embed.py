@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ import pyarrow.parquet as pq
 from fisher.embedding import column_array, embedding_table, vector_column
 from fisher.projection import MIN_DENSITY, estimated_bytes
 from fisher.io import (
-    MANIFEST,
     FisherError,
     atomic_write_bytes,
     atomic_write_table,
@@ -38,7 +36,6 @@ from fisher.io import (
     join,
     manifest_hash,
     parquet_metadata,
-    read_bytes,
     read_manifest,
     read_table,
     resolve,

@@ -46,10 +46,11 @@ from fisher.io import (
     join,
     manifest_hash,
     read_bytes,
+    read_json,
     read_manifest,
     read_table,
 )
-from raycluster.options import add_options, at_least, at_most, option, positive, seeds
+from raycluster.options import add_options, at_most, option, positive, seeds
 from raycluster.runtime import RayOptions, check_fits, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
@@ -453,11 +454,8 @@ def _real_floor(args, info: dict, real, real_key: str, weights: str | None, weig
                           "least 2 (pass --floor-split or --no-floor)")
     uri = join(args.cache or join(args.data, "fid-cache"), f"fid-floor-{real_key}-{args.floor_split}-{count}.json")
     if exists(uri):
-        try:
-            cached = json.loads(read_bytes(uri))
-        except json.JSONDecodeError as e:
-            raise FisherError(f"{uri}: corrupt cached FID floor ({e}); delete it and rerun") from e
-        if isinstance(cached, dict) and "kid" in cached:
+        cached = read_json(uri, "cached FID floor", "delete it and rerun")
+        if "kid" in cached:
             return cached
     feats = _real_features(args, info, args.floor_split, count, count, weights, weights_id, resources_fn(),
                            f"floor ({args.floor_split} images)")

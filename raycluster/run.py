@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from fisher.io import FisherError, atomic_write_bytes, claim_output, exists, join, read_bytes
+from fisher.io import FisherError, atomic_write_bytes, claim_output, exists, join, read_json
 from raycluster.options import add_options, from_mapping, option
 from raycluster.runtime import RayOptions
 
@@ -119,7 +119,7 @@ class _Runner:
     def __init__(self, out: str):
         self.out = out
         uri = join(out, "timings.json")
-        self.timings = json.loads(read_bytes(uri)) if exists(uri) else {}
+        self.timings = read_json(uri, "timings record", "delete it and rerun `fisher run`") if exists(uri) else {}
 
     def step(self, step: Step) -> None:
         if exists(join(self.out, step.done_file)):

@@ -41,14 +41,13 @@ from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.data import data_levels
 from fisher.embedding import EmbedSpec
 from fisher.io import (
-    MANIFEST,
     FisherError,
     atomic_write_bytes,
     claim_output,
     exists,
     join,
     manifest_hash,
-    read_bytes,
+    read_json,
     read_manifest,
     write_manifest,
 )
@@ -192,10 +191,7 @@ def _finished(out: str, cell: dict, plan_id: str) -> dict | None:
     uri = _cell_uri(out, cell["column"])
     if not exists(uri):
         return None
-    try:
-        rec = json.loads(read_bytes(uri))
-    except json.JSONDecodeError as e:
-        raise FisherError(f"{uri}: corrupt cell record ({e}); delete it and rerun with --resume") from e
+    rec = read_json(uri, "cell record", "delete it and rerun with --resume")
     if rec.get("plan") != plan_id:
         raise FisherError(f"{uri}: made by a sweep with another config (plan {rec.get('plan')}, now {plan_id}); "
                           "pass a new --out")

@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import torch
+
 from fisher.checkpoints import METRICS, SPEC, WEIGHTS
 from fisher.data import data_levels
 from fisher.decoders import DECODERS, DecoderTrainConfig
-from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
+from fisher.footprint import training_bytes
+from fisher.io import FisherError, manifest_hash, write_manifest
 from raycluster.options import add_options, architecture_config, option
-from raycluster.runtime import (TrainerOptions, checkpoint_files, finished_run, fit, publish_checkpoint, report_files,
-                                torch_trainer)
+from raycluster.runtime import (TrainerOptions, check_memory, checkpoint_files, finished_run, fit, publish_checkpoint,
+                                report_files, torch_trainer)
 
 
 @dataclass(kw_only=True)
@@ -87,6 +90,10 @@ def run(args: TrainDecoderOptions) -> None:
     from fisher.decoders import build_decoder
     dim = emb["columns"][args.column].get("dim") or 1
     build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data), **decoder_config)  # refuse a misfit now
+    need = training_bytes(lambda: build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),
+                                                **decoder_config),
+                          lambda m, n: m(torch.zeros(n, int(dim))), args.batch_size)
+    check_memory(args, need, f"--decoder {args.decoder} for {dim}-dim embeddings at --batch-size {args.batch_size}")
     cfg = DecoderTrainConfig(decoder=args.decoder, decoder_config=decoder_config, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "column": args.column}

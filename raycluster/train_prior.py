@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+import torch
+
 from fisher.checkpoints import METRICS, SPEC, WEIGHTS, read_train_state
 from fisher.data import data_levels
+from fisher.footprint import training_bytes
 from fisher.io import FisherError, join, manifest_hash, parquet_metadata, read_manifest, write_manifest
-from fisher.priors import PRIORS
+from fisher.priors import PRIORS, build_prior
 from fisher.training import PriorTrainConfig
 from raycluster.options import add_options, architecture_config, at_least, option
-from raycluster.runtime import (TrainerOptions, checkpoint_files, finished_run, fit, init_ray, publish_checkpoint,
-                                read_shards, report_files, torch_trainer)
+from raycluster.runtime import (TrainerOptions, check_memory, checkpoint_files, finished_run, fit, init_ray,
+                                publish_checkpoint, read_shards, report_files, torch_trainer)
 
 
 @dataclass(kw_only=True)
@@ -123,6 +126,12 @@ def run(args: TrainPriorOptions) -> None:
     cfg = PriorTrainConfig(prior=args.prior, model=asdict(PRIORS.config(args.prior, **model)),
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "limit": args.limit}
+    h, w, c = (int(v) for v in shape)
+    need = training_bytes(lambda: build_prior(args.prior, **cfg.model),
+                          lambda m, n: m.log_prob(torch.zeros(n, c, h, w)), args.batch_size)
+    arch = "".join(f" {k}={v}" for k, v in args.model.items())
+    check_memory(args, args.workers * need, f"--prior {args.prior}{arch} at --batch-size {args.batch_size} "
+                 f"on {h}x{w}x{c} images, {args.workers} worker(s)")
     data_hash = manifest_hash(data_manifest)
     if finished_run(args.out, "train-prior", stage_config, {"data": data_hash}):
         print(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")

@@ -10,7 +10,8 @@ tiny generated CelebA folder, runs the ``fisher`` command in-process and checks:
 * stderr holds no Python traceback (the one case that fails inside a Ray task is allowed Ray's own log
   lines, which carry Ray Data's internal traceback, but no frame of this project's code);
 * nothing in ``--out`` looks finished: no ``manifest.json``, no weights, images or FID results, no
-  temporary files; an ``--out`` that existed before (a rerun) is left byte-for-byte unchanged;
+  temporary files, no bare ``_plan.json`` claim with no work after it; an ``--out`` that existed before
+  (a rerun) is left byte-for-byte unchanged;
 * a pickle carrying code (where weights are expected) is refused without running it.
 
 Tests run as root here, where ``chmod 000`` does not stop reads, so the "unreadable path" cases use a
@@ -644,6 +645,11 @@ CASES = [
                                                 "--gpus-per-trial", "0.5"], r"--gpus-per-trial: this machine has 0 GPU"),
     ("run-set-gpu-without-gpu", None, ["run", "--set", "embed.gpu=true", "--out", "{out}"],
      r"--gpu: this machine has 0 GPU\(s\)"),
+    ("train-model-above-memory", None, [*TRAIN, "--filters", "4000", "--layers", "12"],
+     r"--prior pixelcnn n_layers=12 filters=4000 at --batch-size 128 on 28x28x1 images, 1 worker\(s\): needs about "
+     r"[\d.]+ GiB, more than 80% of this machine's [\d.]+ GiB; pass smaller values"),
+    ("decoder-batch-above-memory", None, [*DECODE, "--batch-size", "1000000"],
+     r"--decoder conv for 16-dim embeddings at --batch-size 1000000: needs about [\d.]+ GiB, more than 80%"),
     ("train-cpus-above-machine", None, [*TRAIN, "--cpus-per-worker", "64"],
      r"--cpus-per-worker 64\.0: needs 64 CPUs at once, but the local Ray has \d+; pass a smaller value"),
     ("train-workers-above-machine", None, [*TRAIN, "--workers", "64", "--cpus-per-worker", "0.5"],
@@ -747,6 +753,7 @@ def run_case(build, argv_template, pattern, ctx: Ctx, capsys, inside_ray: bool =
     elif out.exists():
         left = {p.name for p in out.iterdir()}
         assert not left & set(FINISHED), left
+        assert left != {"_plan.json"}, "a refused command left its claim on a new --out with no work in it"
         assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert not (ctx.tmp / "payload-ran").exists()            # pickled code was never executed
     return lines[-1]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from fisher.io import atomic_write_bytes, exists, join, read_bytes, read_manifest
+from fisher.io import atomic_write_bytes, exists, join, read_bytes, read_json, read_manifest
 from fisher.reports.figure3a import paper_table
 from fisher.reports.paper import PAPER_FIGURE_3A, PAPER_MNIST_FID, PAPER_MNIST_NLL
 
@@ -108,8 +108,11 @@ def scale_note(preset: dict, prior: dict, paper: dict | None, paper_name: str | 
                    "precisely; ours is the test BCE in nats per pixel.")
 
 
+_RERUN = "delete the step's directory and rerun `fisher run` with the same --out"
+
+
 def _fid_results(out: str, kind: str, suffixes) -> list[dict]:
-    return [json.loads(read_bytes(join(out, f"fid-{kind}{sfx}", "fid.json"))) for sfx in suffixes
+    return [read_json(join(out, f"fid-{kind}{sfx}", "fid.json"), "FID result", _RERUN) for sfx in suffixes
             if exists(join(out, f"fid-{kind}{sfx}", "fid.json"))]
 
 
@@ -139,7 +142,7 @@ def prior_section(out: str, preset: dict, prior: str) -> list[str]:
              "split.", ""]
     base_uri = join(out, "baselines", "baselines.json")
     if exists(base_uri):
-        b = json.loads(read_bytes(base_uri))
+        b = read_json(base_uri, "baselines record", _RERUN)
         lines += [f"On this run's {b['prior']['n_test']} test images: the prior **{b['prior']['nll_nats']:.2f}** "
                   f"nats/image; the independent-pixel model (one categorical per sub-pixel, fitted on this run's "
                   f"train split) {b['independent_pixel']['nll_nats_per_image']:.2f}. A prior far below that line "
@@ -154,7 +157,7 @@ def prior_section(out: str, preset: dict, prior: str) -> list[str]:
 
 def probe_section(out: str, kinds: dict) -> list[str]:
     """Linear-probe accuracy and kNN agreement per embedding kind (``probe-<kind>/probe.json``)."""
-    rows = [(k, json.loads(read_bytes(join(out, f"probe-{k}", "probe.json")))) for k in kinds
+    rows = [(k, read_json(join(out, f"probe-{k}", "probe.json"), "probe result", _RERUN)) for k in kinds
             if exists(join(out, f"probe-{k}", "probe.json"))]
     if not rows:
         return []
