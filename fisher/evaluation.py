@@ -138,6 +138,7 @@ def frechet(features, real: FIDStats) -> tuple[float, bool]:
     non-finite square roots) and flagged.
     """
     gen = stats_from_features(np.asarray(features, dtype=np.float64))
+    gen.features = np.asarray(features, dtype=np.float64)     # all rows: fid() may work in their span
     try:
         return fid(gen, real), False
     except ValueError as first:

@@ -212,12 +212,39 @@ def stats_from_features(feats: np.ndarray) -> FIDStats:
 
 
 def fid(stats_a: FIDStats, stats_b: FIDStats) -> float:
-    """Fréchet distance between two feature Gaussians (pytorch-fid's ``calculate_frechet_distance``)."""
+    """Fréchet distance between two feature Gaussians (pytorch-fid's ``calculate_frechet_distance``).
+
+    When both statistics carry all their feature rows and there are fewer rows than dimensions (every
+    small-N FID: 150 pairs against 1 000 real images in 2 048 dimensions), the distance is computed
+    by the same pytorch-fid function in an orthonormal basis of the subspace the two covariances and
+    the mean difference span (:func:`shared_basis`). FID is invariant under that change of basis and
+    both Gaussians are degenerate outside it, so the value is the same, at a fraction of the cost of
+    a 2 048 × 2 048 matrix square root (about 30 s on this project's 2-core CI machine)."""
     if stats_a.mu.shape != stats_b.mu.shape:
         raise FisherError(f"FID statistics differ in dimension ({stats_a.mu.shape[0]} vs {stats_b.mu.shape[0]})")
+    args = (stats_a.mu, stats_a.sigma, stats_b.mu, stats_b.sigma)
+    q = shared_basis(stats_a, stats_b)
+    if q is not None:
+        small = (q.T @ stats_a.mu, q.T @ stats_a.sigma @ q, q.T @ stats_b.mu, q.T @ stats_b.sigma @ q)
+        kept = [np.trace(s) for s in small[1::2]], [np.trace(s) for s in args[1::2]]
+        if np.allclose(*kept, rtol=1e-7, atol=0):     # the basis holds both covariances (it always should)
+            args = small
     with warnings.catch_warnings():   # pytorch-fid passes scipy's deprecated sqrtm(disp=...)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return float(calculate_frechet_distance(stats_a.mu, stats_a.sigma, stats_b.mu, stats_b.sigma))
+        return float(calculate_frechet_distance(*args))
+
+
+def shared_basis(stats_a: FIDStats, stats_b: FIDStats) -> np.ndarray | None:
+    """Orthonormal columns [D, k] spanning both covariances' ranges (the centred feature rows) and the mean
+    difference, or None when a side lacks its full feature rows or k would not be below D."""
+    if any(s.features is None or len(s.features) != s.count for s in (stats_a, stats_b)):
+        return None
+    cols = np.concatenate([np.asarray(stats_a.features, np.float64) - stats_a.mu,
+                           np.asarray(stats_b.features, np.float64) - stats_b.mu,
+                           (stats_a.mu - stats_b.mu)[None]])
+    if len(cols) >= cols.shape[1]:
+        return None
+    return np.linalg.qr(cols.T)[0]
 
 
 def kept_rows(count: int, keep: int = REAL_FEATURES_KEPT, seed: int = 0) -> np.ndarray:

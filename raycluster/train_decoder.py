@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fisher.checkpoints import METRICS, SPEC, WEIGHTS
+from fisher.checkpoints import METRICS, SPEC, WEIGHTS, train_state_files
 from fisher.data import data_levels
 from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.footprint import training_bytes
@@ -89,7 +89,8 @@ def run(args: TrainDecoderOptions) -> None:
     decoder_config = args.decoder_config
     from fisher.decoders import build_decoder
     dim = emb["columns"][args.column].get("dim") or 1
-    build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data), **decoder_config)  # refuse a misfit now
+    trainable = build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),   # a misfit: now
+                              **decoder_config).trainable
     need = training_bytes(lambda: build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),
                                                 **decoder_config),
                           lambda m, n: m(torch.zeros(n, int(dim))), args.batch_size)
@@ -103,17 +104,32 @@ def run(args: TrainDecoderOptions) -> None:
         return
     from fisher.embedding import check_embeddings
     check_embeddings(args.embeddings, args.column)      # mixed-in shards, NaN/Inf: refused before Ray starts
-    trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
-                                    "column": args.column, "image_shape": data["image_shape"],
-                                    "levels": data_levels(data)}, args, "decoder")
-    result = fit(trainer, args.out)
-    if result.checkpoint is None:
-        raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
-    publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))
+    if trainable:
+        trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
+                                        "column": args.column, "image_shape": data["image_shape"],
+                                        "levels": data_levels(data)}, args, "decoder")
+        result = fit(trainer, args.out)
+        if result.checkpoint is None:
+            raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
+        publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))
+        m = result.metrics
+    else:
+        m = _write_untrained(args, cfg, data)
     write_manifest(args.out, "train-decoder", stage_config, inputs=inputs, embeddings=args.embeddings,
-                   data=args.data, metrics=result.metrics, image_shape=data["image_shape"],
-                   levels=data_levels(data))
-    m = result.metrics
+                   data=args.data, metrics=m, image_shape=data["image_shape"], levels=data_levels(data))
     bce = m.get("test_bce_nats_per_pixel")
     print(f"decoder written to {args.out}: " + ("" if bce is None else f"test BCE {bce:.4f} nats/pixel, ")
           + f"MSE {m['test_mse']:.4f}")
+
+
+def _write_untrained(args: TrainDecoderOptions, cfg: DecoderTrainConfig, data: dict) -> dict:
+    """A decoder with nothing to train (``trainable = False``, the pixel baseline's identity): built and
+    evaluated on the test split in the driver, with no Ray Train job; the same files as a trained one."""
+    from fisher.decoders import fit_decoder, load_split_tensors
+    from fisher.io import atomic_write_bytes, join
+    tensors = load_split_tensors(args.embeddings, args.data, args.column)
+    decoder, metrics = fit_decoder(cfg, *tensors["train"], *tensors["test"], data_levels(data), data["image_shape"])
+    files = train_state_files(decoder, "decoder", None, 0, [metrics], metrics)
+    for name in (WEIGHTS, SPEC, METRICS):
+        atomic_write_bytes(join(args.out, name), files[name])
+    return metrics

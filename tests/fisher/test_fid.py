@@ -84,6 +84,36 @@ def test_fid_matches_pytorch_fid_on_same_features():
     assert got == pytest.approx(ref, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
+@pytest.mark.parametrize("n,m,d", [(10, 20, 64), (40, 150, 256), (50, 200, 2048)])
+def test_fid_in_the_shared_span_equals_the_full_dimensional_fid(n, m, d):
+    """Fewer feature rows than dimensions (every small-N FID): computed in the span of both sides' centred
+    rows and the mean difference, the distance is pytorch-fid's full-dimensional value."""
+    rng = np.random.default_rng(d)
+    a = np.abs(rng.normal(size=(n, d))) * rng.random(d)           # pool3 features are non-negative
+    b = np.abs(rng.normal(size=(m, d))) + 0.1 * rng.random(d)
+    full = calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    sa, sb = fid.stats_from_features(a), fid.stats_from_features(b)
+    sa.features, sb.features = a, b.astype(np.float32)           # a cache keeps its rows as float32
+    q = fid.shared_basis(sa, sb)
+    assert q.shape == (d, n + m + 1) and np.allclose(q.T @ q, np.eye(n + m + 1), atol=1e-10)
+    assert fid.fid(sa, sb) == pytest.approx(full, rel=1e-6)
+    assert fid.fid(sb, sa) == pytest.approx(full, rel=1e-6)
+
+
+def test_shared_span_only_with_every_row_and_fewer_rows_than_dimensions():
+    a, b = _stats(0, n=20), _stats(1, n=30)
+    sa, sb = fid.stats_from_features(a), fid.stats_from_features(b)
+    assert fid.shared_basis(sa, sb) is None                       # no rows kept
+    sa.features, sb.features = a, b[:10]
+    assert fid.shared_basis(sa, sb) is None                       # a subset of b's rows: its range is unknown
+    big = _stats(2, n=60)
+    sb.features, sc = b, fid.stats_from_features(big)
+    sc.features = big
+    assert fid.shared_basis(sb, sc) is None                       # 30 + 60 + 1 rows span all 64 dimensions
+    assert fid.shared_basis(sa, sb).shape == (64, 51)
+
+
 def test_fid_self_zero_symmetric_and_pure_shift():
     a, b = fid.stats_from_features(_stats(0)), fid.stats_from_features(_stats(1, shift=0.5))
     scale = np.trace(a.sigma)
