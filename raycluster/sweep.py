@@ -74,8 +74,9 @@ class SweepOptions(RayOptions):
     batch_size: int = option(128, help="decoder batch size (paper: 128)")
     lr: float = option(1e-3, help="decoder Adam learning rate (paper: 1e-3)")
     decoder: str = option("conv", help="decoder architecture: a registered name")
-    max_concurrent: int | None = option(None, help="trials running at once (default: what the cluster fits, one per "
-                                                   "whole CPU (or per --gpus-per-trial share of the GPUs))")
+    max_concurrent: int | None = option(None, help="trials running at once (default: on a cluster (--address) all, "
+                                                   "and the autoscaler adds nodes for them; locally what the machine "
+                                                   "fits, one per whole CPU (or per --gpus-per-trial share of the GPUs))")
     cpus_per_trial: float = option(0.5, help="CPUs reserved per trial; fractional allowed (a whole-CPU request can "
                                              "stall a 2-core machine); the trial uses max(1, int(this)) torch threads")
     gpus_per_trial: float = option(0.0, help="GPUs per trial (fractional allowed); > 0 trains the decoders on GPU")
@@ -257,6 +258,8 @@ def _tune(args, todo: list[dict], job: dict) -> None:
     per_trial = {"cpu": args.cpus_per_trial, **({"gpu": args.gpus_per_trial} if args.gpus_per_trial else {})}
     if args.max_concurrent:
         concurrent = args.max_concurrent
+    elif args.address or os.environ.get("RAY_ADDRESS"):     # a cluster: pending trials are demand the autoscaler
+        concurrent = len(todo)                               # meets (what is up now may be zero workers)
     else:
         concurrent = max(1, int(resources.get("CPU", 1) // max(1.0, args.cpus_per_trial)))
         if args.gpus_per_trial:

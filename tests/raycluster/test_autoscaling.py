@@ -26,11 +26,13 @@ actor asks for 5 CPUs: more than the head (0) and more than half a worker (8), s
 two workers.
 
 One run from zero workers: two impossible requests are refused in one line naming the option
-and the largest node type (and nothing is launched); ``fisher embed --address`` scales 0 -> 2
-workers of cluster.yaml's GPU types, its shards are byte-identical to a one-process run; the
-workers go away after the idle timeout; a second ``fisher embed`` scales up again, one of its
-workers is SIGKILLed mid-job (the node is gone, as after a spot pre-emption without notice), the
-job still finishes byte-identical, and the cluster goes back to zero workers. The nodes-over-time
+and the largest node type (and nothing is launched); ``fisher sweep --address`` over two cells
+(5 CPUs per trial: a worker each) scales up from zero, its embeddings are byte-identical to a
+one-process run and each cell's decoder metrics equal ``fit_decoder`` run in this process on the
+same column; the workers go away after the idle timeout; a ``fisher embed`` (two 5-CPU actors)
+scales 0 -> 2 workers of cluster.yaml's GPU types, one of its workers is SIGKILLed mid-job (the
+node is gone, as after a spot pre-emption without notice), the job still finishes with shards
+byte-identical to a one-process run, and the cluster goes back to zero workers. The nodes-over-time
 timeline is printed (``pytest -s``) and quoted in the README.
 """
 from __future__ import annotations
@@ -71,6 +73,8 @@ IDLE_SCALE = 1 / 60                     # cluster.yaml's idle timeout, minutes -
 FAKE_HEAD = "ray.head.default"          # the head's node type name in Ray's fake provider
 DIMS, DENSITIES = [16, 32], [None, 1.0]
 EMBED = ["--dim", "16,32", "--density", "auto,1", "--actors", "2", "--cpus-per-actor", "5", "--batch-size", "8"]
+GRID = {"dim": [16], "density": [0.25, 1.0]}             # two sweep cells
+SWEEP = ["--epochs", "1", "--batch-size", "16", "--cpus-per-trial", "5"]
 
 needs_ray_cli = pytest.mark.skipif(RAY is None, reason="the `ray` command line is not installed "
                                                     "(pip install 'ray[default]')")
@@ -226,6 +230,29 @@ def _autoscaler_events(temp: str) -> list[str]:
     return out
 
 
+def _assert_cells_match_one_process(out: Path, data: Path, threads: int) -> None:
+    """Each sweep cell's test metrics equal ``fit_decoder`` on the same column in this process, with the
+    cell's decoder config and the trial's torch thread count."""
+    import torch
+
+    from fisher.decoders import DecoderTrainConfig, fit_decoder, load_split_tensors
+    from fisher.io import read_manifest
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    columns = read_manifest(str(out / "embeddings"), "embed")["columns"]
+    assert sorted(records) == sorted(columns) and len(records) == len(GRID["dim"]) * len(GRID["density"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for column, rec in records.items():
+            cfg = DecoderTrainConfig.from_dict(rec["decoder"])
+            t = load_split_tensors(str(out / "embeddings"), str(data), column)
+            _, metrics = fit_decoder(cfg, *t["train"], *t["test"], 2, [28, 28, 1])
+            for key in ("test_bce_nats_per_pixel", "test_mse"):
+                assert rec[key] == pytest.approx(metrics[key], rel=1e-6), (column, key, rec[key], metrics[key])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 @needs_ray_cli
 def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir, monkeypatch, capsys):
@@ -238,7 +265,10 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
     data = prepare(mnist_dir, tmp_path / "data", limit=64, shard_size=16)          # 8 shards: 4 train, 4 test
     prior = tiny_prior(tmp_path / "prior")
     ref = reference_embeddings(prior, data, tmp_path / "ref", DIMS, DENSITIES)
+    sweep_ref = reference_embeddings(prior, data, tmp_path / "sweep-ref", GRID["dim"], GRID["density"])
+    (tmp_path / "grid.json").write_text(json.dumps(GRID))
     job = ["embed", "--prior", str(prior), "--data", str(data), *EMBED]
+    sweep = ["sweep", "--prior", str(prior), "--data", str(data), "--grid", str(tmp_path / "grid.json"), *SWEEP]
 
     with autoscaling_cluster(monkeypatch, cfg) as (gcs, env, temp):
         for attempt in range(3):                                   # the GCS may be slow to answer on a loaded machine
@@ -267,26 +297,27 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
         time.sleep(3)
         assert tl.sample() == [], "an impossible request launched a worker"
 
-        # 1. scale up from zero for an embed job; byte-identical output
-        rc, out, t_submit, t_done = _run_job(job + ["--out", str(tmp_path / "emb1"), "--address", gcs], env, tl)
+        # 1. scale up from zero for a sweep; its embeddings and cells equal a one-process run
+        rc, out, t_submit, t_done = _run_job(sweep + ["--out", str(tmp_path / "sweep"), "--address", gcs], env, tl)
         assert rc == 0, out[-4000:]
         first_worker = next(t for t, n in tl.samples if n > 0) - t_submit
         peak1 = max(n for t, n in tl.samples)
-        print(f"\njob 1: submitted {t_submit}, done {t_done}; timeline {tl.samples}")
-        t_zero = tl.wait(tl.at_zero, 60 + 3 * idle_s, "scale-down to zero workers")
-        manifest = json.loads((tmp_path / "emb1" / "manifest.json").read_text())
-        used = set(manifest["timing"]["nodes"])
-        assert len(used) == 2 and digests(tmp_path / "emb1") == digests(ref)
+        print(f"\njob 1 (sweep): submitted {t_submit}, done {t_done}; timeline {tl.samples}")
         listening = listen_addresses(temp)
+        t_zero = tl.wait(tl.at_zero, 60 + 3 * idle_s, "scale-down to zero workers")
+        assert digests(tmp_path / "sweep" / "embeddings") == digests(sweep_ref)
+        _assert_cells_match_one_process(tmp_path / "sweep", data, threads=5)
 
         # 2. again from zero; one worker is killed mid-job
         killed = []
+
+        shards = len(json.loads((data / "manifest.json").read_text())["shards"])
 
         def kill_one(alive):
             done = len(list((tmp_path / "emb2").glob("*.parquet")))
             if killed or not alive or done < 1:
                 return
-            assert done < len(manifest["shards"]), "the job finished before a worker could be killed"
+            assert done < shards, "the job finished before a worker could be killed"
             pool = sorted({a["Address"]["NodeID"] for a in ray._private.state.actors().values()
                            if a["State"] == "ALIVE" and "_ScoreActor" in a["ActorClassName"]} & set(alive))
             if pool:                                        # a worker that runs one of the job's embedding actors
@@ -294,10 +325,13 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
 
         rc, out, t_submit2, t_done2 = _run_job(job + ["--out", str(tmp_path / "emb2"), "--address", gcs], env, tl,
                                                on_sample=kill_one)
-        print(f"job 2: submitted {t_submit2}, done {t_done2}, kill {killed}; timeline {tl.samples}")
+        print(f"job 2 (embed): submitted {t_submit2}, done {t_done2}, kill {killed}; timeline {tl.samples}")
         assert rc == 0, out[-4000:]
         assert killed and killed[0][3] >= 3, killed                # raylet, agents, workers
         assert digests(tmp_path / "emb2") == digests(ref)
+        used = set(json.loads((tmp_path / "emb2" / "manifest.json").read_text())["timing"]["nodes"])
+        assert len(used) >= 2, used                                # two 5-CPU actors: two workers (or a replacement)
+        listening |= listen_addresses(temp)
         tl.wait(lambda alive: killed[0][0] not in alive, 60, "the GCS to declare the killed node dead")
         t_zero2 = tl.wait(tl.at_zero, 120 + 3 * idle_s, "scale-down to zero workers after the kill")
         types, resources = dict(tl.types), dict(tl.resources)
@@ -319,9 +353,10 @@ def test_autoscaler_scales_cluster_yaml_node_types_for_embed(tmp_path, mnist_dir
     seconds = time.time() - started
     print(f"\nautoscaling timeline (s since {time.strftime('%H:%M:%S', time.localtime(tl.t0))}, when the head was up; "
           f"alive workers): {tl.samples}\n"
-          f"job 1: submitted {t_submit}, first worker after {first_worker:.1f} s, peak {peak1} workers, done {t_done}, "
+          f"job 1 (sweep, 2 cells): submitted {t_submit}, first worker after {first_worker:.1f} s, peak {peak1} "
+          f"workers, done {t_done}, "
           f"zero workers at {t_zero} ({t_zero - t_done:.1f} s after the job, idle timeout {idle_s:g} s)\n"
-          f"job 2: submitted {t_submit2}, killed {killed[0][0][-5:]} at {killed[0][1]} ({killed[0][2]} shards done), "
+          f"job 2 (embed): submitted {t_submit2}, killed {killed[0][0][-5:]} at {killed[0][1]} ({killed[0][2]} shards done), "
           f"done {t_done2}, zero workers at {t_zero2}; worker types {sorted(set(workers.values()))}, "
           f"{len(workers)} launched in all; resource requests left at the end: {tl.requests}; test {seconds:.0f} s")
 
