@@ -702,6 +702,19 @@ CASES = [
      r"more\); the file is truncated or corrupt"),
     ("decoder-duplicate-ids", emb_duplicate_ids, DECODE,
      r"emb-copy/test-00000\.parquet: id 'train-\d+' is also in train-00000\.parquet; every image is embedded once"),
+    # hostile pass 2: preset and --set values of the wrong JSON type or outside the choices, seeds the run adds
+    # to, the architecture's config (all before the first step), manifest fields, vector widths, --out inside an
+    # input, splits named nowhere, a non-finite --scale, a misspelt option
+    ("run-set-float-for-int", None, ["run", "--set", "prepare.limit=8.5", "--out", "{out}"],
+     r"--set prepare\.limit=8\.5: prepare\.limit is 8\.5, not an integer \(or null for the default\); fix the value"),
+    ("run-set-outside-choices", None, ["run", "--set", "evaluate.reference=nope", "--out", "{out}"],
+     r"--set evaluate\.reference=nope: evaluate\.reference is 'nope'; expected one of image, grey"),
+    ("run-set-seed-text", None, ["run", "--set", "decoder.seed=x", "--out", "{out}"],
+     r"--set decoder\.seed=x: decoder\.seed is 'x', not an integer"),
+    ("run-set-grid-number", None, ["run", "--set", "sweep.grid=5", "--out", "{out}"],
+     r"--set sweep\.grid=5: sweep\.grid is 5, not a string; pass a tune_spaces name"),
+    ("run-set-architecture-type", None, ["run", "--set", "prior.train=true", "--set", "prior.filters=8.5", "--out",
+                                         "{out}"], r"prior 'pixelcnn': option filters=8\.5 has the wrong type"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
