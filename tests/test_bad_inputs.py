@@ -483,6 +483,18 @@ def emb_duplicate_ids(c):
     return {"emb": d}
 
 
+def emb_short_vectors(c):
+    """An embedding shard whose vectors are 8 long where the manifest (and the decoder) say 16."""
+    from fisher.embedding import column_array, embedding_table
+    from fisher.io import atomic_write_table
+    d = c.copy("emb")
+    f = d / "test-00000.parquet"
+    t = pq.read_table(f)
+    atomic_write_table(str(f), embedding_table(np.asarray(t["id"].to_pylist()), {"z": column_array(t["z"])[:, :8]},
+                                               json.loads(t.schema.metadata[b"fisher"])))
+    return {"emb": d}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -715,6 +727,13 @@ CASES = [
      r"--set sweep\.grid=5: sweep\.grid is 5, not a string; pass a tune_spaces name"),
     ("run-set-architecture-type", None, ["run", "--set", "prior.train=true", "--set", "prior.filters=8.5", "--out",
                                          "{out}"], r"prior 'pixelcnn': option filters=8\.5 has the wrong type"),
+    ("data-manifest-levels-0", _edit_json("data", "manifest.json", _set("levels", 0)), TRAIN,
+     r"data-copy/manifest\.json: field 'levels' is 0, not an integer in \[2, 65536\]; rerun the stage"),
+    ("data-manifest-rows-text", _edit_json("data", "manifest.json", _set("shards.0.rows", "many")), TRAIN,
+     r"manifest\.json: shard train-00000\.parquet has 'rows' 'many', not a count >= 0"),
+    ("interpolate-emb-short-vectors", emb_short_vectors, ["interpolate", *INPUTS],
+     r"emb-copy/test-00000\.parquet: column 'z' is fixed_size_list<.*>\[8\], not the 16-dim float vectors .*rerun "
+     r"`fisher embed`"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
