@@ -43,9 +43,42 @@ def _absolute(args) -> None:
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    import difflib
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(extra[0].split("=", 1)[0], flags, n=1) if extra[0].startswith("--") else []
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+INPUT_OPTIONS = ("data", "prior", "embeddings", "decoder")     # artifacts a stage reads (--src, raw files, is not one)
+
+
+def _out_apart(args, command: str) -> None:
+    """Refuse an ``--out`` that is an input artifact or lies inside one: the stage would write into another
+    stage's artifact, which later stages and reruns read as it was (a raw ``--src`` folder may hold --out)."""
+    import os
+    out = getattr(args, "out", None)
+    if not isinstance(out, str) or not out.strip():
+        return
+    norm = lambda p: p.rstrip("/") if "://" in p else os.path.realpath(p)     # noqa: E731
+    target = norm(out)
+    for name in INPUT_OPTIONS:
+        value = getattr(args, name, None) if (command, name) != ("run", "data") else None   # run: raw --data
+        if not isinstance(value, str) or not ("://" in value or os.sep in value) or norm(value) in ("", "/"):
+            continue
+        source = norm(value)
+        if target == source or target.startswith(source.rstrip("/") + "/"):
+            raise FisherError(f"--out {out}: {'is' if target == source else 'inside'} the input --{name} {value}; "
+                              "pass an --out outside every input directory")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:                       # named by the command's own parser, with the closest option
+            _unrecognized(parser, args.command, extra)
     except SystemExit as e:             # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     command, func = args.command, args.func
@@ -60,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if options is not None:         # the stage's typed options: every value checked by its dataclass
             from raycluster.options import from_args
             args = from_args(options, args)
+        _out_apart(args, command)
         if isinstance(getattr(args, "out", None), str):
             check_output(args.out)      # a missing bucket is refused before any work or write
             claim_output(args.out, command, write=False)     # "", /, a file, foreign files: refused now

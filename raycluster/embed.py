@@ -85,7 +85,8 @@ def _densities(value) -> list[float | None]:
 def _splits(value) -> list[str] | None:
     if value is None:
         return None
-    return [t for t in (value if isinstance(value, (list, tuple)) else str(value).split(",")) if t]
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(t).strip() for t in items if str(t).strip()]
 
 
 @dataclass(kw_only=True)
@@ -199,10 +200,13 @@ def run(args: EmbedOptions) -> None:
     if kind.projected:
         check_memory(args, args.actors * sum(estimated_bytes(n, s.dim, s.density or n ** -0.5) for s in specs),
                      f"--dim {','.join(map(str, args.dim))} x --density with {n} features, in {args.actors} actor(s)")
-    splits = args.splits or sorted({s["split"] for s in data_manifest["shards"]})
+    have = sorted({s["split"] for s in data_manifest["shards"]})
+    splits = args.splits or have
+    missing = [s for s in splits if s not in have]
+    if missing:
+        raise FisherError(f"--splits {','.join(splits)}: {args.data} has no split {', '.join(map(repr, missing))} "
+                          f"(has {', '.join(have) or 'none'}); pass --splits with those names")
     shards = [s for s in data_manifest["shards"] if s["split"] in splits]
-    if not shards:
-        raise FisherError(f"{args.data}: no shards for splits {splits}")
     for s in shards:        # truncated or replaced input shards: refused before anything is written
         parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}",
                          columns=("id", column))

@@ -495,6 +495,10 @@ def emb_short_vectors(c):
     return {"emb": d}
 
 
+def data_copy(c):
+    return {"data": c.copy("data")}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -734,6 +738,17 @@ CASES = [
     ("interpolate-emb-short-vectors", emb_short_vectors, ["interpolate", *INPUTS],
      r"emb-copy/test-00000\.parquet: column 'z' is fixed_size_list<.*>\[8\], not the 16-dim float vectors .*rerun "
      r"`fisher embed`"),
+    ("train-out-inside-data", data_copy, [*TRAIN[:4], "{data}/prior", *TRAIN[5:]],
+     r"--out .*/data-copy/prior: inside the input --data .*/data-copy; pass an --out outside every input directory"),
+    ("evaluate-floor-split-unknown", None, ["evaluate", *INPUTS, "--pairs", "2", "--floor-split", "nope"],
+     r"--floor-split nope: .* has 0 images in it \(splits: test 64, train 64\); FID needs at least 2: pass another "
+     r"--floor-split or --no-floor"),
+    ("embed-splits-unknown", None, ["embed", *PRIOR, "--splits", "train,tset"],
+     r"--splits train,tset: .* has no split 'tset' \(has test, train\); pass --splits"),
+    ("edit-scale-nan", None, ["edit", *INPUTS, "--attribute", "Smiling", "--scale", "nan"],
+     r"--scale nan: must be a finite number"),
+    ("embed-misspelt-option", None, ["embed", *PRIOR, "--dimm", "16"],
+     r"unrecognized arguments: --dimm 16 \(did you mean --dim\?\)"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
