@@ -207,6 +207,22 @@ def run(args: EmbedOptions) -> None:
         raise FisherError(f"--splits {','.join(splits)}: {args.data} has no split {', '.join(map(repr, missing))} "
                           f"(has {', '.join(have) or 'none'}); pass --splits with those names")
     shards = [s for s in data_manifest["shards"] if s["split"] in splits]
+    if model is not None:   # a prior of other images (another channel count or levels) fails on every batch in Ray
+        from fisher.data import data_levels
+        want = {"channels": int(shape[2]), "levels": data_levels(data_manifest)}
+        got = {k: getattr(getattr(model, "config", None), k, None) for k in want}
+        bad = [k for k in want if got[k] is not None and got[k] != want[k]]
+        if bad:
+            raise FisherError(f"--prior {args.prior}: models images with {', '.join(f'{k}={got[k]}' for k in bad)}, "
+                              f"but {args.data} holds {', '.join(f'{k}={want[k]}' for k in bad)}; pass a prior "
+                              "trained on this kind of data")
+    if args.standardize or args.pca:    # fitted on train after the embedding pass: checked before it
+        if "train" not in splits:
+            raise FisherError("--standardize/--pca need the train split among --splits")
+        width, rows = min(s.dim for s in specs), int(data_manifest["counts"].get("train", 0))
+        if args.pca and args.pca > min(width, rows):
+            raise FisherError(f"--pca {args.pca}: larger than the embedding ({width}) or the train split ({rows}); "
+                              "pass a smaller --pca")
     for s in shards:        # truncated or replaced input shards: refused before anything is written
         parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}",
                          columns=("id", column))

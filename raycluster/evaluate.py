@@ -43,6 +43,7 @@ from fisher.io import (
     atomic_write_bytes,
     claim_output,
     exists,
+    is_dir,
     join,
     manifest_hash,
     read_bytes,
@@ -519,6 +520,10 @@ def run_evaluate(args) -> None:
             raise FisherError(f"{flag} {split}: {args.data} has {counts.get(split, 0)} images in it (splits: "
                               f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); FID needs at least 2: "
                               f"pass another {flag}" + (" or --no-floor" if flag == "--floor-split" else ""))
+    cache = args.cache or join(args.data, "fid-cache")
+    if exists(cache) and not is_dir(cache):     # refused now, not when the first statistics are written
+        raise FisherError(f"--cache {cache}: exists and is not a directory; pass a directory for the real-image "
+                          "statistics (default DATA/fid-cache)")
     claim_output(args.out, "evaluate")
     weights = args.fid_weights or os.environ.get(WEIGHTS_ENV) or None
     weights_id = load_inception(weights).weights_id        # fails fast (and offline) with what to pass

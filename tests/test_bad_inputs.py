@@ -499,6 +499,11 @@ def data_copy(c):
     return {"data": c.copy("data")}
 
 
+def cache_is_file(c):
+    (c.tmp / "fid-cache").write_text("not a directory\n")
+    return {"cache": c.tmp / "fid-cache"}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -749,6 +754,13 @@ CASES = [
      r"--scale nan: must be a finite number"),
     ("embed-misspelt-option", None, ["embed", *PRIOR, "--dimm", "16"],
      r"unrecognized arguments: --dimm 16 \(did you mean --dim\?\)"),
+    ("evaluate-cache-is-a-file", cache_is_file, ["evaluate", *INPUTS, "--pairs", "2", "--cache", "{cache}"],
+     r"--cache .*/fid-cache: exists and is not a directory; pass a directory for the real-image statistics"),
+    ("embed-pca-above-dim", None, ["embed", *PRIOR, "--dim", "16", "--pca", "32"],
+     r"--pca 32: larger than the embedding \(16\) or the train split \(64\); pass a smaller --pca"),
+    ("embed-prior-of-other-images", _edit_json("data", "manifest.json", _set("levels", 4)),
+     ["embed", *PRIOR, "--dim", "16"],
+     r"--prior .*/prior: models images with levels=2, but .*data-copy holds levels=4; pass a prior trained on"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
