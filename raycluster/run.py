@@ -318,6 +318,7 @@ def run(args: RunOptions) -> None:
     if preset["dataset"] == "celeba" and not args.data:
         raise FisherError(f"celeba needs --data (or ${DATA_ENV}): the folder with img_align_celeba/, "
                           "list_attr_celeba.txt and list_eval_partition.txt")
+    _check_raw(args.data, preset["dataset"])
     steps, kinds = plan(args, preset)            # every step's options checked before anything is written
     from raycluster.runtime import check_resources
     for step in steps:
@@ -332,6 +333,23 @@ def run(args: RunOptions) -> None:
     report = write_report(args.out, preset, kinds, r.timings, paper_preset=_paper_preset(preset["dataset"]),
                           prior=prior_of(args, preset), suffixes=seed_suffixes(preset))
     print(f"report: {report}")
+
+
+def _check_raw(data: str | None, dataset: str) -> None:
+    """``--data`` must hold the raw files of the preset's dataset: refused before the run claims its --out
+    (the prepare step would fail with nothing done but the claim)."""
+    from fisher.data import CELEBA_ATTRS, CELEBA_IMAGES, CELEBA_PARTITION, MNIST_NAMES
+    from fisher.io import is_dir
+    if not data:
+        return
+    if not is_dir(data):
+        raise FisherError(f"--data {data}: not a directory; pass --data DIR (or set ${DATA_ENV}) with the raw "
+                          f"{dataset} files")
+    names = MNIST_NAMES if dataset == "mnist" else (CELEBA_ATTRS, CELEBA_PARTITION, CELEBA_IMAGES)
+    missing = [n for n in names if not exists(join(data, n))]
+    if missing:
+        raise FisherError(f"--data {data}: no {', '.join(missing)}; pass --data DIR (or set ${DATA_ENV}) with the "
+                          f"raw {dataset} files")
 
 
 def _paper_preset(dataset: str) -> dict | None:

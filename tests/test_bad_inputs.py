@@ -761,6 +761,9 @@ CASES = [
     ("embed-prior-of-other-images", _edit_json("data", "manifest.json", _set("levels", 4)),
      ["embed", *PRIOR, "--dim", "16"],
      r"--prior .*/prior: models images with levels=2, but .*data-copy holds levels=4; pass a prior trained on"),
+    ("run-data-without-raw-files", None, ["run", "--data", "{data}", "--out", "{out}"],
+     r"--data .*/data: no train-images-idx3-ubyte\.gz, .*; pass --data DIR \(or set \$FISHER_DATA\) with the raw "
+     r"mnist files"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
