@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
                 raise FisherError(f"--{name.replace('_', '-')} {ascii(value)}: not a UTF-8 name; rename the file "
                                   "or directory (or pass a path that names it in UTF-8)")
+        for name in ("src", "data", "embeddings", "decoder"):    # "" would name the current directory's root
+            value = getattr(args, name, None)
+            if isinstance(value, str) and not value.strip() and (command, name) != ("run", "data"):   # run: download
+                raise FisherError(f"--{name} {value!r}: an empty path; pass the directory itself")
         _absolute(args)
         options = getattr(args, "options", None)
         if options is not None:         # the stage's typed options: every value checked by its dataclass

@@ -41,7 +41,7 @@ from fisher.io import (
     resolve,
     write_manifest,
 )
-from raycluster.options import add_options, at_least, at_most, option, positive, seeds
+from raycluster.options import add_options, at_least, at_most, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, check_memory, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
@@ -128,6 +128,7 @@ class EmbedOptions(RayOptions):
         at_most(self, 1024, "actors")
         seeds(self, "seed")
         positive(self, "cpus_per_actor")
+        ray_quantities(self, "cpus_per_actor")
         from fisher.embedding import EmbedSpec
         names = [EmbedSpec(d, p).column(False) for d in self.dim for p in self.density]
         same = next((c for c in names if names.count(c) > 1), None)

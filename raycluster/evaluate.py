@@ -51,7 +51,7 @@ from fisher.io import (
     read_manifest,
     read_table,
 )
-from raycluster.options import add_options, at_most, option, positive, seeds
+from raycluster.options import add_options, at_most, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
@@ -167,6 +167,7 @@ class EvaluateOptions(_DecodeOptions):
     def __post_init__(self):
         super().__post_init__()
         positive(self, "cpus_per_actor")
+        ray_quantities(self, "cpus_per_actor")
 
 
 def register(sub) -> None:

@@ -251,6 +251,21 @@ def positive(opts, *names: str) -> None:
             raise FisherError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
 
 
+RAY_UNIT = 1e-4             # Ray counts CPUs and GPUs in steps of 0.0001: a smaller request fails in Ray
+
+
+def ray_quantities(opts, *names: str) -> None:
+    """Refuse resource requests (CPUs, GPUs per worker, actor or trial) that are not finite or that are
+    above 0 but below Ray's unit, 0.0001 (Ray refuses them only when the first actor starts)."""
+    import math
+    for name in names:
+        value = getattr(opts, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                not math.isfinite(value) or 0 < value < RAY_UNIT):
+            raise FisherError(f"--{name.replace('_', '-')} {value}: Ray counts resources in steps of 0.0001; "
+                              "pass a finite value of at least 0.0001 (e.g. 0.5)")
+
+
 SEED_MAX = 2**63 - 1        # torch.manual_seed and numpy take seeds up to this
 
 

@@ -764,6 +764,10 @@ CASES = [
     ("run-data-without-raw-files", None, ["run", "--data", "{data}", "--out", "{out}"],
      r"--data .*/data: no train-images-idx3-ubyte\.gz, .*; pass --data DIR \(or set \$FISHER_DATA\) with the raw "
      r"mnist files"),
+    ("embed-cpus-below-ray-unit", None, ["embed", *PRIOR, "--dim", "16", "--cpus-per-actor", "1e-30"],
+     r"--cpus-per-actor 1e-30: Ray counts resources in steps of 0\.0001; pass a finite value of at least 0\.0001"),
+    ("embed-data-empty", None, ["embed", "--prior", "{prior}", "--data", "", "--out", "{out}"],
+     r"--data '': an empty path; pass the directory itself"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
