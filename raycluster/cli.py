@@ -13,11 +13,18 @@ from fisher.io import FisherError, check_output, claim_output, output_state, rel
 STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "probe", "run", "priors")   # modules of raycluster, one per stage
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a newline in a file name or option value printed as
+    ``\\n``), so that an error naming it stays one line."""
+    import re
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group(0))[1:-1], text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, ``fisher <command>: error: ...``, like every other error (exit status 2)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except FisherError as e:
         if out is not None:
             release_claim(out, before)
-        print(f"fisher {command}: error: {e}", file=sys.stderr)
+        print(f"fisher {command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:                # a path the stage did not expect to be unreadable, or a lost connection
         if out is not None:
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = ("check --address and that the Ray cluster is reachable" if isinstance(e, ConnectionError) else
                 "check that the path exists and that this user may read (and for --out, write) it")
-        print(f"fisher {command}: error: {reason}; {hint}", file=sys.stderr)
+        print(f"fisher {command}: error: {one_line(reason)}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fisher {command}: interrupted; rerun the same command to continue", file=sys.stderr)

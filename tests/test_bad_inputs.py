@@ -499,6 +499,11 @@ def data_copy(c):
     return {"data": c.copy("data")}
 
 
+def out_newline_file(c):
+    (c.tmp / "a\nb").write_text("a file whose name holds a newline\n")
+    return {}
+
+
 def cache_is_file(c):
     (c.tmp / "fid-cache").write_text("not a directory\n")
     return {"cache": c.tmp / "fid-cache"}
@@ -768,6 +773,8 @@ CASES = [
      r"--cpus-per-actor 1e-30: Ray counts resources in steps of 0\.0001; pass a finite value of at least 0\.0001"),
     ("embed-data-empty", None, ["embed", "--prior", "{prior}", "--data", "", "--out", "{out}"],
      r"--data '': an empty path; pass the directory itself"),
+    ("train-out-name-with-newline", out_newline_file, [*TRAIN[:4], "{tmp}/a\nb", *TRAIN[5:]],
+     r"--out .*/a\\nb: exists and is not a directory; pass a new directory path"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),
