@@ -281,7 +281,7 @@ def _mnist_source(cfg: MnistConfig) -> _Source:
 
 def _read_lines(uri: str) -> list[str]:
     try:
-        return _read_raw(uri, _CELEBA_SRC_HINT).decode("utf-8").splitlines()
+        return _read_raw(uri, _CELEBA_SRC_HINT).decode("utf-8-sig").splitlines()    # drops a BOM (an editor's)
     except UnicodeDecodeError as e:
         raise FisherError(f"{uri}: not a text file ({e}); use the official CelebA file") from e
 
@@ -734,7 +734,8 @@ def reference_column(manifest: dict, requested: str | None, where: str) -> tuple
 
 def data_levels(manifest: dict) -> int:
     """Values per sub-pixel of a prepared dataset (its ``prepare`` manifest): 2 for binarized MNIST."""
-    value = manifest.get("levels") or manifest.get("config", {}).get("levels") or 2
+    given = (manifest.get("levels"), (manifest.get("config") or {}).get("levels"))
+    value = next((v for v in given if v is not None), 2)       # 0 is refused, not read as 'missing'
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
         raise FisherError(f"manifest of the prepared data: 'levels' is {value!r}, not an integer >= 2; "
                           "rerun `fisher prepare`")

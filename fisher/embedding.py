@@ -239,7 +239,13 @@ def _read_shard(dir_uri: str, manifest: dict, name: str, column: str) -> tuple[n
     uri = join(dir_uri, name)
     table = read_table(uri, ["id", column])
     check_shard_meta(uri, table.schema, manifest.get("config", {}), dir_uri)
-    ids, z = np.asarray(table["id"].to_pylist()), column_array(table[column])
+    kind, dim = table.schema.field(column).type, manifest["columns"][column]["dim"]
+    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)) or \
+            kind.list_size != dim:
+        raise FisherError(f"{uri}: column '{column}' is {kind}, not the {dim}-dim float vectors "
+                          f"{dir_uri}/manifest.json describes; delete it and rerun `fisher embed`")
+    ids = np.asarray(table["id"].to_pylist())
+    z = column_array(table[column]) if len(ids) else np.zeros((0, kind.list_size), np.float32)
     bad = ~np.isfinite(z).all(axis=1)
     if bad.any():
         raise FisherError(f"{uri}: column '{column}' holds NaN or Inf in {int(bad.sum())} of {len(z)} rows "

@@ -249,10 +249,28 @@ def _check_fields(uri: str, manifest: dict) -> None:
     if shape is not None and not (len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
                                                           and 1 <= v <= 1 << 14 for v in shape)):
         raise FisherError(f"{uri}: field 'image_shape' is {shape!r:.60}, not [H, W, C] of positive sizes; {fix}")
+    for column, spec in (manifest.get("columns") or {}).items() if manifest.get("stage") == "embed" else ():
+        dim = spec.get("dim") if isinstance(spec, dict) else None
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise FisherError(f"{uri}: column '{column}' is described as {spec!r:.60}, not {{\"dim\": N, ...}} "
+                              f"with N >= 1; {fix}")
+    for split, count in (manifest.get("counts") or {}).items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise FisherError(f"{uri}: field 'counts' gives split {split!r:.40} {count!r:.40}, not a count >= 0; {fix}")
+    levels = manifest.get("levels")
+    if manifest.get("stage") == "prepare" and levels is not None and not (
+            isinstance(levels, int) and not isinstance(levels, bool) and 2 <= levels <= 1 << 16):
+        raise FisherError(f"{uri}: field 'levels' is {levels!r:.60}, not an integer in [2, 65536]; {fix}")
     for shard in manifest.get("shards") or []:
         name = shard.get("file") if isinstance(shard, dict) else shard
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
             raise FisherError(f"{uri}: shard entry {shard!r:.80} does not name a file of this directory; {fix}")
+        if manifest.get("stage") == "prepare":      # prepared shards: {file, split, rows}
+            rows, split = (shard.get("rows"), shard.get("split")) if isinstance(shard, dict) else (None, None)
+            if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 0):
+                raise FisherError(f"{uri}: shard {name} has 'rows' {rows!r:.40}, not a count >= 0; {fix}")
+            if not (isinstance(split, str) and split):
+                raise FisherError(f"{uri}: shard {name} has 'split' {split!r:.40}, not a split name; {fix}")
 
 
 def manifest_hash(manifest: dict) -> str:

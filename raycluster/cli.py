@@ -13,11 +13,18 @@ from fisher.io import FisherError, check_output, claim_output, output_state, rel
 STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "probe", "run", "priors")   # modules of raycluster, one per stage
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a newline in a file name or option value printed as
+    ``\\n``), so that an error naming it stays one line."""
+    import re
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group(0))[1:-1], text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, ``fisher <command>: error: ...``, like every other error (exit status 2)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +50,42 @@ def _absolute(args) -> None:
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    import difflib
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(extra[0].split("=", 1)[0], flags, n=1) if extra[0].startswith("--") else []
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+INPUT_OPTIONS = ("data", "prior", "embeddings", "decoder")     # artifacts a stage reads (--src, raw files, is not one)
+
+
+def _out_apart(args, command: str) -> None:
+    """Refuse an ``--out`` that is an input artifact or lies inside one: the stage would write into another
+    stage's artifact, which later stages and reruns read as it was (a raw ``--src`` folder may hold --out)."""
+    import os
+    out = getattr(args, "out", None)
+    if not isinstance(out, str) or not out.strip():
+        return
+    norm = lambda p: p.rstrip("/") if "://" in p else os.path.realpath(p)     # noqa: E731
+    target = norm(out)
+    for name in INPUT_OPTIONS:
+        value = getattr(args, name, None) if (command, name) != ("run", "data") else None   # run: raw --data
+        if not isinstance(value, str) or not ("://" in value or os.sep in value) or norm(value) in ("", "/"):
+            continue
+        source = norm(value)
+        if target == source or target.startswith(source.rstrip("/") + "/"):
+            raise FisherError(f"--out {out}: {'is' if target == source else 'inside'} the input --{name} {value}; "
+                              "pass an --out outside every input directory")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:                       # named by the command's own parser, with the closest option
+            _unrecognized(parser, args.command, extra)
     except SystemExit as e:             # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     command, func = args.command, args.func
@@ -55,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
                 raise FisherError(f"--{name.replace('_', '-')} {ascii(value)}: not a UTF-8 name; rename the file "
                                   "or directory (or pass a path that names it in UTF-8)")
+        for name in ("src", "data", "embeddings", "decoder"):    # "" would name the current directory's root
+            value = getattr(args, name, None)
+            if isinstance(value, str) and not value.strip() and (command, name) != ("run", "data"):   # run: download
+                raise FisherError(f"--{name} {value!r}: an empty path; pass the directory itself")
         _absolute(args)
         options = getattr(args, "options", None)
         if options is not None:         # the stage's typed options: every value checked by its dataclass
             from raycluster.options import from_args
             args = from_args(options, args)
+        _out_apart(args, command)
         if isinstance(getattr(args, "out", None), str):
             check_output(args.out)      # a missing bucket is refused before any work or write
             claim_output(args.out, command, write=False)     # "", /, a file, foreign files: refused now
@@ -73,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except FisherError as e:
         if out is not None:
             release_claim(out, before)
-        print(f"fisher {command}: error: {e}", file=sys.stderr)
+        print(f"fisher {command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:                # a path the stage did not expect to be unreadable, or a lost connection
         if out is not None:
@@ -81,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = ("check --address and that the Ray cluster is reachable" if isinstance(e, ConnectionError) else
                 "check that the path exists and that this user may read (and for --out, write) it")
-        print(f"fisher {command}: error: {reason}; {hint}", file=sys.stderr)
+        print(f"fisher {command}: error: {one_line(reason)}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fisher {command}: interrupted; rerun the same command to continue", file=sys.stderr)

@@ -41,7 +41,7 @@ from fisher.io import (
     resolve,
     write_manifest,
 )
-from raycluster.options import add_options, at_least, at_most, option, positive, seeds
+from raycluster.options import add_options, at_least, at_most, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, check_memory, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
@@ -85,7 +85,8 @@ def _densities(value) -> list[float | None]:
 def _splits(value) -> list[str] | None:
     if value is None:
         return None
-    return [t for t in (value if isinstance(value, (list, tuple)) else str(value).split(",")) if t]
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(t).strip() for t in items if str(t).strip()]
 
 
 @dataclass(kw_only=True)
@@ -127,6 +128,7 @@ class EmbedOptions(RayOptions):
         at_most(self, 1024, "actors")
         seeds(self, "seed")
         positive(self, "cpus_per_actor")
+        ray_quantities(self, "cpus_per_actor")
         from fisher.embedding import EmbedSpec
         names = [EmbedSpec(d, p).column(False) for d in self.dim for p in self.density]
         same = next((c for c in names if names.count(c) > 1), None)
@@ -199,10 +201,29 @@ def run(args: EmbedOptions) -> None:
     if kind.projected:
         check_memory(args, args.actors * sum(estimated_bytes(n, s.dim, s.density or n ** -0.5) for s in specs),
                      f"--dim {','.join(map(str, args.dim))} x --density with {n} features, in {args.actors} actor(s)")
-    splits = args.splits or sorted({s["split"] for s in data_manifest["shards"]})
+    have = sorted({s["split"] for s in data_manifest["shards"]})
+    splits = args.splits or have
+    missing = [s for s in splits if s not in have]
+    if missing:
+        raise FisherError(f"--splits {','.join(splits)}: {args.data} has no split {', '.join(map(repr, missing))} "
+                          f"(has {', '.join(have) or 'none'}); pass --splits with those names")
     shards = [s for s in data_manifest["shards"] if s["split"] in splits]
-    if not shards:
-        raise FisherError(f"{args.data}: no shards for splits {splits}")
+    if model is not None:   # a prior of other images (another channel count or levels) fails on every batch in Ray
+        from fisher.data import data_levels
+        want = {"channels": int(shape[2]), "levels": data_levels(data_manifest)}
+        got = {k: getattr(getattr(model, "config", None), k, None) for k in want}
+        bad = [k for k in want if got[k] is not None and got[k] != want[k]]
+        if bad:
+            raise FisherError(f"--prior {args.prior}: models images with {', '.join(f'{k}={got[k]}' for k in bad)}, "
+                              f"but {args.data} holds {', '.join(f'{k}={want[k]}' for k in bad)}; pass a prior "
+                              "trained on this kind of data")
+    if args.standardize or args.pca:    # fitted on train after the embedding pass: checked before it
+        if "train" not in splits:
+            raise FisherError("--standardize/--pca need the train split among --splits")
+        width, rows = min(s.dim for s in specs), int(data_manifest["counts"].get("train", 0))
+        if args.pca and args.pca > min(width, rows):
+            raise FisherError(f"--pca {args.pca}: larger than the embedding ({width}) or the train split ({rows}); "
+                              "pass a smaller --pca")
     for s in shards:        # truncated or replaced input shards: refused before anything is written
         parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}",
                          columns=("id", column))

@@ -43,6 +43,7 @@ from fisher.io import (
     atomic_write_bytes,
     claim_output,
     exists,
+    is_dir,
     join,
     manifest_hash,
     read_bytes,
@@ -50,7 +51,7 @@ from fisher.io import (
     read_manifest,
     read_table,
 )
-from raycluster.options import add_options, at_most, option, positive, seeds
+from raycluster.options import add_options, at_most, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
 
@@ -132,6 +133,8 @@ class EditOptions(_DecodeOptions):
         super().__post_init__()
         if isinstance(self.attribute, (list, tuple)):
             self.attribute = ",".join(self.attribute)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise FisherError(f"--scale {self.scale}: must be a finite number (paper: 3)")
 
 
 @dataclass(kw_only=True)
@@ -164,6 +167,7 @@ class EvaluateOptions(_DecodeOptions):
     def __post_init__(self):
         super().__post_init__()
         positive(self, "cpus_per_actor")
+        ray_quantities(self, "cpus_per_actor")
 
 
 def register(sub) -> None:
@@ -209,7 +213,7 @@ def _inputs(args) -> dict:
                           f"{args.embeddings} has dim {dim}; pass the decoder trained on these embeddings")
     if shape != list(data["image_shape"]) or levels != data_levels(data):
         raise FisherError(f"{args.decoder}: makes {shape} images with {levels} levels, but {args.data} holds "
-                          f"{data['image_shape']} with {data['levels']}; pass matching data")
+                          f"{data['image_shape']} with {data_levels(data)}; pass matching data")
     decoder_manifest = None
     if exists(join(args.decoder, MANIFEST)):
         decoder_manifest = read_manifest(args.decoder)
@@ -511,6 +515,16 @@ def run_evaluate(args) -> None:
     from fisher.manipulation import random_pairs
 
     info = _inputs(args)
+    counts = info["data"]["counts"]
+    for flag, split, wanted in (("--split", args.split, True), ("--floor-split", args.floor_split, args.floor)):
+        if wanted and counts.get(split, 0) < 2:     # refused here, not after the real statistics' Ray work
+            raise FisherError(f"{flag} {split}: {args.data} has {counts.get(split, 0)} images in it (splits: "
+                              f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}); FID needs at least 2: "
+                              f"pass another {flag}" + (" or --no-floor" if flag == "--floor-split" else ""))
+    cache = args.cache or join(args.data, "fid-cache")
+    if exists(cache) and not is_dir(cache):     # refused now, not when the first statistics are written
+        raise FisherError(f"--cache {cache}: exists and is not a directory; pass a directory for the real-image "
+                          "statistics (default DATA/fid-cache)")
     claim_output(args.out, "evaluate")
     weights = args.fid_weights or os.environ.get(WEIGHTS_ENV) or None
     weights_id = load_inception(weights).weights_id        # fails fast (and offline) with what to pass

@@ -127,10 +127,13 @@ def from_mapping(cls, mapping: dict, command: str, section: str, where=None, **f
     arch_keys = {flag[2:].replace("-", "_"): flag
                  for flag in (architecture_fields(arch_field.metadata["architecture"]) if arch_field else {})}
     values, arch = dict(fixed), {}
+    hints = _hints(cls)
     for key, value in (mapping or {}).items():
         if key in by_key:
             f = by_key[key]
             parse = f.metadata.get("parse")
+            if not parse:               # a JSON value of another type or outside the choices: refused here, once
+                _check_value(f, hints.get(f.name, f.type), value, where(key) if where else section, f"{section}.{key}")
             values[f.name] = parse(value) if parse and isinstance(value, str) else value
         elif key in arch_keys:
             arch[arch_keys[key]] = value
@@ -144,6 +147,24 @@ def from_mapping(cls, mapping: dict, command: str, section: str, where=None, **f
         return cls(**values)
     except TypeError as e:       # a value of the wrong type where the dataclass compares or computes
         raise FisherError(f"{where(next(iter(mapping))) if where and mapping else section}: {e}") from e
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_value(f: dataclasses.Field, hint, value, where: str, key: str) -> None:
+    """A preset or ``--set`` value against its option's type (int, float, bool, str, optional) and
+    choices: one line naming the value, where it was given and what it must be."""
+    from fisher.registry import _check_type
+    choices = f.metadata.get("choices")
+    if choices and value not in choices and not (value is None and f.default is None):
+        raise FisherError(f"{where}: {key} is {value!r:.60}; expected one of {', '.join(map(str, choices))}")
+    if not _check_type(value, hint):
+        kinds = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+        expected = " or ".join(_KIND_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+        if type(None) in typing.get_args(hint):
+            expected += " (or null for the default)"
+        raise FisherError(f"{where}: {key} is {value!r:.60}, not {expected}; fix the value in the preset or --set")
 
 
 def architecture_fields(registry) -> dict[str, list[tuple[str, dataclasses.Field]]]:
@@ -228,6 +249,21 @@ def positive(opts, *names: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
             raise FisherError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
+
+
+RAY_UNIT = 1e-4             # Ray counts CPUs and GPUs in steps of 0.0001: a smaller request fails in Ray
+
+
+def ray_quantities(opts, *names: str) -> None:
+    """Refuse resource requests (CPUs, GPUs per worker, actor or trial) that are not finite or that are
+    above 0 but below Ray's unit, 0.0001 (Ray refuses them only when the first actor starts)."""
+    import math
+    for name in names:
+        value = getattr(opts, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                not math.isfinite(value) or 0 < value < RAY_UNIT):
+            raise FisherError(f"--{name.replace('_', '-')} {value}: Ray counts resources in steps of 0.0001; "
+                              "pass a finite value of at least 0.0001 (e.g. 0.5)")
 
 
 SEED_MAX = 2**63 - 1        # torch.manual_seed and numpy take seeds up to this

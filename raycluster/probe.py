@@ -26,8 +26,8 @@ class ProbeOptions:
     column: str = option("z", help="embedding column (default z)")
     out: str = option(help="directory to write probe.json into")
     k: int = option(10, help="neighbours of the kNN agreement (default 10)")
-    ridge: str = option("auto", help="ridge penalty of the linear probe, per train row, or 'auto' (default): "
-                                     "the most accurate of 1e-4 … 100 on a 20%% hold-out of the train split")
+    ridge: str | float = option("auto", help="ridge penalty of the linear probe, per train row, or 'auto' (default): "
+                                             "the most accurate of 1e-4 … 100 on a 20%% hold-out of the train split")
 
     def __post_init__(self):
         at_least(self, 1, "k")

@@ -187,6 +187,15 @@ def seed_suffixes(preset: dict) -> list[str]:
     return [""] if n == 1 else [f"-s{k}" for k in range(n)]
 
 
+def _base_seed(section: dict, name: str, where) -> int:
+    """A section's ``seed``, to which the run adds the seed index: an integer (checked before the sum)."""
+    seed = section.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FisherError(f"{where('seed')}: {name}.seed is {seed!r:.40}, not an integer; fix the value in the "
+                          "preset or --set")
+    return seed
+
+
 def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
     """Every step's options object, built (and so checked, value by value) before the first step runs.
     Returns the steps and the embeddings the report reads ({kind: (directory, column)})."""
@@ -237,8 +246,11 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
     grid = None
     if preset.get("sweep"):
         import tune_spaces
-        section = dict(preset["sweep"])
-        if isinstance(section.get("grid"), str) and section["grid"].endswith(".json"):
+        section = {"grid": "paper_grid", **preset["sweep"]}      # SweepOptions' default grid
+        if not isinstance(section["grid"], str):
+            raise FisherError(f"{where_of('sweep')('grid')}: sweep.grid is {section['grid']!r:.40}, not a string; "
+                              "pass a tune_spaces name (paper_grid) or a JSON file")
+        if section["grid"].endswith(".json"):
             section["grid"] = os.path.abspath(section["grid"])
         grid = tune_spaces.load_grid(section["grid"], flag="sweep.grid")
         steps.append(Step("sweep", "sweep", sweep.run,
@@ -268,7 +280,7 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
                                data=d("data"), column=col, out=d(f"probe-{kind}")), f"probe-{kind}/manifest.json"))
         section = {"decoder": "pixels"} if kind == "pixel" else decoder_section
         for k, sfx in enumerate(suffixes if kind != "pixel" else [""]):
-            seeded = {**section, "seed": section.get("seed", 0) + k}
+            seeded = {**section, "seed": _base_seed(section, "decoder", where_of("decoder")) + k}
             dec = opts(train_decoder.TrainDecoderOptions, "decoder", "train-decoder", seeded,
                        out=d(f"decoder-{kind}{sfx}"), **common)
             steps.append(Step(f"decoder-{kind}{sfx}", "train-decoder", train_decoder.run, dec,
@@ -283,12 +295,16 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
                                   f"interpolate-{kind}/manifest.json"))
                 if preset.get("edit") and kind != "pixel":
                     edit = preset["edit"]
+                    names = edit.get("attributes") or []
+                    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                        raise FisherError(f"{where_of('edit')('attributes')}: edit.attributes is {names!r:.40}, not "
+                                          'a list of attribute names; pass e.g. ["Smiling", "Eyeglasses"]')
                     steps.append(Step(f"edit-{kind}", "edit", evaluate.run_edit,
                                       opts(evaluate.EditOptions, "edit", "edit",
                                            {k: v for k, v in edit.items() if k != "attributes"},
                                            out=d(f"edit-{kind}"), attribute=",".join(edit.get("attributes") or []),
                                            **with_decoder), f"edit-{kind}/manifest.json"))
-            seeded = {**evaluate_section, "seed": evaluate_section.get("seed", 0) + k}
+            seeded = {**evaluate_section, "seed": _base_seed(evaluate_section, "evaluate", where_of("evaluate")) + k}
             steps.append(Step(f"fid-{kind}{sfx}", "evaluate", evaluate.run_evaluate,
                               opts(evaluate.EvaluateOptions, "evaluate", "evaluate", seeded, out=d(f"fid-{kind}{sfx}"),
                                    label=f"{kind}/{section.get('decoder', 'conv')}",
@@ -302,6 +318,7 @@ def run(args: RunOptions) -> None:
     if preset["dataset"] == "celeba" and not args.data:
         raise FisherError(f"celeba needs --data (or ${DATA_ENV}): the folder with img_align_celeba/, "
                           "list_attr_celeba.txt and list_eval_partition.txt")
+    _check_raw(args.data, preset["dataset"])
     steps, kinds = plan(args, preset)            # every step's options checked before anything is written
     from raycluster.runtime import check_resources
     for step in steps:
@@ -316,6 +333,23 @@ def run(args: RunOptions) -> None:
     report = write_report(args.out, preset, kinds, r.timings, paper_preset=_paper_preset(preset["dataset"]),
                           prior=prior_of(args, preset), suffixes=seed_suffixes(preset))
     print(f"report: {report}")
+
+
+def _check_raw(data: str | None, dataset: str) -> None:
+    """``--data`` must hold the raw files of the preset's dataset: refused before the run claims its --out
+    (the prepare step would fail with nothing done but the claim)."""
+    from fisher.data import CELEBA_ATTRS, CELEBA_IMAGES, CELEBA_PARTITION, MNIST_NAMES
+    from fisher.io import is_dir
+    if not data:
+        return
+    if not is_dir(data):
+        raise FisherError(f"--data {data}: not a directory; pass --data DIR (or set ${DATA_ENV}) with the raw "
+                          f"{dataset} files")
+    names = MNIST_NAMES if dataset == "mnist" else (CELEBA_ATTRS, CELEBA_PARTITION, CELEBA_IMAGES)
+    missing = [n for n in names if not exists(join(data, n))]
+    if missing:
+        raise FisherError(f"--data {data}: no {', '.join(missing)}; pass --data DIR (or set ${DATA_ENV}) with the "
+                          f"raw {dataset} files")
 
 
 def _paper_preset(dataset: str) -> dict | None:

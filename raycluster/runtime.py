@@ -5,7 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from raycluster.options import add_options, at_least, at_most, option, positive, seeds
+from raycluster.options import add_options, at_least, at_most, option, positive, ray_quantities, seeds
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,7 @@ class TrainerOptions(RayOptions):
         at_least(self, 0, "max_failures")
         seeds(self, "seed")
         positive(self, "lr", "cpus_per_worker")
+        ray_quantities(self, "cpus_per_worker")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:

@@ -51,7 +51,7 @@ from fisher.io import (
     read_manifest,
     write_manifest,
 )
-from raycluster.options import add_options, at_least, option, positive, seeds
+from raycluster.options import add_options, at_least, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, init_ray
 
 CELLS = "cells"           # OUT/cells/<column>.json: one record per finished cell
@@ -93,6 +93,7 @@ class SweepOptions(RayOptions):
         at_least(self, 0, "max_failures", "gpus_per_trial")
         seeds(self, "seed")
         positive(self, "lr", "cpus_per_trial")
+        ray_quantities(self, "cpus_per_trial", "gpus_per_trial")
 
 
 def register(sub) -> None:

@@ -46,6 +46,7 @@ class TrainDecoderOptions(TrainerOptions):
         if self.decoder not in DECODERS:
             raise FisherError(f"--decoder {self.decoder}: unknown (have {', '.join(DECODERS.names())})")
         self.decoder_config = architecture_config(self.decoder_config, DECODERS, self.decoder, "--decoder")
+        DECODERS.config(self.decoder, **self.decoder_config)    # types and the decoder's own checks, before any work
 
 
 def register(sub) -> None:

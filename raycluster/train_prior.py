@@ -41,6 +41,7 @@ class TrainPriorOptions(TrainerOptions):
         at_least(self, 1, "workers", "limit")
         PRIORS.get(self.prior)
         self.model = architecture_config(self.model, PRIORS, self.prior, "--prior")
+        PRIORS.config(self.prior, **self.model)     # types and the architecture's own checks, before any step runs
 
 
 def register(sub) -> None:
@@ -108,13 +109,19 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
 
-def _dataset(data_dir: str, manifest: dict, split: str, limit: int | None):
+def _shard_files(data_dir: str, manifest: dict, split: str) -> list[str]:
+    """The shards of ``split``, each checked from its footer (truncated or replaced shards, a missing
+    column): called before Ray starts."""
     shards = [s for s in manifest["shards"] if s["split"] == split]
     if not shards:
         raise FisherError(f"{data_dir}: no '{split}' shards; run `fisher prepare` with that split")
     files = [join(data_dir, s["file"]) for s in shards]
-    for uri, s in zip(files, shards):      # truncated or replaced shards: refused before Ray starts
+    for uri, s in zip(files, shards):
         parquet_metadata(uri, s.get("rows"), fix=f"rerun `fisher prepare` for {data_dir}", columns=("id", "image"))
+    return files
+
+
+def _dataset(files: list[str], limit: int | None):
     ds = read_shards(files, ["image"])
     return ds.limit(limit) if limit else ds
 
@@ -137,11 +144,12 @@ def run(args: TrainPriorOptions) -> None:
         print(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")
         return
 
+    files = {split: _shard_files(args.data, data_manifest, split) for split in ("train", "test")}
     init_ray(args)                      # before the datasets: Ray Data must not start a Ray of its own
     trainer = torch_trainer(_train_loop, {"train": cfg.to_dict(), "image_shape": shape}, args, "prior",
                             workers=args.workers,
-                            datasets={"train": _dataset(args.data, data_manifest, "train", args.limit),
-                                      "test": _dataset(args.data, data_manifest, "test", None)})
+                            datasets={"train": _dataset(files["train"], args.limit),
+                                      "test": _dataset(files["test"], None)})
     result = fit(trainer, args.out)
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")

@@ -483,6 +483,32 @@ def emb_duplicate_ids(c):
     return {"emb": d}
 
 
+def emb_short_vectors(c):
+    """An embedding shard whose vectors are 8 long where the manifest (and the decoder) say 16."""
+    from fisher.embedding import column_array, embedding_table
+    from fisher.io import atomic_write_table
+    d = c.copy("emb")
+    f = d / "test-00000.parquet"
+    t = pq.read_table(f)
+    atomic_write_table(str(f), embedding_table(np.asarray(t["id"].to_pylist()), {"z": column_array(t["z"])[:, :8]},
+                                               json.loads(t.schema.metadata[b"fisher"])))
+    return {"emb": d}
+
+
+def data_copy(c):
+    return {"data": c.copy("data")}
+
+
+def out_newline_file(c):
+    (c.tmp / "a\nb").write_text("a file whose name holds a newline\n")
+    return {}
+
+
+def cache_is_file(c):
+    (c.tmp / "fid-cache").write_text("not a directory\n")
+    return {"cache": c.tmp / "fid-cache"}
+
+
 # ---------------------------------------------------------------- the corpus
 
 PRIOR = ["--prior", "{prior}", "--data", "{data}", "--out", "{out}"]
@@ -702,6 +728,53 @@ CASES = [
      r"more\); the file is truncated or corrupt"),
     ("decoder-duplicate-ids", emb_duplicate_ids, DECODE,
      r"emb-copy/test-00000\.parquet: id 'train-\d+' is also in train-00000\.parquet; every image is embedded once"),
+    # hostile pass 2: preset and --set values of the wrong JSON type or outside the choices, seeds the run adds
+    # to, the architecture's config (all before the first step), manifest fields, vector widths, --out inside an
+    # input, splits named nowhere, a non-finite --scale, a misspelt option
+    ("run-set-float-for-int", None, ["run", "--set", "prepare.limit=8.5", "--out", "{out}"],
+     r"--set prepare\.limit=8\.5: prepare\.limit is 8\.5, not an integer \(or null for the default\); fix the value"),
+    ("run-set-outside-choices", None, ["run", "--set", "evaluate.reference=nope", "--out", "{out}"],
+     r"--set evaluate\.reference=nope: evaluate\.reference is 'nope'; expected one of image, grey"),
+    ("run-set-seed-text", None, ["run", "--set", "decoder.seed=x", "--out", "{out}"],
+     r"--set decoder\.seed=x: decoder\.seed is 'x', not an integer"),
+    ("run-set-grid-number", None, ["run", "--set", "sweep.grid=5", "--out", "{out}"],
+     r"--set sweep\.grid=5: sweep\.grid is 5, not a string; pass a tune_spaces name"),
+    ("run-set-architecture-type", None, ["run", "--set", "prior.train=true", "--set", "prior.filters=8.5", "--out",
+                                         "{out}"], r"prior 'pixelcnn': option filters=8\.5 has the wrong type"),
+    ("data-manifest-levels-0", _edit_json("data", "manifest.json", _set("levels", 0)), TRAIN,
+     r"data-copy/manifest\.json: field 'levels' is 0, not an integer in \[2, 65536\]; rerun the stage"),
+    ("data-manifest-rows-text", _edit_json("data", "manifest.json", _set("shards.0.rows", "many")), TRAIN,
+     r"manifest\.json: shard train-00000\.parquet has 'rows' 'many', not a count >= 0"),
+    ("interpolate-emb-short-vectors", emb_short_vectors, ["interpolate", *INPUTS],
+     r"emb-copy/test-00000\.parquet: column 'z' is fixed_size_list<.*>\[8\], not the 16-dim float vectors .*rerun "
+     r"`fisher embed`"),
+    ("train-out-inside-data", data_copy, [*TRAIN[:4], "{data}/prior", *TRAIN[5:]],
+     r"--out .*/data-copy/prior: inside the input --data .*/data-copy; pass an --out outside every input directory"),
+    ("evaluate-floor-split-unknown", None, ["evaluate", *INPUTS, "--pairs", "2", "--floor-split", "nope"],
+     r"--floor-split nope: .* has 0 images in it \(splits: test 64, train 64\); FID needs at least 2: pass another "
+     r"--floor-split or --no-floor"),
+    ("embed-splits-unknown", None, ["embed", *PRIOR, "--splits", "train,tset"],
+     r"--splits train,tset: .* has no split 'tset' \(has test, train\); pass --splits"),
+    ("edit-scale-nan", None, ["edit", *INPUTS, "--attribute", "Smiling", "--scale", "nan"],
+     r"--scale nan: must be a finite number"),
+    ("embed-misspelt-option", None, ["embed", *PRIOR, "--dimm", "16"],
+     r"unrecognized arguments: --dimm 16 \(did you mean --dim\?\)"),
+    ("evaluate-cache-is-a-file", cache_is_file, ["evaluate", *INPUTS, "--pairs", "2", "--cache", "{cache}"],
+     r"--cache .*/fid-cache: exists and is not a directory; pass a directory for the real-image statistics"),
+    ("embed-pca-above-dim", None, ["embed", *PRIOR, "--dim", "16", "--pca", "32"],
+     r"--pca 32: larger than the embedding \(16\) or the train split \(64\); pass a smaller --pca"),
+    ("embed-prior-of-other-images", _edit_json("data", "manifest.json", _set("levels", 4)),
+     ["embed", *PRIOR, "--dim", "16"],
+     r"--prior .*/prior: models images with levels=2, but .*data-copy holds levels=4; pass a prior trained on"),
+    ("run-data-without-raw-files", None, ["run", "--data", "{data}", "--out", "{out}"],
+     r"--data .*/data: no train-images-idx3-ubyte\.gz, .*; pass --data DIR \(or set \$FISHER_DATA\) with the raw "
+     r"mnist files"),
+    ("embed-cpus-below-ray-unit", None, ["embed", *PRIOR, "--dim", "16", "--cpus-per-actor", "1e-30"],
+     r"--cpus-per-actor 1e-30: Ray counts resources in steps of 0\.0001; pass a finite value of at least 0\.0001"),
+    ("embed-data-empty", None, ["embed", "--prior", "{prior}", "--data", "", "--out", "{out}"],
+     r"--data '': an empty path; pass the directory itself"),
+    ("train-out-name-with-newline", out_newline_file, [*TRAIN[:4], "{tmp}/a\nb", *TRAIN[5:]],
+     r"--out .*/a\\nb: exists and is not a directory; pass a new directory path"),
     # last: the only case that fails inside Ray (late Ray log lines cannot reach another case's stderr)
     ("parquet-corrupt-pages", data_parquet_corrupt, ["embed", *PRIOR, "--dim", "16"],
      r"data-copy/test-00000\.parquet: not a readable Parquet file \(.+\); delete it and rerun the stage"),

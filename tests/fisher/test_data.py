@@ -155,6 +155,19 @@ def test_celeba_attr_and_partition_files(make_celeba):
         data.read_celeba_attrs(str(attr_file))
 
 
+def test_celeba_files_saved_with_a_bom_or_lf_read_the_same(make_celeba):
+    """An editor's save: a UTF-8 byte-order mark, LF line ends; the files read as the official ones."""
+    root, rows = make_celeba(unlisted=0)
+    attr, part = root / "list_attr_celeba.txt", root / "list_eval_partition.txt"
+    want = data.read_celeba_attrs(str(attr)), data.read_celeba_partition(str(part))
+    for f in (attr, part):
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes().replace(b"\r\n", b"\n"))
+    names, attrs = data.read_celeba_attrs(str(attr))
+    assert names == want[0][0] and {k: v.tolist() for k, v in attrs.items()} == \
+        {k: v.tolist() for k, v in want[0][1].items()}
+    assert data.read_celeba_partition(str(part)) == want[1]
+
+
 # ---------------------------------------------------------------- shards
 
 def test_write_shards_and_decode_images(tmp_path):
