@@ -549,6 +549,27 @@ def decode_images(table_or_batch: pa.Table | pa.RecordBatch | Mapping, shape: tu
     return flat.reshape(n, *shape).copy()
 
 
+def check_shards(dir_uri: str, manifest: dict, splits=None, columns=("id", "image")) -> list[str]:
+    """The prepared shards of ``splits`` (all when None), each checked from its footer alone before any
+    work: readable (not truncated or replaced), the rows and ``columns`` its manifest promises, and
+    images of the manifest's ``image_shape`` (the shape each shard's schema records). Returns their URIs."""
+    from fisher.io import parquet_metadata
+    fix = f"rerun `fisher prepare` for {dir_uri}"
+    shape = list(manifest["image_shape"])
+    out = []
+    for s in manifest["shards"]:
+        if splits is not None and s["split"] not in splits:
+            continue
+        uri = join(dir_uri, s["file"])
+        meta = parquet_metadata(uri, s.get("rows"), fix=fix, columns=columns)
+        kept = (meta.metadata or {}).get(SHAPE_KEY)
+        if kept is not None and json.loads(kept) != shape:
+            raise FisherError(f"{uri}: holds {json.loads(kept)} images but {join(dir_uri, MANIFEST)} says "
+                              f"image_shape {shape}; {fix}")
+        out.append(uri)
+    return out
+
+
 def load_prepared(dir_uri: str, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
     """A whole split of a prepared artifact in memory: {'id', 'image' [N,H,W,C], 'grey' [N,H,W,C] where the
     data keeps it (MNIST), 'label' or 'attrs'}."""

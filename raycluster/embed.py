@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fisher.data import check_shards
 from fisher.embedding import column_array, embedding_table, vector_column
 from fisher.projection import MIN_DENSITY, estimated_bytes
 from fisher.io import (
@@ -224,9 +225,7 @@ def run(args: EmbedOptions) -> None:
         if args.pca and args.pca > min(width, rows):
             raise FisherError(f"--pca {args.pca}: larger than the embedding ({width}) or the train split ({rows}); "
                               "pass a smaller --pca")
-    for s in shards:        # truncated or replaced input shards: refused before anything is written
-        parquet_metadata(join(args.data, s["file"]), s.get("rows"), fix=f"rerun `fisher prepare` for {args.data}",
-                         columns=("id", column))
+    check_shards(args.data, data_manifest, splits, columns=("id", column))   # before anything is written
     plan = {"kind": args.kind, "seed": args.seed, "n_features": n, "chunk_size": args.chunk_size,
             "specs": [{"dim": s.dim, "density": s.density} for s in specs], "splits": splits,
             "prior": manifest_hash(prior_manifest) if prior_manifest else None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fisher.checkpoints import METRICS, SPEC, WEIGHTS, train_state_files
-from fisher.data import data_levels
+from fisher.data import check_shards, data_levels
 from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.footprint import training_bytes
 from fisher.io import FisherError, manifest_hash, write_manifest
@@ -105,6 +105,7 @@ def run(args: TrainDecoderOptions) -> None:
         return
     from fisher.embedding import check_embeddings
     check_embeddings(args.embeddings, args.column)      # mixed-in shards, NaN/Inf: refused before Ray starts
+    check_shards(args.data, data, ("train", "test"))   # and the images' shards, from their footers
     if trainable:
         trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
                                         "column": args.column, "image_shape": data["image_shape"],

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fisher.checkpoints import METRICS, SPEC, WEIGHTS, read_train_state
-from fisher.data import data_levels
+from fisher.data import check_shards, data_levels
 from fisher.footprint import training_bytes
-from fisher.io import FisherError, join, manifest_hash, parquet_metadata, read_manifest, write_manifest
+from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
 from fisher.priors import PRIORS, build_prior
 from fisher.training import PriorTrainConfig
 from raycluster.options import add_options, architecture_config, at_least, option
@@ -115,10 +115,7 @@ def _shard_files(data_dir: str, manifest: dict, split: str) -> list[str]:
     shards = [s for s in manifest["shards"] if s["split"] == split]
     if not shards:
         raise FisherError(f"{data_dir}: no '{split}' shards; run `fisher prepare` with that split")
-    files = [join(data_dir, s["file"]) for s in shards]
-    for uri, s in zip(files, shards):
-        parquet_metadata(uri, s.get("rows"), fix=f"rerun `fisher prepare` for {data_dir}", columns=("id", "image"))
-    return files
+    return check_shards(data_dir, manifest, [split])
 
 
 def _dataset(files: list[str], limit: int | None):

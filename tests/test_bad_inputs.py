@@ -546,6 +546,11 @@ CASES = [
      r"data-copy/manifest\.json: corrupt manifest \(.+\); rerun the stage that wrote it"),
     ("parquet-truncated", data_parquet_truncated, TRAIN,
      r"data-copy/train-00000\.parquet: not a readable Parquet file \(.+\); " + PARQUET_FIX),
+    ("decoder-data-parquet-truncated", data_parquet_truncated, DECODE,
+     r"data-copy/train-00000\.parquet: not a readable Parquet file \(.+\); " + PARQUET_FIX),
+    ("data-manifest-other-image-shape", _edit_json("data", "manifest.json", _set("image_shape", [14, 56, 1])), TRAIN,
+     r"data-copy/train-00000\.parquet: holds \[28, 28, 1\] images but .*data-copy/manifest\.json says "
+     r"image_shape \[14, 56, 1\]; " + PARQUET_FIX),
     ("train-limit-0", None, [*TRAIN, "--limit", "0"], r"--limit 0: must be >= 1"),
     ("train-unknown-prior", None, [*TRAIN, "--prior", "gatd"], r"unknown prior 'gatd'; registered priors: .*pixelcnn"),
     ("train-negative-seed", None, [*TRAIN, "--seed", "-1"], r"--seed -1: must be >= 0"),
