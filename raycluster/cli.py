@@ -42,11 +42,14 @@ PATH_OPTIONS = ("src", "out", "data", "prior", "embeddings", "decoder", "cache",
 
 
 def _absolute(args) -> None:
-    """Local paths → absolute: Ray workers do not share the driver's working directory."""
+    """Local paths → absolute: Ray workers do not share the driver's working directory. A bare name is
+    kept where it may mean something else (``--grid paper_grid``, ``--prior builtin:...``), but not for
+    ``--out``, which is always a path (``--out run1`` is ``$PWD/run1``)."""
     import os
     for name in PATH_OPTIONS:
         value = getattr(args, name, None)
-        if isinstance(value, str) and "://" not in value and (os.sep in value or os.path.exists(value)):
+        if isinstance(value, str) and "://" not in value and (os.sep in value or os.path.exists(value)
+                                                              or (name == "out" and value.strip())):
             setattr(args, name, os.path.abspath(os.path.expanduser(value)))
 
 

@@ -14,6 +14,11 @@ import math
 import warnings
 
 
+
+def _cell(text) -> str:
+    """A label as one Markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
 def _alpha_key(a: float) -> str:
     return f"{float(a):g}"
 
@@ -53,7 +58,7 @@ def fid_table(results: list[dict], paper: dict | None = None) -> str:
     lines = [head, "|---" * (len(alphas) + 2) + "|"]
     for label, row, n in values:
         cells = ["–" if row.get(a) is None or not math.isfinite(row[a]) else f"{row[a]:.2f}" for a in alphas]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {n if n is not None else '–'} |")
+        lines.append(f"| {_cell(label)} | " + " | ".join(cells) + f" | {n if n is not None else '–'} |")
     return "\n".join(lines)
 
 
@@ -88,7 +93,7 @@ def kid_table(results: list[dict]) -> str:
     lines = [head, "|---" * (len(alphas) + 3) + "|"]
     for label, row, n, _ in rows:
         cells = [_kid_cell(row.get(a)) for a in alphas]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {n if n is not None else '–'} | {size(row)} |")
+        lines.append(f"| {_cell(label)} | " + " | ".join(cells) + f" | {n if n is not None else '–'} | {size(row)} |")
     return "\n".join(lines)
 
 

@@ -264,3 +264,13 @@ def test_report_markdown(run_dir):
     assert (run_dir / "report.md").read_text() == md and uri.endswith("report.md")
     # without the paper preset, the comparison paragraph still reads
     assert "This run used the first 20 images" in run_report.report_markdown(str(run_dir), preset, kinds, {})
+
+
+def test_a_label_with_a_pipe_or_newline_stays_one_table_cell():
+    from fisher.reports.figure3b import fid_table, kid_table
+    result = {"label": "fisher|conv\nrun 2", "fid": {"0": 1.0}, "kid": {"0": {"mean": 1e-3, "stderr": 1e-4}},
+              "pairs": 3}
+    for table in (fid_table([result]), kid_table([result])):
+        row = table.splitlines()[2]
+        assert row.startswith("| fisher\\|conv run 2 | ") and row.replace("\\|", "").count("|") == \
+            table.splitlines()[0].count("|"), table
