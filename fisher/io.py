@@ -234,7 +234,7 @@ def read_manifest(dir_uri: str, stage: str | None = None) -> dict:
 
 _FIELDS = {"prepare": {"image_shape": list, "shards": list, "counts": dict},   # what stages read from a manifest
            "embed": {"columns": dict, "shards": list, "config": dict},
-           "train-prior": {"config": dict, "metrics": dict}, "train-decoder": {"config": dict, "inputs": dict},
+           "train-prior": {"config": dict}, "train-decoder": {"config": dict, "inputs": dict},
            "evaluate": {"config": dict, "inputs": dict}}
 
 
