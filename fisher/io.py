@@ -219,13 +219,7 @@ def read_manifest(dir_uri: str, stage: str | None = None) -> dict:
     if not exists(uri):
         what = f"a '{stage}' artifact" if stage else "an artifact"
         raise FisherError(f"{dir_uri}: no {MANIFEST}; this is not {what} (run `fisher {stage or '<stage>'}` to make one)")
-    try:
-        manifest = json.loads(read_bytes(uri))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FisherError(f"{uri}: corrupt manifest ({e}); rerun the stage that wrote it") from e
-    if not isinstance(manifest, dict):
-        raise FisherError(f"{uri}: not a manifest (a JSON {type(manifest).__name__}, not an object); "
-                          "rerun the stage that wrote it")
+    manifest = read_json(uri, "manifest", "rerun the stage that wrote it")
     if stage is not None and manifest.get("stage") != stage:
         raise FisherError(f"{dir_uri}: made by stage '{manifest.get('stage')}', expected '{stage}'")
     _check_fields(uri, manifest)
