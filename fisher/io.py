@@ -194,7 +194,7 @@ def parquet_metadata(uri: str, rows: int | None = None,
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version()}
-    for name in ("fisher-ray", "torch", "numpy", "pyarrow", "ray"):
+    for name in ("fisher-ray", "torch", "numpy", "pyarrow", "ray", "torchvision", "pytorch-fid"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -273,6 +273,7 @@ def manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
+LOGS = "logs"           # the command's log files inside an --out; not part of the artifact (claims ignore it)
 PLAN = "_plan.json"     # written when a stage claims a directory: which stage fills it, and with what
 
 
@@ -306,7 +307,7 @@ def _entries(out: str) -> list[str]:
     fs, path = resolve(out)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)))
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name != LOGS)
 
 
 def output_state(out: str) -> tuple[bool, bool]:
@@ -314,18 +315,21 @@ def output_state(out: str) -> tuple[bool, bool]:
     return exists(out), PLAN in _entries(out)
 
 
-def release_claim(out: str, before: tuple[bool, bool]) -> None:
+def release_claim(out: str, before: tuple[bool, bool]) -> bool:
     """Undo a claim that no work followed: when a stage fails after ``claim_output`` wrote ``_plan.json``
-    but before it wrote anything else, remove that claim (and the directory, if the stage made it), so a
-    refused command leaves nothing behind. A claim that was there before, and any work, are kept for a
-    rerun to continue."""
+    but before it wrote anything else, remove that claim (and the directory, its ``logs/`` with it, if the
+    stage made it), so a refused command leaves nothing behind. A claim that was there before, and any
+    work, are kept for a rerun to continue. True when the claim was undone."""
     existed, claimed = before
-    if claimed or _entries(out) != [PLAN]:
-        return
+    names = _entries(out)
+    if claimed or names not in ([], [PLAN]):
+        return False
     fs, path = resolve(out)
-    fs.delete_file(join(path, PLAN))
-    if not existed:
+    if names:
+        fs.delete_file(join(path, PLAN))
+    if not existed and fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
+    return True
 
 
 def claim_output(out: str, stage: str, plan: dict | None = None, write: bool = True) -> None:

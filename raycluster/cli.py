@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from fisher.io import FisherError, check_output, claim_output, output_state, release_claim
+from raycluster import console
 
 STAGES = ("prepare", "train_prior", "embed", "train_decoder", "sweep", "evaluate", "probe", "run", "priors")   # modules of raycluster, one per stage
 
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     for name in STAGES:
         importlib.import_module(f"raycluster.{name}").register(sub)
+    for command, p in sub.choices.items():
+        if any(a.dest == "out" for a in p._actions):
+            p.add_argument("--verbose", action="store_true",
+                           help="show Ray's own output live as well (it always goes to OUT/logs/)")
     return parser
 
 
@@ -83,7 +88,10 @@ def _out_apart(args, command: str) -> None:
                               "pass an --out outside every input directory")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Run one command; its exit status (0, 2 for an error, 1 for an unexpected failure, 130 interrupted).
+    With an ``--out``, everything but the command's own lines goes to ``OUT/logs/`` (:mod:`raycluster.console`).
+    ``own_process``: the ``fisher`` executable, whose Ray is shut down (its last lines logged) before it exits."""
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -91,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             _unrecognized(parser, args.command, extra)
     except SystemExit as e:             # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    command, func = args.command, args.func
+    command, func, verbose = args.command, args.func, getattr(args, "verbose", False)
     out = None                          # --out once checked: a claim that no work followed is undone on failure
+    status = 0
     try:
         for name, value in vars(args).items():      # a file name that is not UTF-8 (undecodable bytes)
             if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
@@ -117,25 +126,53 @@ def main(argv: list[str] | None = None) -> int:
             check_resources(args)
             if args.address:
                 check_address(args.address)
+        if out is not None:
+            console.start(out, command, verbose)
         func(args)
     except FisherError as e:
-        if out is not None:
-            release_claim(out, before)
-        print(f"fisher {command}: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
+        console.error(f"fisher {command}: error: {one_line(str(e))}")
+        status = 2
     except OSError as e:                # a path the stage did not expect to be unreadable, or a lost connection
-        if out is not None:
-            release_claim(out, before)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = ("check --address and that the Ray cluster is reachable" if isinstance(e, ConnectionError) else
                 "check that the path exists and that this user may read (and for --out, write) it")
-        print(f"fisher {command}: error: {one_line(reason)}; {hint}", file=sys.stderr)
-        return 2
+        console.error(f"fisher {command}: error: {one_line(reason)}; {hint}")
+        status = 2
     except KeyboardInterrupt:
-        print(f"fisher {command}: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+        console.error(f"fisher {command}: interrupted; rerun the same command to continue")
+        status = 130
+    except Exception as e:              # a bug: one line here, the traceback in the log
+        import traceback
+        where = console.log_path()
+        if where is None:
+            raise
+        console.log(traceback.format_exc())
+        console.error(f"fisher {command}: unexpected failure: {type(e).__name__}: {one_line(str(e))[:300]} "
+                      f"(traceback in {where})")
+        status = 1
+    finally:
+        refused = status == 2 and not console.began()       # bad input: no log is left behind either
+        if own_process:
+            _shutdown_ray()
+        console.close()
+    released = status == 2 and out is not None and release_claim(out, before)
+    console.finish(keep=not (released or refused))
+    return status
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this process started or joined while its last output still goes to the log."""
+    import sys
+    if "ray" in sys.modules:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def entry() -> None:
+    """The ``fisher`` executable."""
+    sys.exit(main(own_process=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

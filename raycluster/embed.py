@@ -42,6 +42,7 @@ from fisher.io import (
     resolve,
     write_manifest,
 )
+from raycluster import console
 from raycluster.options import add_options, at_least, at_most, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, check_memory, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
@@ -185,10 +186,10 @@ def run(args: EmbedOptions) -> None:
     if kind.needs_prior:
         prior_manifest = read_manifest(prior_location(args.prior), "train-prior")
         if prior_manifest.get("inputs", {}).get("data") not in (None, manifest_hash(data_manifest)):
-            print(f"note: {args.prior} was trained on other data than {args.data}", flush=True)
+            console.say(f"note: {args.prior} was trained on other data than {args.data}")
         model = load_prior(args.prior)
     elif args.prior:
-        print(f"note: --kind {args.kind} does not use --prior {args.prior}", flush=True)
+        console.say(f"note: --kind {args.kind} does not use --prior {args.prior}")
     column, levels = "image", None
     if not kind.projected:
         from fisher.data import reference_column
@@ -235,9 +236,9 @@ def run(args: EmbedOptions) -> None:
 
     todo = [s for s in shards if not exists(join(args.out, s["file"]))]
     _check_done(args, [s for s in shards if s not in todo], plan)
-    print(f"embed: {len(shards) - len(todo)} of {len(shards)} shards already done; "
+    console.say(f"embed: {len(shards) - len(todo)} of {len(shards)} shards already done; "
           f"{args.kind} features n={n}; columns "
-          + ", ".join(s.column(len(specs) == 1) for s in specs), flush=True)
+          + ", ".join(s.column(len(specs) == 1) for s in specs))
     timing = _run_pool(args, todo, shape, plan) if todo else {}
 
     columns = {s.column(len(specs) == 1): {"dim": s.dim, "density": s.density if s.density else 1 / n ** 0.5}
@@ -254,7 +255,7 @@ def run(args: EmbedOptions) -> None:
                                "generator": "numpy default_rng([seed, block, dim, density*2^40]), 65536-column blocks"}
                    if kind.projected else None,
                    timing=timing, **extra)
-    print(f"embeddings written to {args.out}", flush=True)
+    console.say(f"embeddings written to {args.out}")
 
 
 def _rows(data_dir: str, shard: dict) -> int:
@@ -296,7 +297,6 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
 def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) -> dict:
     """Run the actor pool over ``todo`` shards; returns timings (seconds, images)."""
     from ray.data import ActorPoolStrategy
-    from tqdm import tqdm
 
     files = [join(args.data, s["file"]) for s in todo]
     expected = {s["file"]: _rows(args.data, s) for s in todo}
@@ -317,7 +317,7 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     pending: dict[str, list] = {}
     nodes: dict[str, set] = {}          # Ray node id -> shards it computed rows of
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
-    bar = tqdm(total=sum(expected.values()), desc="embed", unit="img")
+    bar = console.progress(sum(expected.values()), "embed")
     started, first, first_rows, largest = time.time(), None, 0, 0
     # One block at a time, as soon as it exists: with prefetching, Ray Data's iterator waits for block k+1
     # before it hands over block k (the whole batch of compute after it).

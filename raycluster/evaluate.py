@@ -51,6 +51,7 @@ from fisher.io import (
     read_manifest,
     read_table,
 )
+from raycluster import console
 from raycluster.options import add_options, at_most, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, init_ray, read_shards, worker_threads
 from raycluster.runtime import device as runtime_device
@@ -157,7 +158,8 @@ class EvaluateOptions(_DecodeOptions):
                                         "image (the binarized / bit-reduced images; the only choice for CelebA)")
     label: str | None = option(None, help="row label in the table (default <embedding kind>/<decoder>)")
     seed: int = option(0, help="seed of the pair draw")
-    batch_size: int = option(100, parse=_count, help="images per actor batch")
+    batch_size: int = option(100, parse=_count, help="images per actor batch, at most (smaller for small "
+                                                                  "steps, so that progress shows)")
     actors: int = option(1, parse=_count, help="actors in the pool")
     gpu: bool = option(False, help="one GPU per actor")
     cpus_per_actor: float = option(0.5, help="CPUs reserved per actor (fractional allowed)")
@@ -275,8 +277,8 @@ def run_interpolate(args) -> None:
                     decoder_dir=args.decoder, files={"interpolations.png": "rows = pairs; columns = x1, "
                                                      "E[Dec((1-α) z1 + α z2)] for each α, x2"},
                     pair_ids=[[str(a), str(b)] for a, b in ids[pairs]], image_size=list(strip.shape))
-    print(f"interpolations of {len(pairs)} {args.split} pairs at α = {', '.join(f'{a:g}' for a in args.alphas)} "
-          f"written to {join(args.out, 'interpolations.png')}", flush=True)
+    console.say(f"interpolations of {len(pairs)} {args.split} pairs at α = {', '.join(f'{a:g}' for a in args.alphas)} "
+          f"written to {join(args.out, 'interpolations.png')}")
 
 
 # ---------------------------------------------------------------- edit
@@ -331,8 +333,8 @@ def run_edit(args) -> None:
     _write_manifest(args.out, "edit", config, info, embeddings=args.embeddings, data=args.data,
                     decoder_dir=args.decoder, files=files, directions=directions,
                     image_ids=[str(i) for i in ids[chosen]])
-    print(f"edits of {len(chosen)} {args.split} images ({', '.join(names)}; scale {args.scale:g}) written to "
-          f"{args.out}", flush=True)
+    console.say(f"edits of {len(chosen)} {args.split} images ({', '.join(names)}; scale {args.scale:g}) written to "
+          f"{args.out}")
 
 
 # ---------------------------------------------------------------- evaluate (Algorithm 1)
@@ -410,6 +412,13 @@ def _real_ids(args, data: dict, limit: int | None, split: str) -> tuple[list[str
     return files, keep
 
 
+def _progress_batch(total: int, batch_size: int) -> int:
+    """Actor batch size: ``--batch-size``, smaller where the step would otherwise arrive in a few large
+    pieces (at least 20, so that its progress bar moves with the work; 150 images in batches of 100 would
+    show 0 % until the end)."""
+    return max(1, min(batch_size, math.ceil(total / 20)))
+
+
 def _pool(args, resources: dict):
     """(torch threads per actor, map_batches options of the actor pool)."""
     from ray.data import ActorPoolStrategy
@@ -422,17 +431,16 @@ def _real_features(args, info: dict, split: str, count: int, limit: int | None, 
                    weights_id: str, resources: dict, desc: str) -> np.ndarray:
     """Inception features [count, D] float64 of the first ``limit`` (all: None) images of ``split``, in id order,
     computed on an actor pool from the ``--reference`` column (image or grey)."""
-    from tqdm import tqdm
     data = info["data"]
     column, levels = info["reference"]
     files, keep = _real_ids(args, data, limit, split)
     threads, pool = _pool(args, resources)
     ds = read_shards(files, ["id", column]).map_batches(
-        _RealActor, batch_size=args.batch_size, batch_format="pyarrow",
+        _RealActor, batch_size=_progress_batch(count, args.batch_size), batch_format="pyarrow",
         fn_constructor_kwargs=dict(shape=data["image_shape"], levels=levels, keep=keep, weights=weights,
                                    weights_id=weights_id, threads=threads, gpu=args.gpu, column=column), **pool)
     ids, feats = [], []
-    bar = tqdm(total=count, desc=desc, unit="img")
+    bar = console.progress(count, desc)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ids.append(np.asarray(batch["id"], dtype=str))
         feats.append(np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["id"]), -1))
@@ -485,11 +493,11 @@ def _real_stats(args, info: dict, weights: str | None, weights_id: str, resource
     uri = join(cache, f"fid-stats-{key}.npz")
     status = cache_status(uri, REAL_FEATURES_KEPT)
     if status == "usable":
-        print(f"evaluate: real statistics reused from {uri}", flush=True)
+        console.say(f"evaluate: real statistics reused from {uri}")
     else:
-        print(f"evaluate: computing real statistics of {count} {args.split} images ({reference} reference; cached as "
+        console.say(f"evaluate: computing real statistics of {count} {args.split} images ({reference} reference; cached as "
               f"{uri}" + (", replacing a cache without the real features KID needs" if status == "no-features" else "")
-              + ")", flush=True)
+              + ")")
 
     def compute() -> np.ndarray:
         return _real_features(args, info, args.split, count, args.real_limit, weights, weights_id,
@@ -506,7 +514,6 @@ def _kid_text(k: dict) -> str:
 
 def run_evaluate(args) -> None:
     import ray.data
-    from tqdm import tqdm
 
     from fisher.embedding import read_embeddings
     from fisher.evaluation import FIDAccumulator
@@ -538,7 +545,7 @@ def run_evaluate(args) -> None:
     if exists(join(args.out, "fid.json")) and exists(join(args.out, MANIFEST)):
         old = read_manifest(args.out, "evaluate")
         if old.get("config") == config and old.get("inputs") == info["inputs"]:
-            print(f"{args.out}: already evaluated with this config; nothing to do", flush=True)
+            console.say(f"{args.out}: already evaluated with this config; nothing to do")
             return
 
     resources: dict = {}
@@ -555,21 +562,22 @@ def run_evaluate(args) -> None:
     floor = _real_floor(args, info, real, real_info["key"], weights, weights_id, ray_resources) if args.floor \
         else None
     if floor:
-        print(f"evaluate: floor: {floor['count']} real {floor['split']} images score FID {floor['fid']:.3f}, "
-              f"{_kid_text(floor['kid'])}", flush=True)
+        console.say(f"evaluate: floor: {floor['count']} real {floor['split']} images score FID {floor['fid']:.3f}, "
+              f"{_kid_text(floor['kid'])}")
     t_real = time.time() - started
 
     total = args.pairs * len(args.alphas)
     threads, pool = _pool(args, ray_resources())
-    blocks = max(1, min(math.ceil(total / args.batch_size), 200))
+    batch = _progress_batch(total, args.batch_size)
+    blocks = max(1, min(math.ceil(total / batch), 200))
     ds = ray.data.range(total, override_num_blocks=blocks).map_batches(
-        _InterpActor, batch_size=args.batch_size, batch_format="numpy",
+        _InterpActor, batch_size=batch, batch_format="numpy",
         fn_constructor_kwargs=dict(decoder=args.decoder, embeddings=args.embeddings, split=args.split,
                                    column=args.column, pairs=pairs, alphas=args.alphas, levels=info["levels"],
                                    weights=weights, weights_id=weights_id, threads=threads, gpu=args.gpu),
         **pool)
     acc = FIDAccumulator(args.pairs, args.alphas, real)      # KID against real.features, the rows the cache kept
-    bar = tqdm(total=total, desc="interpolations", unit="img")
+    bar = console.progress(total, "interpolations")
     t0, t_fid = time.time(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         feats = np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["task"]), -1)
@@ -599,5 +607,5 @@ def run_evaluate(args) -> None:
                     real=real_info, timing=result["timing"],
                     files=["fid.json", "fid.md", "fid.png"])
     atomic_write_bytes(join(args.out, "fid.json"), json.dumps(result, indent=2).encode())
-    print(table, flush=True)
-    print(f"interpolation FID written to {join(args.out, 'fid.json')}", flush=True)
+    console.say(table)
+    console.say(f"interpolation FID written to {join(args.out, 'fid.json')}")

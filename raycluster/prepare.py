@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
-from tqdm import tqdm
 
 from fisher import data
 from fisher.io import FisherError, claim_output, join
+from raycluster import console
 from raycluster.options import add_options, at_least, at_most, option, seeds
 
 _MNIST = {f.name: f.default for f in fields(data.MnistConfig)}
@@ -70,13 +69,13 @@ def run(args: PrepareOptions) -> dict:
     counts = ", ".join(f"{split} {manifest['counts'][split]}" for split in data.SPLIT_CODES
                        if split in manifest["counts"])
     if reused:
-        print(f"{args.out}: already prepared with the same config ({counts}); nothing to do")
+        console.say(f"{args.out}: already prepared with the same config ({counts}); nothing to do")
         if args.dataset == "mnist" and "grey" not in data.data_references(manifest):
-            print(f"note: {args.out} was prepared before MNIST kept its grey originals: `fisher evaluate` can only "
+            console.say(f"note: {args.out} was prepared before MNIST kept its grey originals: `fisher evaluate` can only "
                   "compare with the binarized images (--reference image); prepare into a new --out to keep them")
     else:
         skipped = manifest["skipped"]["count"]
-        print(f"{args.out}: prepared {args.dataset} ({counts}; image shape {manifest['image_shape']}, "
+        console.say(f"{args.out}: prepared {args.dataset} ({counts}; image shape {manifest['image_shape']}, "
               f"{len(manifest['shards'])} shards" + (f", {skipped} bad images skipped" if skipped else "") + ")")
     return manifest
 
@@ -97,7 +96,7 @@ def _run_mnist(args, options: dict) -> tuple[dict, bool]:
     cfg = data.MnistConfig(src=src, **options)
     if args.src is None:
         claim_output(args.out, "prepare")          # OUT/raw is this stage's own
-        print(f"MNIST idx files: {src} (downloading any that are missing)")
+        console.say(f"MNIST idx files: {src} (downloading any that are missing)")
         data.mnist_download(src)
     return data.prepare_mnist(cfg, args.out)
 
@@ -120,7 +119,7 @@ def _progress_pool(workers: int):
 
     def mapper(fn, chunks):
         results = pool.map(fn, chunks) if pool else map(fn, chunks)
-        with tqdm(total=sum(map(len, chunks)), desc="decoding JPEGs", unit="img", file=sys.stderr) as bar:
+        with console.progress(sum(map(len, chunks)), "decoding JPEGs") as bar:
             for chunk, result in zip(chunks, results):
                 bar.update(len(chunk))
                 yield result

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from fisher.io import (MANIFEST, FisherError, atomic_write_bytes, claim_output, exists, join, manifest_hash, read_manifest,
                        write_manifest)
+from raycluster import console
 from raycluster.options import add_options, at_least, option, positive
 
 
@@ -54,7 +55,7 @@ def run(args: ProbeOptions) -> None:
     config = {"column": args.column, "k": args.k, "ridge": args.ridge}
     inputs = {"embeddings": manifest_hash(emb), "data": manifest_hash(data)}
     if _finished(args.out, config, inputs):
-        print(f"{args.out}: already probed with this config; nothing to do", flush=True)
+        console.say(f"{args.out}: already probed with this config; nothing to do")
         return
     claim_output(args.out, "probe")
     train, test = (load_pairs(args.embeddings, args.data, split, args.column) for split in ("train", "test"))
@@ -72,9 +73,9 @@ def run(args: ProbeOptions) -> None:
                    linear_probe_accuracy=probe["accuracy"], knn_agreement=result["knn"]["agreement"],
                    files=["probe.json"])
     what = "mean accuracy over the attributes" if target == "attrs" else "accuracy"
-    print(f"probe of {result['kind']} `{args.column}`: linear probe {what} {probe['accuracy']:.3f}, "
+    console.say(f"probe of {result['kind']} `{args.column}`: linear probe {what} {probe['accuracy']:.3f}, "
           f"{args.k}-NN agreement {result['knn']['agreement']:.3f} (majority label {result['majority']['accuracy']:.3f}; "
-          f"{len(train['z'])} train / {len(test['z'])} test); written to {join(args.out, 'probe.json')}", flush=True)
+          f"{len(train['z'])} train / {len(test['z'])} test); written to {join(args.out, 'probe.json')}")
 
 
 def _finished(out: str, config: dict, inputs: dict) -> bool:

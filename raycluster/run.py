@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fisher.io import FisherError, atomic_write_bytes, claim_output, exists, join, read_json
+from raycluster import console
 from raycluster.options import add_options, from_mapping, option
 from raycluster.runtime import RayOptions
 
@@ -116,16 +117,19 @@ class Step:
 class _Runner:
     """Runs stages in-process with their options objects, skipping finished ones and timing the rest."""
 
-    def __init__(self, out: str):
-        self.out = out
+    def __init__(self, out: str, steps: int):
+        self.out, self.steps, self.index, self.ran = out, steps, 0, 0
         uri = join(out, "timings.json")
         self.timings = read_json(uri, "timings record", "delete it and rerun `fisher run`") if exists(uri) else {}
 
     def step(self, step: Step) -> None:
+        self.index += 1
+        where = f"[run {self.index}/{self.steps}] {step.name}"
         if exists(join(self.out, step.done_file)):
-            print(f"[run] {step.name}: done before, reused", flush=True)
+            console.say(f"{where}: done before, reused")
             return
-        print(f"[run] {step.name}: fisher {step.command} → {step.options.out}", flush=True)
+        console.say(f"{where}: fisher {step.command} → {step.options.out}")
+        console.log(f"{where}: options {step.options}")
         started = time.time()
         try:
             step.func(step.options)
@@ -133,7 +137,50 @@ class _Runner:
             raise FisherError(f"step '{step.name}' (fisher {step.command}): {e}{step.hint}; fix it and rerun "
                               "`fisher run` to continue") from e
         self.timings[step.name] = round(time.time() - started, 1)
+        self.ran += 1
         atomic_write_bytes(join(self.out, "timings.json"), json.dumps(self.timings, indent=2).encode())
+        console.say(f"{where}: finished in {_duration(self.timings[step.name])}")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{seconds:.1f} s"
+
+
+def environment(started: float) -> dict:
+    """What the report states about where the run ran: library versions, this machine, the Ray cluster, and
+    this invocation's wall time."""
+    import platform
+
+    import torch
+
+    from fisher.io import library_versions
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    env = {"versions": library_versions(), "platform": platform.platform(),
+           "driver": {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "gpus": gpus,
+                      "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+           "wall_seconds": round(time.time() - started, 1)}
+    import sys
+    if "ray" in sys.modules:
+        import ray
+        if ray.is_initialized():
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            env["ray"] = {"nodes": len(alive), "CPU": sum(n["Resources"].get("CPU", 0) for n in alive),
+                          "GPU": sum(n["Resources"].get("GPU", 0) for n in alive),
+                          "address": ray.get_runtime_context().gcs_address}
+    return env
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 KINDS = ("fisher", "activation", "pixel")     # embedding kinds a run compares (preset key "kinds")
@@ -167,8 +214,8 @@ def run_baselines(args: BaselineOptions) -> None:
                    inputs={"data": manifest_hash(data),
                            "prior": manifest_hash(read_manifest(prior_location(args.prior), "train-prior"))},
                    files=["baselines.json"])
-    print(f"baselines: prior {prior['nll_nats']:.2f} nats/image, independent pixels {pixel['nll_nats_per_image']:.2f} "
-          f"on {len(x)} test images", flush=True)
+    console.say(f"baselines: prior {prior['nll_nats']:.2f} nats/image, independent pixels {pixel['nll_nats_per_image']:.2f} "
+          f"on {len(x)} test images")
 
 
 def prior_of(args: RunOptions, preset: dict) -> str:
@@ -324,15 +371,23 @@ def run(args: RunOptions) -> None:
     for step in steps:
         check_resources(step.options)
     claim_output(args.out, "run")
-    r = _Runner(args.out)
+    started = time.time()
+    r = _Runner(args.out, len(steps))
     atomic_write_bytes(join(args.out, "preset.json"),
                        json.dumps({k: v for k, v in preset.items() if k != "_path"}, indent=2).encode())
     for step in steps:
         r.step(step)
     from fisher.reports.run import write_report
+    env_uri = join(args.out, "environment.json")      # of the last invocation that ran a step: a rerun that
+    if r.ran or not exists(env_uri):                  # reuses every step rewrites the same report
+        env = environment(started)
+        atomic_write_bytes(env_uri, json.dumps(env, indent=2).encode())
+    else:
+        env = read_json(env_uri, "run environment record", "delete it and rerun `fisher run`")
     report = write_report(args.out, preset, kinds, r.timings, paper_preset=_paper_preset(preset["dataset"]),
-                          prior=prior_of(args, preset), suffixes=seed_suffixes(preset))
-    print(f"report: {report}")
+                          prior=prior_of(args, preset), suffixes=seed_suffixes(preset), environment=env)
+    console.say(f"report: {report} ({len(steps)} steps, {r.ran} run now in {_duration(time.time() - started)}; "
+                f"log: {console.log_path() or 'none'})")
 
 
 def _check_raw(data: str | None, dataset: str) -> None:

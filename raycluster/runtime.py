@@ -5,6 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from raycluster import console
 from raycluster.options import add_options, at_least, at_most, option, positive, ray_quantities, seeds
 
 
@@ -119,6 +120,7 @@ def init_ray(args) -> dict:
     """Join ``--address`` or start a local Ray bound to loopback; returns the cluster resources."""
     import ray
     check_resources(args)
+    console.work_began()
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -130,7 +132,7 @@ def init_ray(args) -> dict:
                      _node_ip_address="127.0.0.1", configure_logging=False)
     from ray.data import DataContext
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = False        # each step draws one bar of its own (raycluster.console)
     return ray.cluster_resources()
 
 
@@ -194,8 +196,8 @@ def check_fits(args, request: dict, options: dict, per: str = "actor") -> None:
     request = {k: v for k, v in request.items() if v}
     known = node_types(local=not (args.address or os.environ.get("RAY_ADDRESS")))
     if known is None:
-        print(f"note: the autoscaler's node types are not readable from here; not checking {per} resources "
-              f"{request} against them", flush=True)
+        console.say(f"note: the autoscaler's node types are not readable from here; not checking {per} resources "
+              f"{request} against them")
         return
     types, source = known
     if not types or any(all(res.get(k, 0) >= v for k, v in request.items()) for res in types.values()):

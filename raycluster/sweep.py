@@ -51,6 +51,7 @@ from fisher.io import (
     read_manifest,
     write_manifest,
 )
+from raycluster import console
 from raycluster.options import add_options, at_least, option, positive, ray_quantities, seeds
 from raycluster.runtime import RayOptions, check_fits, init_ray
 
@@ -148,10 +149,10 @@ def run(args: SweepOptions) -> None:
 
     done = {c["column"]: rec for c in cells if (rec := _finished(args.out, c, plan_id))} if args.resume else {}
     todo = [c for c in cells if c["column"] not in done]
-    print(f"sweep: {len(done)} of {len(cells)} cells already done; training {len(todo)} decoder(s) "
-          f"({args.decoder}, {args.epochs} epoch(s)) with Ray Tune", flush=True)
+    console.say(f"sweep: {len(done)} of {len(cells)} cells already done; training {len(todo)} decoder(s) "
+          f"({args.decoder}, {args.epochs} epoch(s)) with Ray Tune")
     if not args.resume and any(exists(_cell_uri(args.out, c["column"])) for c in cells):
-        print("sweep: retraining cells that already have a record (pass --resume to keep them)", flush=True)
+        console.say("sweep: retraining cells that already have a record (pass --resume to keep them)")
     if todo:
         _tune(args, todo, {
             "embeddings": _abs(emb_dir), "data": _abs(args.data), "out": _abs(args.out), "plan": plan_id,
@@ -176,7 +177,7 @@ def run(args: SweepOptions) -> None:
                    table="grid.md", plot="grid.png",
                    timing={"embed_seconds": embed_seconds, "seconds": round(time.time() - started, 3),
                            "cells_trained": len(todo)})
-    print(f"sweep: Figure 3a table written to {join(args.out, 'grid.md')} (heat-map: grid.png)", flush=True)
+    console.say(f"sweep: Figure 3a table written to {join(args.out, 'grid.md')} (heat-map: grid.png)")
 
 
 def _abs(uri: str) -> str:
@@ -267,17 +268,20 @@ def _tune(args, todo: list[dict], job: dict) -> None:
             concurrent = min(concurrent, max(1, int(resources.get("GPU", 0) // args.gpus_per_trial)))
     concurrent = min(concurrent, len(todo))
     storage = join(args.out, "tune") if "://" in args.out else _abs(join(args.out, "tune"))
+    progress = _progress(len(todo), args.epochs)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_train_cell, job=job), per_trial),
         param_space={"cell": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=1,
+        run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=1, callbacks=[progress],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   failure_config=tune.FailureConfig(max_failures=args.max_failures)))
-    print(f"sweep: {len(todo)} trial(s), {concurrent} at a time, {per_trial} each; Tune results in {storage}/sweep",
-          flush=True)
-    results = tuner.fit()
+    console.say(f"sweep: {len(todo)} trial(s), {concurrent} at a time, {per_trial} each; Tune results in {storage}/sweep")
+    try:
+        results = tuner.fit()
+    finally:
+        progress.bar.close()
     failed = [r for r in results if r.error is not None]
     if failed:
         first = failed[0]
@@ -285,6 +289,27 @@ def _tune(args, todo: list[dict], job: dict) -> None:
         raise FisherError(f"{len(failed)} of {len(todo)} cells failed (first: {first.config['cell']['column']}: "
                           f"{lines[-1].strip() if lines else type(first.error).__name__}); finished cells are kept "
                           f"in {join(args.out, CELLS)}: fix the cause and rerun with --resume")
+
+
+def _progress(cells: int, epochs: int):
+    """A Tune callback (it runs in the driver) moving the sweep's bar: epochs done over all cells."""
+    from ray import tune
+
+    class CellProgress(tune.Callback):
+        def __init__(self):
+            self.bar = console.progress(cells * epochs, f"sweep ({cells} cells)", unit="epoch")
+            self.epochs: dict[str, int] = {}
+            self.finished = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.epochs[trial.trial_id] = int(result.get("epoch", 0))
+            self.bar.update(sum(self.epochs.values()) - self.bar.n)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.finished += 1
+            self.bar.set_postfix_str(f"{self.finished}/{cells} cells done, last {trial.config['cell']['column']}")
+
+    return CellProgress()
 
 
 # ---------------------------------------------------------------- the report

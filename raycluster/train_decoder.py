@@ -25,6 +25,7 @@ from fisher.data import check_shards, data_levels
 from fisher.decoders import DECODERS, DecoderTrainConfig
 from fisher.footprint import training_bytes
 from fisher.io import FisherError, manifest_hash, write_manifest
+from raycluster import console
 from raycluster.options import add_options, architecture_config, option
 from raycluster.runtime import (TrainerOptions, check_memory, checkpoint_files, finished_run, fit, publish_checkpoint,
                                 report_files, torch_trainer)
@@ -71,12 +72,13 @@ def _loop(config: dict) -> None:
     files = checkpoint_files(ray.train.get_checkpoint())
     start = read_train_state(files) if files else None
     if start:
-        print(f"train-decoder: resuming after epoch {start['epoch']}", flush=True)
+        console.say(f"train-decoder: resuming after epoch {start['epoch']}")
     history = start["history"] if start else []
 
     def on_epoch(epoch, metrics, decoder, opt):
         metrics = {**metrics, "resumed_after_epoch": start["epoch"] if start else 0}
         history.append(metrics)
+        config["progress"].set(epoch, info=_result_text(metrics))
         report_files(ray.train.report, Checkpoint, metrics,
                      train_state_files(decoder, "decoder", opt, epoch, history, metrics))
 
@@ -101,16 +103,22 @@ def run(args: TrainDecoderOptions) -> None:
     stage_config = {**cfg.to_dict(), "column": args.column}
     inputs = {"embeddings": manifest_hash(emb), "data": manifest_hash(data)}
     if finished_run(args.out, "train-decoder", stage_config, inputs):
-        print(f"{args.out}: already trained for {args.epochs} epochs with this config; nothing to do")
+        console.say(f"{args.out}: already trained for {args.epochs} epochs with this config; nothing to do")
         return
     from fisher.embedding import check_embeddings
     check_embeddings(args.embeddings, args.column)      # mixed-in shards, NaN/Inf: refused before Ray starts
     check_shards(args.data, data, ("train", "test"))   # and the images' shards, from their footers
+    counts = data.get("counts", {})
+    console.say(f"train-decoder: {args.decoder} decoder from {dim}-dim `{args.column}` of {args.embeddings} "
+                f"({counts.get('train', '?')} train images, test error on {counts.get('test', '?')})"
+                + (f", {args.epochs} epochs" if trainable else ", nothing to train"))
     if trainable:
-        trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
-                                        "column": args.column, "image_shape": data["image_shape"],
-                                        "levels": data_levels(data)}, args, "decoder")
-        result = fit(trainer, args.out)
+        from raycluster.progress import tracked
+        with tracked(args.epochs, "train-decoder", "epoch") as progress:
+            trainer = torch_trainer(_loop, {"train": cfg.to_dict(), "embeddings": args.embeddings, "data": args.data,
+                                            "column": args.column, "image_shape": data["image_shape"],
+                                            "levels": data_levels(data), "progress": progress}, args, "decoder")
+            result = fit(trainer, args.out)
         if result.checkpoint is None:
             raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
         publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))
@@ -119,9 +127,13 @@ def run(args: TrainDecoderOptions) -> None:
         m = _write_untrained(args, cfg, data)
     write_manifest(args.out, "train-decoder", stage_config, inputs=inputs, embeddings=args.embeddings,
                    data=args.data, metrics=m, image_shape=data["image_shape"], levels=data_levels(data))
+    console.say(f"decoder written to {args.out}: {_result_text(m)}")
+
+
+def _result_text(m: dict) -> str:
+    """A decoder's test error in words: BCE (nats per sub-pixel) where it has a likelihood, and MSE."""
     bce = m.get("test_bce_nats_per_pixel")
-    print(f"decoder written to {args.out}: " + ("" if bce is None else f"test BCE {bce:.4f} nats/pixel, ")
-          + f"MSE {m['test_mse']:.4f}")
+    return ("" if bce is None else f"test BCE {bce:.4f} nats/pixel, ") + f"MSE {m['test_mse']:.4f}"
 
 
 def _write_untrained(args: TrainDecoderOptions, cfg: DecoderTrainConfig, data: dict) -> dict:

@@ -21,7 +21,9 @@ from fisher.footprint import training_bytes
 from fisher.io import FisherError, manifest_hash, read_manifest, write_manifest
 from fisher.priors import PRIORS, build_prior
 from fisher.training import PriorTrainConfig
+from raycluster import console
 from raycluster.options import add_options, architecture_config, at_least, option
+from raycluster.progress import tracked
 from raycluster.runtime import (TrainerOptions, check_memory, checkpoint_files, finished_run, fit, init_ray,
                                 publish_checkpoint, read_shards, report_files, torch_trainer)
 
@@ -76,12 +78,13 @@ def _train_loop(config: dict) -> None:
         start = load_state(model, opt, files)
         history = read_train_state(files)["history"]
         if ctx.get_world_rank() == 0:
-            print(f"train-prior: resuming after epoch {start} from {ckpt.path}", flush=True)
+            console.say(f"train-prior: resuming after epoch {start} from {ckpt.path}")
     net = ray.train.torch.prepare_model(model)
     shape = config["image_shape"]
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
     per_worker = max(1, cfg.batch_size // world)
+    progress, seen = config["progress"], start * config["images_per_epoch"] // world     # images, train + test
     for epoch in range(start, cfg.epochs):
         losses = []
         for batch in train_shard.iter_batches(batch_size=per_worker, batch_format="pyarrow",
@@ -89,11 +92,15 @@ def _train_loop(config: dict) -> None:
                                               local_shuffle_seed=cfg.seed + epoch):
             x = to_model_input(decode_images(batch, shape), device)
             losses.append(train_step(model, opt, x, net))
+            seen += x.shape[0]
+            progress.set(seen, key=rank)
         total, count = 0.0, 0
         for batch in test_shard.iter_batches(batch_size=256, batch_format="pyarrow"):
             x = to_model_input(decode_images(batch, shape), device)
             total += nll_sum(model, x)
             count += x.shape[0]
+            seen += x.shape[0]
+            progress.set(seen, key=rank)
         if world > 1:
             t = torch.tensor([total, count], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t)
@@ -104,6 +111,8 @@ def _train_loop(config: dict) -> None:
                    **{f"test_{k}": v for k, v in nll_metrics(total, count, dims).items()}}
         history.append(metrics)
         if rank == 0:
+            progress.set(seen, key=rank, info=f"epoch {epoch + 1}/{cfg.epochs} test NLL "
+                                              f"{metrics['test_nll_nats']:.2f} nats")
             report_files(ray.train.report, Checkpoint, metrics, state_bytes(model, opt, epoch + 1, history, metrics))
         else:
             ray.train.report(metrics)
@@ -138,21 +147,28 @@ def run(args: TrainPriorOptions) -> None:
                  f"on {h}x{w}x{c} images, {args.workers} worker(s)")
     data_hash = manifest_hash(data_manifest)
     if finished_run(args.out, "train-prior", stage_config, {"data": data_hash}):
-        print(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")
+        console.say(f"{args.out}: already trained for {args.epochs} epochs with this config and data; nothing to do")
         return
 
     files = {split: _shard_files(args.data, data_manifest, split) for split in ("train", "test")}
+    counts = data_manifest["counts"]
+    n_train = min(counts["train"], args.limit or counts["train"])
+    console.say(f"train-prior: {args.prior} on {n_train} train images ({h}x{w}x{c}), test NLL on {counts['test']} "
+                f"after each of {args.epochs} epochs")
     init_ray(args)                      # before the datasets: Ray Data must not start a Ray of its own
-    trainer = torch_trainer(_train_loop, {"train": cfg.to_dict(), "image_shape": shape}, args, "prior",
-                            workers=args.workers,
-                            datasets={"train": _dataset(files["train"], args.limit),
-                                      "test": _dataset(files["test"], None)})
-    result = fit(trainer, args.out)
+    per_epoch = n_train + counts["test"]
+    with tracked(args.epochs * per_epoch, "train-prior", "img") as progress:
+        trainer = torch_trainer(_train_loop, {"train": cfg.to_dict(), "image_shape": shape, "progress": progress,
+                                              "images_per_epoch": per_epoch}, args, "prior",
+                                workers=args.workers,
+                                datasets={"train": _dataset(files["train"], args.limit),
+                                          "test": _dataset(files["test"], None)})
+        result = fit(trainer, args.out)
     if result.checkpoint is None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
     weights_sha256 = publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))[WEIGHTS]
     history = read_train_state(checkpoint_files(result.checkpoint))["history"]
     write_manifest(args.out, "train-prior", stage_config, inputs={"data": data_hash},
                    data=args.data, metrics=result.metrics, history=history, weights_sha256=weights_sha256)
-    print(f"prior written to {args.out}: test NLL {result.metrics['test_nll_nats']:.2f} nats/image, "
+    console.say(f"prior written to {args.out}: test NLL {result.metrics['test_nll_nats']:.2f} nats/image, "
           f"{result.metrics['test_bits_per_dim']:.4f} bits/dim")

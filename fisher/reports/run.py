@@ -213,13 +213,14 @@ def fid_section(out: str, preset: dict, kinds: dict, suffixes) -> list[str]:
 
 
 def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None,
-                    prior: str | None = None, suffixes=("",)) -> str:
+                    prior: str | None = None, suffixes=("",), environment: dict | None = None) -> str:
     """The text of ``report.md`` for the run directory ``out``.
 
     ``preset``: the run's preset (with '_name'); ``kinds``: {embedding kind: (embedding dir, column)};
     ``timings``: {step: seconds}; ``paper_preset``: the paper-scale preset of the dataset, for the
     comparison paragraph (None leaves the paper's setting out of it); ``prior``: the prior the run used
-    (default ``out/prior``; ``builtin:<name>``); ``suffixes``: the seeds' directory suffixes.
+    (default ``out/prior``; ``builtin:<name>``); ``suffixes``: the seeds' directory suffixes;
+    ``environment``: versions, machine and wall time of the invocation that wrote the report.
     """
     d = lambda *p: join(out, *p)                                            # noqa: E731
     prior = prior or d("prior")
@@ -271,14 +272,32 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
     lines += ["## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     lines += [f"| total | {round(sum(timings.values()), 1)} |"]
+    if environment:
+        lines += [""] + environment_section(environment, timings)
     lines += ["", "Every directory here holds the `manifest.json` of the stage that made it; "
               "`preset.json` is the exact configuration."]
     return "\n".join(lines)
 
 
+def environment_section(env: dict, timings: dict) -> list[str]:
+    """Where and with what the run ran: versions, the driver's machine, the Ray cluster, the time taken."""
+    drv = env["driver"]
+    lines = ["## Environment", "",
+             f"- time: {round(sum(timings.values()), 1)} s of steps in all; the last invocation that ran a step "
+             f"started {env['started']} and took {env['wall_seconds']} s",
+             f"- driver: {drv['host']}, {drv['cpu']}, {drv['cpus']} CPUs, {drv['memory_gib']} GiB, "
+             + (", ".join(drv["gpus"]) if drv["gpus"] else "no GPU") + f"; {env['platform']}"]
+    if env.get("ray"):
+        r = env["ray"]
+        lines.append(f"- Ray cluster: {r['nodes']} node(s), {r['CPU']:g} CPUs, {r['GPU']:g} GPUs ({r['address']})")
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    return lines
+
+
 def write_report(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None,
-                 prior: str | None = None, suffixes=("",)) -> str:
+                 prior: str | None = None, suffixes=("",), environment: dict | None = None) -> str:
     """Write :func:`report_markdown` to ``out/report.md``; returns its URI."""
     uri = join(out, "report.md")
-    atomic_write_bytes(uri, report_markdown(out, preset, kinds, timings, paper_preset, prior, suffixes).encode())
+    atomic_write_bytes(uri, report_markdown(out, preset, kinds, timings, paper_preset, prior, suffixes,
+                                            environment).encode())
     return uri

@@ -89,5 +89,6 @@ def test_rerun_reuses_every_step(run, capsys):
     capsys.readouterr()
     assert cli.main(argv) == 0
     said = capsys.readouterr().out
-    assert all(f"[run] {step}: done before, reused" in said for step in STEPS), said
+    n = len(STEPS)
+    assert all(f"[run {k}/{n}] {step}: done before, reused" in said for k, step in enumerate(STEPS, 1)), said
     assert (root / "out" / "report.md").read_bytes() == report
