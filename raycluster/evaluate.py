@@ -517,7 +517,7 @@ def run_evaluate(args) -> None:
 
     from fisher.embedding import read_embeddings
     from fisher.evaluation import FIDAccumulator
-    from fisher.reports.figure3b import fid_markdown, fid_plot, fid_table, kid_table
+    from fisher.reports.figure3b import fid_markdown, fid_plot
     from fisher.fid import WEIGHTS_ENV, load_inception
     from fisher.manipulation import random_pairs
 
@@ -599,7 +599,6 @@ def run_evaluate(args) -> None:
                          "generated_images_per_second": round(total / t_gen, 3) if t_gen > 0 else None,
                          "frechet_seconds": round(acc.seconds["frechet"], 3),
                          "kid_seconds": round(acc.seconds["kid"], 3)}}
-    table = fid_table([result]) + "\n\n" + kid_table([result])
     atomic_write_bytes(join(args.out, "fid.png"), fid_plot([result], title=f"Interpolation FID, {label}"))
     atomic_write_bytes(join(args.out, "fid.md"), fid_markdown(result).encode())
     _write_manifest(args.out, "evaluate", config, info, embeddings=args.embeddings, data=args.data,
@@ -607,5 +606,6 @@ def run_evaluate(args) -> None:
                     real=real_info, timing=result["timing"],
                     files=["fid.json", "fid.md", "fid.png"])
     atomic_write_bytes(join(args.out, "fid.json"), json.dumps(result, indent=2).encode())
-    console.say(table)
-    console.say(f"interpolation FID written to {join(args.out, 'fid.json')}")
+    floor_text = f"; real-image floor {floor['fid']:.2f}" if floor else ""
+    console.say(f"evaluate: {label}: " + ", ".join(f"α = {a:g} FID {fids[a]:.2f} ({_kid_text(kids[a])})" for a in fids)
+                + f" on {args.pairs} pairs{floor_text}; written to {join(args.out, 'fid.json')} (tables: fid.md)")

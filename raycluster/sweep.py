@@ -301,13 +301,21 @@ def _progress(cells: int, epochs: int):
             self.epochs: dict[str, int] = {}
             self.finished = 0
 
+        def __getstate__(self):         # Tune saves its run config (callbacks too) with the experiment
+            return {k: v for k, v in self.__dict__.items() if k != "bar"}
+
+        def __setstate__(self, state):
+            self.__dict__.update(state, bar=None)
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.epochs[trial.trial_id] = int(result.get("epoch", 0))
-            self.bar.update(sum(self.epochs.values()) - self.bar.n)
+            if self.bar is not None:
+                self.bar.update(sum(self.epochs.values()) - self.bar.n)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.finished += 1
-            self.bar.set_postfix_str(f"{self.finished}/{cells} cells done, last {trial.config['cell']['column']}")
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self.finished}/{cells} cells done, last {trial.config['cell']['column']}")
 
     return CellProgress()
 

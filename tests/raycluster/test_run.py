@@ -1,12 +1,18 @@
-"""``fisher run`` end to end with a tiny preset file: every step, the report, and a rerun that reuses them.
+"""``fisher run`` end to end with a tiny preset file: every step, the report, what reaches the terminal and
+the log, and a rerun that reuses every step.
 
 The preset is the shape of ``mnist-small`` at toy scale (64 images per split, the builtin prior, a
 one-cell sweep, one-epoch decoders, two seeds, Fisher scores and pixels); FID runs the real Inception
 weights on 4 pairs × 1 α against 8 real images, so the test is skipped without the weights file.
+The run is the ``fisher`` executable in a process of its own (``python -m raycluster.cli``), so that its
+terminal is the pipes this test reads.
 """
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 from conftest import SHARED_DATA
@@ -43,13 +49,52 @@ def run(tmp_path_factory, mnist_dir):
     (root / "toy.json").write_text(json.dumps(preset))
     argv = ["run", "--preset", str(root / "toy.json"), "--data", str(mnist_dir), "--out", str(root / "out"),
             "--fid-weights", str(WEIGHTS)]
-    assert cli.main(argv) == 0
-    yield root, argv
+    proc = subprocess.run([sys.executable, "-m", "raycluster.cli", *argv], capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    yield root, argv, proc
     ray.shutdown()
 
 
+# what Ray itself prints (forwarded worker lines, raylet warnings, Tune's tables, Train/Data internals, tracebacks)
+RAY_LINE = re.compile(r"pid=\d+|\(raylet\)|\b(INFO|WARNING|DEBUG)\b|Trial (status|\S+ (started|completed))|[╭│╰]|"
+                      r"PlacementGroupCleaner|TrainController|logging_progress|Ray Data|Started a local Ray|"
+                      r"View detailed results|Traceback|Warning:")
+BAR = re.compile(r"^[\w ()-]+: +\d+%\|[^|]*\| [\d.]+/[\d.]+ \[[\d:<?]+")      # a tqdm progress line
+
+
+def test_terminal_shows_steps_results_and_progress_only(run):
+    root, _, proc = run
+    out_lines = proc.stdout.splitlines()
+    err_lines = [p for line in proc.stderr.splitlines() for p in line.split("\r") if p.strip()]
+    assert not [line for line in out_lines + err_lines if RAY_LINE.search(line)]
+    assert err_lines and all(BAR.match(line) for line in err_lines), [x for x in err_lines if not BAR.match(x)][:5]
+    n = len(STEPS)
+    for k, step in enumerate(STEPS, 1):           # each step: a start line and a finish line, in order
+        start = out_lines.index(next(line for line in out_lines if line.startswith(f"[run {k}/{n}] {step}: fisher ")))
+        assert any(line.startswith(f"[run {k}/{n}] {step}: finished in ") for line in out_lines[start + 1:]), step
+    said = proc.stdout
+    for result in ("baselines: prior ", "embeddings written to ", "decoder written to ", "probe of fisher `z`: ",
+                   "interpolations of 2 test pairs", "evaluate: fisher/conv: α = 0.5 FID ", "report: "):
+        assert result in said, result
+    bars = {line.split(":", 1)[0] for line in err_lines}
+    assert {"embed", "sweep (1 cells)", "train-decoder", "real images", "interpolations"} <= bars, bars
+    assert all(any(re.match(rf"{re.escape(b)}: +100%", line) for line in err_lines) for b in bars), bars
+
+
+def test_log_holds_rays_lines(run):
+    root, _, proc = run
+    logs = list((root / "out" / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in proc.stdout            # the report line names it
+    text = logs[0].read_text()
+    assert re.search(r"^\((\S+ )?pid=\d+", text, re.M)                 # Ray's forwarded worker lines
+    assert "Trial status" in text and "TrainController" in text    # Tune's table, Train's controller
+    assert "[run 1/" in text and "decoder written to " in text      # and the run's own lines, in order
+    assert "\x1b[" not in text                                      # without terminal colour codes
+
+
 def test_every_step_and_the_report(run):
-    root, _ = run
+    root, _, _ = run
     out = root / "out"
     assert list(json.loads((out / "timings.json").read_text())) == STEPS
     # the Fisher embedding is the sweep's cell (dim 16, density 1): no second gradient pass
@@ -61,8 +106,12 @@ def test_every_step_and_the_report(run):
     for heading in ("## Prior", "## Reconstruction grid (paper Figure 3a)", "## Decoders (test split)",
                     "## Interpolation FID and KID (paper Algorithm 1, Figure 3b)",
                     "## Semantic probes (beyond the paper)", "## How this run compares with the paper",
-                    "## Timings (seconds, this run)"):
+                    "## Timings (seconds, this run)", "## Environment"):
         assert heading in report, heading
+    from importlib.metadata import version
+    import os
+    env = report.split("## Environment", 1)[1]
+    assert f"ray {version('ray')}" in env and f"torch {version('torch')}" in env and f"{os.cpu_count()} CPUs" in env
     assert "| fisher | `z` | conv |" in report and "| activation |" not in report
     pixel_row = next(line for line in report.splitlines() if line.startswith("| pixel | `z` | pixels | – | "))
     assert 0 < float(pixel_row.split("|")[5]) < 0.05       # grey originals vs their binarization: small, not 0
@@ -84,7 +133,7 @@ def test_every_step_and_the_report(run):
 
 
 def test_rerun_reuses_every_step(run, capsys):
-    root, argv = run
+    root, argv, _ = run
     report = (root / "out" / "report.md").read_bytes()
     capsys.readouterr()
     assert cli.main(argv) == 0
