@@ -17,6 +17,11 @@ from PIL import Image
 # not output a user sees. Without this, test_bad_inputs' corrupt-Parquet case failed in a full run.
 logging.raiseExceptions = False
 
+# Ray Train V2's controller advances one state (scheduling, running, finished, ...) per health-check
+# interval, 2 s by default: several seconds of each tiny test fit are that sleep. Every Ray the tests
+# start (in-process or in a subprocess) inherits this; a user's runs keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 SHARED_DATA = Path(os.environ.get("FISHER_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 MNIST_NAMES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
