@@ -707,18 +707,20 @@ def _prepare(out: str, cfg: MnistConfig | CelebaConfig, source: Callable[[], _So
                           skipped={"count": len(bad), "first": bad[:SKIPPED_LISTED]}, **extra), False
 
 
-def prepare_mnist(cfg: MnistConfig, out: str) -> tuple[dict, bool]:
-    """Binarize MNIST into shards under ``out``; returns (manifest, True if it was already prepared)."""
-    return _prepare(out, cfg, lambda: _mnist_source(cfg))
+def prepare_mnist(cfg: MnistConfig, out: str, log: Callable[[str], None] = print) -> tuple[dict, bool]:
+    """Binarize MNIST into shards under ``out``; returns (manifest, True if it was already prepared).
+    ``log`` takes the progress lines (a rerun's shards already done)."""
+    return _prepare(out, cfg, lambda: _mnist_source(cfg), log=log)
 
 
-def prepare_celeba(cfg: CelebaConfig, out: str, mapper: Mapper | None = None) -> tuple[dict, bool]:
+def prepare_celeba(cfg: CelebaConfig, out: str, mapper: Mapper | None = None,
+                   log: Callable[[str], None] = print) -> tuple[dict, bool]:
     """Crop/resize/bit-reduce CelebA into shards under ``out``; returns (manifest, already prepared).
 
     ``mapper(fn, chunks)`` runs ``fn`` over lists of image URIs and yields results in order
     (default: the built-in ``map``; the CLI passes a process pool's map with progress).
     """
-    return _prepare(out, cfg, lambda: _celeba_source(cfg, mapper))
+    return _prepare(out, cfg, lambda: _celeba_source(cfg, mapper), log=log)
 
 
 def data_references(manifest: dict) -> dict[str, int]:

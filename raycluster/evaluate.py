@@ -583,7 +583,7 @@ def run_evaluate(args) -> None:
         feats = np.asarray(batch["features"], dtype=np.float32).reshape(len(batch["task"]), -1)
         t1 = time.time()
         for alpha in acc.add(batch["task"], feats):
-            bar.write(f"evaluate: α = {alpha:g}: FID {acc.fid[alpha]:.3f}, {_kid_text(acc.kid[alpha])}")
+            console.log(f"evaluate: α = {alpha:g}: FID {acc.fid[alpha]:.3f}, {_kid_text(acc.kid[alpha])}")
         t_fid += time.time() - t1
         bar.update(len(batch["task"]))
     bar.close()

@@ -98,7 +98,7 @@ def _run_mnist(args, options: dict) -> tuple[dict, bool]:
         claim_output(args.out, "prepare")          # OUT/raw is this stage's own
         console.say(f"MNIST idx files: {src} (downloading any that are missing)")
         data.mnist_download(src)
-    return data.prepare_mnist(cfg, args.out)
+    return data.prepare_mnist(cfg, args.out, log=console.say)
 
 
 def _run_celeba(args, options: dict) -> tuple[dict, bool]:
@@ -109,7 +109,7 @@ def _run_celeba(args, options: dict) -> tuple[dict, bool]:
         raise FisherError(f"--workers {args.workers}: must be >= 1")
     cfg = data.CelebaConfig(src=args.src, **options)
     with _progress_pool(args.workers) as mapper:
-        return data.prepare_celeba(cfg, args.out, mapper=mapper)
+        return data.prepare_celeba(cfg, args.out, mapper=mapper, log=console.say)
 
 
 @contextmanager

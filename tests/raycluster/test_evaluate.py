@@ -120,7 +120,7 @@ def test_evaluate_fid_with_cache(run, tmp_path, capsys, monkeypatch):
         assert (got["subsets"], got["subset_size"]) == (100, 4) and math.isfinite(got["mean"])
         assert got["mean"] == pytest.approx(expect["mean"], rel=1e-3, abs=1e-6)
         assert got["stderr"] == pytest.approx(expect["stderr"], rel=1e-3, abs=1e-6)
-        assert f"evaluate: α = {key}: FID {res['fid'][key]:.3f}, KID {got['mean'] * 1e3:.3f} ± " in printed
+        assert f"α = {key} FID {res['fid'][key]:.2f} (KID {got['mean'] * 1e3:.3f} ± " in printed     # the result line
         assert f"{got['mean'] * 1e3:.2f} ± {got['stderr'] * 1e3:.2f}" in md
     # the floor: the first 4 train images, grey like the reference, scored against the same real statistics
     floor = res["real_floor"]
