@@ -304,6 +304,9 @@ def _progress(cells: int, epochs: int):
             self.epochs: dict[str, int] = {}
             self.finished = 0
 
+        def __getstate__(self):     # Tune pickles its callbacks into tuner.pkl: the bar (its stream) stays here
+            return {k: v for k, v in self.__dict__.items() if k != "bar"}
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.epochs[trial.trial_id] = int(result.get("epoch", 0))
             self.bar.update(sum(self.epochs.values()) - self.bar.n)
