@@ -7,6 +7,16 @@ which stage made it, with which config and seeds, from which inputs (by
 manifest hash), with which library versions. Writes go to a temporary name
 first and are renamed into place, so a killed job never leaves a file that
 looks complete.
+
+``gs://`` URIs: with ``STORAGE_EMULATOR_HOST`` set (the variable Google's client libraries and
+fake-gcs-server use, e.g. ``http://127.0.0.1:4443``; scheme ``http`` when the value has none), a
+``gs://bucket/key`` is opened as ``bucket/key`` on ``pyarrow.fs.GcsFileSystem(endpoint_override=
+HOST:PORT, scheme=..., anonymous=True)``: the emulator, without credentials
+(``FileSystem.from_uri`` ignores the variable and would wait on Google's credential servers).
+Without it, ``FileSystem.from_uri``: credentials from the environment
+(``GOOGLE_APPLICATION_CREDENTIALS``, gcloud's defaults, the machine's service account).
+:func:`ray_storage` gives Ray Data / Train / Tune the same filesystem, so Ray's processes (which
+inherit the variable from the process that starts a local Ray) reach the same store.
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ import json
 import os
 import platform
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -28,15 +39,49 @@ MANIFEST = "manifest.json"
 from fisher.errors import FisherError  # noqa: E402,F401  (re-exported: stages import it from here)
 
 
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"     # a GCS emulator's address: gs:// goes there, anonymously
+EMULATOR_RETRY_S = 30                      # how long a gs:// call keeps retrying an emulator that does not answer
+
+
+def _emulator(value: str) -> tuple[str, str]:
+    """(scheme, host:port) of a ``STORAGE_EMULATOR_HOST`` value: ``http://127.0.0.1:4443``, ``127.0.0.1:4443``."""
+    scheme, _, rest = value.strip().rpartition("://")
+    host = rest.split("/", 1)[0]
+    if not host or (scheme or "http") not in ("http", "https"):
+        raise FisherError(f"{EMULATOR_ENV}={value!r}: expected [http://|https://]HOST:PORT of a GCS emulator "
+                          f"(e.g. http://127.0.0.1:4443); fix it or unset it to use Google Cloud Storage")
+    return scheme or "http", host
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Return (filesystem, path) for a local path or a URI pyarrow knows."""
+    """Return (filesystem, path) for a local path or a URI pyarrow knows (``gs://`` with an emulator: see
+    the module's docstring)."""
     uri = str(uri)
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    scheme, _, rest = uri.partition("://")
+    emulator = os.environ.get(EMULATOR_ENV, "").strip()
+    if scheme.lower() in ("gs", "gcs") and emulator:
+        path = rest.strip("/")
+        if not path.split("/", 1)[0]:
+            raise FisherError(f"{uri}: no bucket; pass gs://BUCKET/prefix")
+        how, host = _emulator(emulator)
+        return pafs.GcsFileSystem(endpoint_override=host, scheme=how, anonymous=True,
+                                  retry_time_limit=timedelta(seconds=EMULATOR_RETRY_S)), path
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         raise FisherError(f"{uri}: cannot open this location ({e}); pass a local path or an s3:// or gs:// URI") from e
+
+
+def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) for Ray's ``storage_path`` / ``storage_filesystem`` and Ray Data's ``filesystem``:
+    an absolute local path and None (Ray's own local handling), or a URI's scheme-less path and the
+    filesystem :func:`resolve` opens for it (a gs:// emulator included)."""
+    if "://" not in str(uri):
+        return resolve(uri)[1], None
+    fs, path = resolve(uri)
+    return path, fs
 
 
 def join(uri: str, *parts: str) -> str:
@@ -93,8 +138,10 @@ def check_output(uri: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as e:
+        where = (f"GOOGLE_APPLICATION_CREDENTIALS or the machine's service account) and {EMULATOR_ENV}"
+                 if fs.type_name == "gcs" else "AWS_* variables or the machine's IAM role) and AWS_ENDPOINT_URL")
         raise FisherError(f"{uri}: cannot reach bucket '{bucket}' ({_first_line(e)}); check the credentials "
-                          "(AWS_* / GOOGLE_* variables or the machine's IAM role) and AWS_ENDPOINT_URL") from e
+                          f"({where}") from e
     if info.type == pafs.FileType.NotFound:
         raise FisherError(f"{uri}: bucket '{bucket}' does not exist (or these credentials cannot see it); "
                           "create it or pass another location")
@@ -104,7 +151,9 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` under a temporary name, then rename it into place."""
     fs, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
-    if parent:
+    # GCS: no directory marker objects; an object needs no parents there, and pyarrow's create_dir
+    # creates a missing bucket (with a project configured) where a write should fail
+    if parent and fs.type_name != "gcs":
         try:
             fs.create_dir(parent, recursive=True)
         except OSError as e:
@@ -303,11 +352,35 @@ def check_output_path(out: str) -> None:
         raise FisherError(f"--out {out}: exists and is not a directory; pass a new directory path")
 
 
+def _children(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Names directly under directory ``path``. pyarrow's GCS listing of one level returns the objects
+    there and only those subdirectories that have a marker object (``dir/``, which GCS returns with
+    ``includeTrailingDelimiter``; gcp-storage-emulator never does); a prefix without one (this module
+    writes none on GCS, nor do many other tools) would be missed. On GCS the names come from the
+    recursive listing, cut to one level."""
+    if fs.type_name != "gcs":
+        return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+    root = path.rstrip("/") + "/"
+    below = (i.path[len(root):] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    return sorted({rest.split("/", 1)[0] for rest in below if rest})
+
+
 def _entries(out: str) -> list[str]:
     fs, path = resolve(out)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name != LOGS)
+    return sorted(n for n in _children(fs, path) if n != LOGS)
+
+
+def _remove_dir(fs: pafs.FileSystem, path: str) -> None:
+    """``fs.delete_dir(path)``. On GCS pyarrow deletes the objects under the prefix, then the prefix's
+    marker object (``path/``), which is missing when no ``create_dir`` wrote one: that 404 is no
+    failure once nothing is left there."""
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            raise
 
 
 def output_state(out: str) -> tuple[bool, bool]:
@@ -328,7 +401,7 @@ def release_claim(out: str, before: tuple[bool, bool]) -> bool:
     if names:
         fs.delete_file(join(path, PLAN))
     if not existed and fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+        _remove_dir(fs, path)
     return True
 
 

@@ -256,17 +256,23 @@ def read_shards(files: list[str], columns: list[str], include_paths: bool = Fals
     Ray Data packs Parquet files into 128 MiB read units, which would turn a
     small dataset into a single block (and a single busy actor); shards are
     written with small row groups (``fisher.io.ROW_GROUP``) and read one row
-    group per unit.
+    group per unit. The files are opened through the filesystem :func:`fisher.io.resolve` gives them
+    (a gs:// emulator included), passed with their scheme-less paths (``include_paths``: those paths).
     """
     import ray.data
+
+    from fisher.io import ray_storage
     if not ray.is_initialized():        # Ray Data would start a default Ray: every interface, a dashboard
         raise RuntimeError("read_shards: call init_ray(args) first")
     os.environ.setdefault("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(1 << 20))
-    return ray.data.read_parquet(files, include_paths=include_paths).select_columns(columns)
+    located = [ray_storage(f) for f in files]       # the shards of one artifact: one filesystem
+    return ray.data.read_parquet([p for p, _ in located], filesystem=located[0][1] if located else None,
+                                 include_paths=include_paths).select_columns(columns)
 
 
 def torch_trainer(loop, loop_config: dict, args, name: str, workers: int = 1, datasets: dict | None = None):
-    """A Ray Train ``TorchTrainer`` for a stage: checkpoints (last 2) under ``<--out>/ray/<name>``,
+    """A Ray Train ``TorchTrainer`` for a stage: checkpoints (last 2) under ``<--out>/ray/<name>`` (a URI:
+    through the filesystem :func:`fisher.io.resolve` opens, a gs:// emulator included),
     ``--max-failures`` worker restarts, ``--gpu`` / ``--cpus-per-worker`` per worker, torch threads
     set from the cluster's CPUs (``loop_config['threads']``)."""
     import ray.train
@@ -274,13 +280,14 @@ def torch_trainer(loop, loop_config: dict, args, name: str, workers: int = 1, da
     resources = init_ray(args)
     check_fits(args, {"CPU": args.cpus_per_worker, "GPU": int(args.gpu)},
                {"CPU": f"--cpus-per-worker {args.cpus_per_worker:g}", "GPU": "--gpu"}, per="worker")
-    storage = f"{args.out.rstrip('/')}/ray" if "://" in args.out else os.path.abspath(os.path.join(args.out, "ray"))
+    from fisher.io import join, ray_storage
+    storage, filesystem = ray_storage(join(args.out, "ray"))     # a URI: its path on the resolved filesystem
     return TorchTrainer(
         loop, train_loop_config={**loop_config, "threads": worker_threads(resources, workers)},
         torch_config=node_torch_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=args.gpu,
                                                resources_per_worker={"CPU": args.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, storage_filesystem=filesystem,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                                        failure_config=ray.train.FailureConfig(max_failures=args.max_failures)),
         datasets=datasets)

@@ -47,6 +47,7 @@ from fisher.io import (
     exists,
     join,
     manifest_hash,
+    ray_storage,
     read_json,
     read_manifest,
     write_manifest,
@@ -267,17 +268,19 @@ def _tune(args, todo: list[dict], job: dict) -> None:
         if args.gpus_per_trial:
             concurrent = min(concurrent, max(1, int(resources.get("GPU", 0) // args.gpus_per_trial)))
     concurrent = min(concurrent, len(todo))
-    storage = join(args.out, "tune") if "://" in args.out else _abs(join(args.out, "tune"))
+    storage, filesystem = ray_storage(join(args.out, "tune"))    # a URI: its path on the resolved filesystem
     progress = _progress(len(todo), args.epochs)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_train_cell, job=job), per_trial),
         param_space={"cell": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name="sweep", storage_path=storage, verbose=1, callbacks=[progress],
+        run_config=tune.RunConfig(name="sweep", storage_path=storage, storage_filesystem=filesystem, verbose=1,
+                                  callbacks=[progress],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   failure_config=tune.FailureConfig(max_failures=args.max_failures)))
-    console.say(f"sweep: {len(todo)} trial(s), {concurrent} at a time, {per_trial} each; Tune results in {storage}/sweep")
+    console.say(f"sweep: {len(todo)} trial(s), {concurrent} at a time, {per_trial} each; Tune results in "
+                f"{join(args.out, 'tune') if filesystem else storage}/sweep")
     try:
         results = tuner.fit()
     finally:
