@@ -22,19 +22,6 @@ logging.raiseExceptions = False
 # start (in-process or in a subprocess) inherits this; a user's runs keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
-# Modules that start multi-node clusters (their own GCS, raylets, dashboard, autoscaler) run one after
-# another on the same test process; every other module is a group of its own (its fixtures and its one
-# Ray stay together), spread over the two processes of `-n 2 --dist loadgroup` (pyproject.toml).
-CLUSTER_MODULES = {"test_autoscaling.py", "test_job_submit.py", "test_multinode.py"}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group("clusters" if path.rsplit("/", 1)[-1] in CLUSTER_MODULES else path))
-
-
 SHARED_DATA = Path(os.environ.get("FISHER_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 MNIST_NAMES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
