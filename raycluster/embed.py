@@ -185,7 +185,8 @@ def run(args: EmbedOptions) -> None:
     prior_manifest, model = {}, None
     if kind.needs_prior:
         prior_manifest = read_manifest(prior_location(args.prior), "train-prior")
-        if prior_manifest.get("inputs", {}).get("data") not in (None, manifest_hash(data_manifest)):
+        if prior_manifest.get("inputs", {}).get("data") not in (None, manifest_hash(data_manifest)) and \
+                not str(args.prior).startswith("builtin:"):      # a builtin's data is its own (`fisher priors`)
             console.say(f"note: {args.prior} was trained on other data than {args.data}")
         model = load_prior(args.prior)
     elif args.prior:
