@@ -57,7 +57,7 @@ class Reporter:
 def tracked(total: float | None, desc: str, unit: str, initial: float = 0):
     """A progress bar over work done in Ray; yields the :class:`Reporter` to hand to the workers."""
     import ray
-    actor = ray.remote(num_cpus=0)(_Counts).options(name=None).remote()
+    actor = ray.remote(num_cpus=0)(_Counts).remote()
     bar = console.progress(total, desc, unit=unit, initial=initial)
     stop = threading.Event()
 
