@@ -52,7 +52,7 @@ class FisherScoreKind(EmbeddingKind):
         return n_features(model)
 
     def project(self, model, x, projections, stack, chunk_size):
-        return fisher_scores(model, x, projections, chunk_size=chunk_size)
+        return fisher_scores(model, x, stack, chunk_size=chunk_size)
 
 
 @EMBEDDINGS.register("activation")

@@ -18,6 +18,7 @@ blocks so per-layer gradients are projected as they are produced.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +32,11 @@ MIN_DENSITY = 2.0 ** -40  # the density's resolution in the generator's key: sma
 
 
 def estimated_bytes(n_features: int, dim: int, density: float) -> int:
-    """Memory a projection takes: int32 row + int8 sign per non-zero (int8 signs at density 1), plus the
-    float32 dense matrix it is applied as above ``DENSE_ABOVE``."""
-    stored = n_features * dim if density >= 1.0 else 5 * n_features * dim * density
-    return int(stored + (4 * n_features * dim if density > DENSE_ABOVE else 0))
+    """Host memory a projection takes: its stored matrix (one bit per entry at density 1; an int32 row and
+    an int8 sign per non-zero otherwise), plus, above ``DENSE_ABOVE``, the float32 blocks it is applied
+    as (``ProjectionStack.WIDTH`` columns per thread, two threads counted)."""
+    stored = n_features * dim / 8 if density >= 1.0 else 5 * n_features * dim * density
+    return int(stored + (2 * 4 * ProjectionStack.WIDTH * dim if density > DENSE_ABOVE else 0))
 
 
 @dataclass(frozen=True)
@@ -92,39 +94,66 @@ def _block_columns(seed: int, dim: int, density: float, block: int, ncols: int):
 
 
 class SparseProjection:
-    """``P`` of paper eq. 1; ``project(g)`` returns ``g @ P.T`` for rows ``g`` of features."""
+    """``P`` of paper eq. 1; ``project(g)`` returns ``g @ P.T`` for rows ``g`` of features.
+
+    Storage: column-compressed non-zeros (int32 rows, int8 signs; 5 bytes each) or, at density 1,
+    one sign bit per entry, packed along the features of each row: 1/8 byte per entry, where a
+    float32 matrix would take 4. Products expand the float values they need block by block.
+    """
 
     def __init__(self, n_features: int, dim: int, density: float | None = None, seed: int = 0):
         density = validate(n_features, dim, density)
         self.spec = ProjectionSpec(int(n_features), int(dim), density, int(seed))
         self.n_features, self.dim, self.density, self.seed = n_features, dim, density, seed
         self.scale = 1.0 / math.sqrt(density * dim)            # √s / √p
+        self._dense = density >= 1.0
         indptr, rows, signs = [np.zeros(1, np.int64)], [], []
         for b, start in enumerate(range(0, n_features, BLOCK)):
             ncols = min(BLOCK, n_features - start)
             pos, sg = _block_columns(seed, dim, density, b, ncols)
-            if pos is None:
-                signs.append(sg)
+            if pos is None:                  # (ncols, dim) signs → (dim, ncols / 8) bits, 1 = positive
+                signs.append(np.packbits(sg.T > 0, axis=1))
                 continue
             col, row = np.divmod(pos, dim)
             counts = np.bincount(col, minlength=ncols)
             indptr.append(indptr[-1][-1] + np.cumsum(counts))
             rows.append(row.astype(np.int32))
             signs.append(sg)
-        self._signs = np.concatenate(signs) if signs else np.zeros(0, np.int8)
-        self._dense = density >= 1.0     # then _signs is (n, dim): feature i's column of P
-        self._indptr = np.concatenate(indptr)                  # CSC over the n columns
-        self._rows = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        if self._dense:                      # every block but the last has a multiple of 8 columns
+            self._bits = np.ascontiguousarray(np.concatenate(signs, axis=1))
+            self._signs = self._rows = None
+        else:
+            self._signs = np.concatenate(signs) if signs else np.zeros(0, np.int8)
+            self._rows = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        self._indptr = np.concatenate(indptr)                  # CSC over the n columns (sparse)
         self._stack: ProjectionStack | None = None
 
     @property
     def nnz(self) -> int:
-        return int(self._signs.size)
+        return self.n_features * self.dim if self._dense else int(self._signs.size)
+
+    def stored_bytes(self) -> int:
+        """Host memory the matrix itself takes."""
+        return int(self._bits.nbytes if self._dense else self._signs.nbytes + self._rows.nbytes) + self._indptr.nbytes
+
+    def expand_into(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """Write columns ``[start, stop)`` of ``P`` (values ±scale) into the float32 ``out[:, :stop - start]``
+        (dim rows); at density 1, 8 columns per byte through a 256-entry table."""
+        if not self._dense:                  # a sparse-stored member applied densely (DENSE_ABOVE < density < 1)
+            out[:, :stop - start].copy_(torch.from_numpy(self.columns(start, stop).toarray()))
+            return
+        lo, hi = start // 8, -(-stop // 8)
+        table = _sign_table(self.scale)
+        vals = torch.index_select(table, 0, torch.from_numpy(self._bits[:, lo:hi]).reshape(-1).to(torch.int32))
+        vals = vals.view(self.dim, (hi - lo) * 8)
+        out[:, :stop - start].copy_(vals[:, start - 8 * lo:stop - 8 * lo])
 
     def columns(self, start: int, stop: int) -> sp.csc_matrix | np.ndarray:
         """Columns ``[start, stop)`` of ``P`` (values ±scale): SciPy CSC, or a dense array at density 1."""
         if self._dense:
-            return np.ascontiguousarray(self._signs[start:stop].T, dtype=np.float32) * np.float32(self.scale)
+            out = torch.empty(self.dim, stop - start)
+            self.expand_into(out, start, stop)
+            return out.numpy()
         lo, hi = self._indptr[start], self._indptr[stop]
         data = self._signs[lo:hi].astype(np.float32) * np.float32(self.scale)
         return sp.csc_matrix((data, self._rows[lo:hi], self._indptr[start:stop + 1] - lo),
@@ -148,91 +177,130 @@ class SparseProjection:
         return self._stack.project(g, offset)[0]
 
 
-def _as_operator(blocks: list, dense: bool, device):
-    """A stacked column block in the fastest form for ``device``.
-
-    Dense members: a torch matrix. Sparse members on the CPU: SciPy CSC, whose
-    product walks the gradient rows once and scatters into the (cache-sized)
-    output, about 3x faster here than torch's CSR kernel, which gathers a
-    gradient row for every non-zero. On GPUs: torch CSR (cuSPARSE).
-    """
-    if dense:
-        return BlockedDense(torch.from_numpy(np.vstack([b if isinstance(b, np.ndarray) else b.toarray()
-                                                        for b in blocks])).to(device))
-    m = sp.vstack(blocks)
-    if torch.device(device).type == "cpu":
-        return m.tocsc()
-    m = m.tocsr()
-    return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
-                                   torch.from_numpy(m.indices.astype(np.int64)),
-                                   torch.from_numpy(m.data), size=m.shape).to(device)
+_TABLES: dict = {}
 
 
-class BlockedDense:
-    """A dense (dims × m) matrix applied as a sum of fixed-width column blocks, on one thread.
+def _sign_table(scale: float) -> torch.Tensor:
+    """(256 × 8) float32: row b holds the 8 values ±scale that the bits of byte b (most significant first) stand
+    for. Every value is exactly ±float32(scale), the entries a float32 matrix of the signs times scale holds."""
+    if scale not in _TABLES:
+        bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
+        _TABLES[scale] = torch.from_numpy(np.where(bits > 0, np.float32(scale), -np.float32(scale)).astype(np.float32))
+    return _TABLES[scale]
 
-    A GEMM run on several threads may split its long inner dimension among them, so its round-off
-    depends on the thread count (and so on how many actors share a node). Here every product is
-    one single-threaded GEMM per 4096-column block and the blocks are added in a fixed order: the
-    same bits whatever the thread count. On this 2-core CPU that costs little (a second thread
-    sped the plain product up by about 10 %); GPUs keep their own (deterministic) kernels.
-    """
-    WIDTH = 4096
 
-    def __init__(self, mat: torch.Tensor):
-        dims, m = mat.shape
-        self.m, self.n_blocks = m, -(-m // self.WIDTH)
-        pad = self.n_blocks * self.WIDTH - m
-        self.blocks = F.pad(mat, (0, pad)).view(dims, self.n_blocks, self.WIDTH).transpose(0, 1).contiguous()
+def _on_one_thread(fn):
+    """Run ``fn`` with torch on one thread (so its products are the single-threaded GEMMs whose bits do not
+    depend on the machine's thread count), restoring the thread count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
 
-    def __matmul__(self, gt: torch.Tensor) -> torch.Tensor:
-        pad = self.n_blocks * self.WIDTH - self.m
-        rhs = F.pad(gt, (0, 0, 0, pad)).view(self.n_blocks, self.WIDTH, gt.shape[1])
-        if self.blocks.device.type != "cpu":
-            return torch.bmm(self.blocks, rhs).sum(0)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return torch.bmm(self.blocks, rhs).sum(0)
-        finally:
-            torch.set_num_threads(threads)
+
+_POOLS: dict = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fisher-projection")
+    return _POOLS[workers]
 
 
 class ProjectionStack:
-    """Several projections applied to one block of features in (at most) two products.
+    """Several projections applied to one block of features.
 
-    The column blocks of all members are stacked row-wise into one sparse CSR
-    matrix (members with density <= ``DENSE_ABOVE``) and one dense matrix
-    (denser members); results are split back per member. The stacked blocks
-    are cached per (offset, width, device): a model's layer blocks recur
-    every batch.
+    On the CPU nothing is cached: sparse members are multiplied one by one as SciPy CSC views of their
+    stored non-zeros (whose product walks the gradient rows once and scatters into the cache-sized
+    output, about 3x faster here than torch's CSR kernel), and dense members (density above
+    ``DENSE_ABOVE``) are expanded ``WIDTH`` columns at a time into float32 blocks multiplied by one
+    single-threaded GEMM each; the blocks' products are summed in a fixed order. So the result does
+    not depend on the thread count (and so on how many actors share a node) while the products run on
+    all of torch's threads at once, one per task, and memory stays at the stored matrices plus one
+    block per thread. (A GEMM run on several threads may split its long inner dimension among them,
+    which changes its round-off.) On GPUs the stacked members are built once per (offset, width) and
+    cached as a torch CSR matrix (cuSPARSE) and a dense matrix.
     """
+    WIDTH = 4096
 
     def __init__(self, projections: list[SparseProjection]):
         self.projections = list(projections)
         self._cache: dict = {}
-
-    def _parts(self, offset: int, m: int, device):
-        key = (offset, m, str(device))
-        if key not in self._cache:
-            cols = [p.columns(offset, offset + m) for p in self.projections]
-            parts = []
-            for dense in (False, True):
-                idx = [i for i, p in enumerate(self.projections) if (p.density > DENSE_ABOVE) == dense]
-                if idx:
-                    parts.append((idx, _as_operator([cols[i] for i in idx], dense, device)))
-            self._cache[key] = parts
-        return self._cache[key]
+        self._dense = [i for i, p in enumerate(self.projections) if p.density > DENSE_ABOVE]
+        self._sparse = [i for i, p in enumerate(self.projections) if p.density <= DENSE_ABOVE]
 
     def project(self, g: torch.Tensor, offset: int = 0) -> list[torch.Tensor]:
         """Contributions (B × dim each) of features ``[offset, offset + g.shape[1])``."""
-        out: list = [None] * len(self.projections)
         gt = g.t().contiguous().float()
-        for idx, mat in self._parts(offset, g.shape[1], g.device):
-            if isinstance(mat, sp.spmatrix):
-                z = torch.from_numpy(mat @ gt.numpy()).t()        # (B, sum of member dims)
-            else:
-                z = (mat @ gt).t()
+        if g.device.type != "cpu":
+            return self._project_device(gt, offset)
+        workers = max(1, torch.get_num_threads())
+        return _on_one_thread(lambda: self._project_cpu(gt, offset, workers))
+
+    # ------------------------------------------------------------------ CPU
+    def _sparse_task(self, i: int, gt: np.ndarray, offset: int):
+        p = self.projections[i]
+        return i, torch.from_numpy(p.columns(offset, offset + gt.shape[0]) @ gt).t()
+
+    def _dense_task(self, k0: int, k1: int, rhs: torch.Tensor, out: torch.Tensor, offset: int, m: int):
+        """Blocks ``[k0, k1)`` of the stacked dense members: expand, then one GEMM per block into ``out``."""
+        a = torch.zeros(k1 - k0, out.shape[1], self.WIDTH)
+        for j, k in enumerate(range(k0, k1)):
+            start, stop = offset + k * self.WIDTH, offset + min(m, (k + 1) * self.WIDTH)
+            row = 0
+            for i in self._dense:
+                p = self.projections[i]
+                p.expand_into(a[j, row:row + p.dim], start, stop)
+                row += p.dim
+        torch.bmm(a, rhs[k0:k1], out=out[k0:k1])
+
+    def _project_cpu(self, gt: torch.Tensor, offset: int, workers: int) -> list[torch.Tensor]:
+        m, b = gt.shape
+        out: list = [None] * len(self.projections)
+        tasks = []
+        pool = _pool(workers)
+        if self._sparse:
+            gn = gt.numpy()
+            tasks += [pool.submit(self._sparse_task, i, gn, offset) for i in self._sparse]
+        if self._dense:
+            n_blocks = -(-m // self.WIDTH)
+            rhs = F.pad(gt, (0, 0, 0, n_blocks * self.WIDTH - m)).view(n_blocks, self.WIDTH, b)
+            rows = sum(self.projections[i].dim for i in self._dense)
+            prod = torch.empty(n_blocks, rows, b)
+            dense_tasks = [pool.submit(self._dense_task, k, k + 1, rhs, prod, offset, m) for k in range(n_blocks)]
+        for t in tasks:
+            i, z = t.result()
+            out[i] = z
+        if self._dense:
+            for t in dense_tasks:
+                t.result()
+            z = prod.sum(0).t()
+            for i, piece in zip(self._dense, torch.split(z, [self.projections[i].dim for i in self._dense], dim=1)):
+                out[i] = piece
+        return out
+
+    # ------------------------------------------------------------------ GPU
+    def _parts(self, offset: int, m: int, device):
+        key = (offset, m, str(device))
+        if key not in self._cache:
+            parts = []
+            if self._sparse:
+                mat = sp.vstack([self.projections[i].columns(offset, offset + m) for i in self._sparse]).tocsr()
+                parts.append((self._sparse, torch.sparse_csr_tensor(
+                    torch.from_numpy(mat.indptr.astype(np.int64)), torch.from_numpy(mat.indices.astype(np.int64)),
+                    torch.from_numpy(mat.data), size=mat.shape).to(device)))
+            if self._dense:
+                parts.append((self._dense, torch.from_numpy(np.vstack(
+                    [self.projections[i].columns(offset, offset + m) for i in self._dense])).to(device)))
+            self._cache[key] = parts
+        return self._cache[key]
+
+    def _project_device(self, gt: torch.Tensor, offset: int) -> list[torch.Tensor]:
+        out: list = [None] * len(self.projections)
+        for idx, mat in self._parts(offset, gt.shape[0], gt.device):
+            z = (mat @ gt).t()
             for i, piece in zip(idx, torch.split(z, [self.projections[i].dim for i in idx], dim=1)):
                 out[i] = piece
         return out

@@ -641,13 +641,15 @@ def _standard_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 def fisher_scores(model: nn.Module, x: torch.Tensor,
-                  projection: SparseProjection | list[SparseProjection] | None = None,
+                  projection: SparseProjection | list[SparseProjection] | ProjectionStack | None = None,
                   chunk_size: int = DEFAULT_CHUNK):
     """Exact per-image Fisher scores ∇_θ log p_θ(x).
 
     Returns ``Tensor[B, n_features]`` without a projection, ``Tensor[B, dim]``
-    with one, or a list of those with a list of projections (all computed
-    from the same gradient pass).
+    with one, or a list of those with a list of projections or a
+    :class:`~fisher.projection.ProjectionStack` (all computed from the same
+    gradient pass; pass the same stack for every batch, so that what it caches
+    on a GPU is built once).
 
     Images are processed ``chunk_size`` at a time; with a projection the last
     chunk is padded to full size, so every product has the same shapes and an
@@ -657,13 +659,20 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     model.eval()
     x = _standard_strides(x)
     single = isinstance(projection, SparseProjection)
-    projs = [projection] if single else list(projection or [])
+    if single:
+        if projection._stack is None:
+            projection._stack = ProjectionStack([projection])
+        stack = projection._stack
+    elif isinstance(projection, ProjectionStack):
+        stack = projection
+    else:
+        stack = ProjectionStack(list(projection)) if projection else None
+    projs = stack.projections if stack is not None else []
     for p in projs:
         if p.n_features != n_features(model):
             from fisher.io import FisherError
             raise FisherError(f"projection was built for {p.n_features} features, the prior has {n_features(model)}")
     plan = _make_plan(model)
-    stack = ProjectionStack(projs) if projs else None
     results = []
     for start in range(0, x.shape[0], chunk_size):
         xc = x[start:start + chunk_size]

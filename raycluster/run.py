@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 import typing
 from dataclasses import dataclass
@@ -67,20 +68,37 @@ def load_preset(name: str, overrides: list[str]) -> dict:
     preset = _read_preset(path)
     for item in overrides:
         key, sep, value = item.partition("=")
-        section, _, field = key.partition(".")
-        if not sep or not field or not isinstance(preset.get(section), dict):
+        *sections, field = key.split(".")
+        target = preset
+        for part in sections:
+            target = target.get(part) if isinstance(target, dict) else None
+        if not sep or not sections or not field or not isinstance(target, dict):
             raise FisherError(f"--set {item}: expected SECTION.KEY=VALUE with SECTION one of "
-                              f"{', '.join(k for k, v in preset.items() if isinstance(v, dict))}")
+                              f"{', '.join(_sections(preset))}")
         try:
-            preset[section][field] = json.loads(value)
+            target[field] = json.loads(value)
         except json.JSONDecodeError:
-            preset[section][field] = value
+            target[field] = value
     preset["_name"], preset["_path"] = path.stem, str(path)
     return preset
 
 
 REQUIRED_SECTIONS = ("prepare", "prior", "embed", "decoder", "interpolate", "evaluate")   # JSON objects
 OPTIONAL_SECTIONS = ("sweep", "edit")                                                     # objects or null
+PRIOR_LABEL = re.compile(r"[a-z][a-z0-9_]{0,31}")
+RESERVED_LABELS = ("data", "logs")             # top-level directories of a run
+
+
+def _sections(preset: dict) -> list[str]:
+    """The names ``--set SECTION.KEY=VALUE`` accepts: top-level objects, and ``priors.<label>``."""
+    names = [k for k, v in preset.items() if isinstance(v, dict) and k != "priors"]
+    return names + [f"priors.{k}" for k in (preset.get("priors") or {})]
+
+
+def prior_sections(preset: dict) -> dict[str, dict]:
+    """{label: prior section}: ``{"": prior}`` for a one-prior preset; the ``priors`` object of a preset that
+    compares several (each label is the directory that prior's steps write under the run)."""
+    return dict(preset["priors"]) if preset.get("priors") else {"": preset.get("prior") or {}}
 
 
 def _read_preset(path: Path) -> dict:
@@ -95,7 +113,21 @@ def _read_preset(path: Path) -> dict:
         raise FisherError(f"{path}: a preset is a JSON object of sections, not a {type(preset).__name__}")
     if preset.get("dataset") not in ("mnist", "celeba"):
         raise FisherError(f"{path}: 'dataset' is {preset.get('dataset')!r}; expected \"mnist\" or \"celeba\"")
+    priors = preset.get("priors")
+    if priors is not None:
+        if "prior" in preset:
+            raise FisherError(f"{path}: has both 'prior' and 'priors'; keep one ('priors' compares several, "
+                              "one section per label)")
+        if not isinstance(priors, dict) or not priors or not all(isinstance(v, dict) for v in priors.values()):
+            raise FisherError(f"{path}: 'priors' is {priors!r:.40}; expected an object of prior sections, e.g. "
+                              '{"pixelcnn": {"builtin": "celeba32-pixelcnn", "train": false}}')
+        for label in priors:
+            if not PRIOR_LABEL.fullmatch(label) or label in RESERVED_LABELS:
+                raise FisherError(f"{path}: prior label {label!r:.40} must be a lower-case name (a-z, 0-9, _; "
+                                  f"not {' or '.join(RESERVED_LABELS)}): it names the prior's directory in the run")
     for section in REQUIRED_SECTIONS + OPTIONAL_SECTIONS:
+        if section == "prior" and priors is not None:
+            continue
         value = preset.get(section, {} if section in REQUIRED_SECTIONS else None)
         if not isinstance(value, dict) and not (value is None and section in OPTIONAL_SECTIONS):
             raise FisherError(f"{path}: section '{section}' is {value!r:.40}, not a JSON object of options"
@@ -218,12 +250,12 @@ def run_baselines(args: BaselineOptions) -> None:
           f"on {len(x)} test images")
 
 
-def prior_of(args: RunOptions, preset: dict) -> str:
-    """The prior a run uses: ``builtin:<prior.builtin>`` unless ``prior.train`` is true, else ``OUT/prior``."""
-    section = preset.get("prior") or {}
+def prior_of(out: str, section: dict, label: str = "") -> str:
+    """The prior of one prior section: ``builtin:<builtin>`` unless ``train`` is true, else
+    ``OUT[/label]/prior``."""
     if section.get("builtin") is not None and not section.get("train", True):
         return f"builtin:{section['builtin']}"
-    return join(args.out, "prior")
+    return join(out, label, "prior") if label else join(out, "prior")
 
 
 def seed_suffixes(preset: dict) -> list[str]:
@@ -245,119 +277,173 @@ def _base_seed(section: dict, name: str, where) -> int:
 
 def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
     """Every step's options object, built (and so checked, value by value) before the first step runs.
-    Returns the steps and the embeddings the report reads ({kind: (directory, column)})."""
-    from fisher.embedding import EmbedSpec
-    from raycluster import embed, evaluate, prepare, probe, sweep, train_decoder, train_prior
+
+    Returns the steps and, per prior label ("" for a one-prior preset), the embeddings the report reads
+    ({label: {kind: (directory, column)}}). With several priors (preset key ``priors``) each prior's
+    steps write under ``OUT/<label>/``; the data and the pixel baseline, which no prior changes, are
+    made once, at the top of the run (label "" in the result)."""
+    from raycluster import prepare
     out, dataset = args.out, preset["dataset"]
-    d = lambda *p: join(out, *p)                                            # noqa: E731
-    ray = {"address": args.address, "num_cpus": args.num_cpus}
-
-    def where_of(section):
-        def where(key):
-            return next((f"--set {o}" for o in args.set if o.partition("=")[0] == f"{section}.{key}"),
-                        preset["_path"])
-        return where
-
-    def opts(cls, section, command, mapping=None, **fixed):
-        return from_mapping(cls, preset.get(section) if mapping is None else mapping, command, section,
-                            where_of(section), **fixed)
-
+    planner = _Planner(args, preset)
     steps = [Step("prepare", "prepare", prepare.run,
-                  opts(prepare.PrepareOptions, "prepare", "prepare", dataset=dataset, src=args.data, out=d("data")),
+                  planner.opts(prepare.PrepareOptions, "prepare", "prepare", dataset=dataset, src=args.data,
+                               out=join(out, "data")),
                   "data/manifest.json",
                   "" if args.data else f"; pass --data DIR (or set ${DATA_ENV}) with the raw {dataset} files")]
-    prior_section = dict(preset.get("prior") or {})
-    prior_section.pop("builtin", None)
-    if not isinstance(prior_section.pop("train", True), bool):
-        raise FisherError(f"{where_of('prior')('train')}: prior.train must be true or false")
-    prior = prior_of(args, preset)
-    # checked even when a builtin prior is used, so that a misspelt key is never ignored silently
-    training = opts(train_prior.TrainPriorOptions, "prior", "train-prior", prior_section, data=d("data"),
-                    out=d("prior"), **ray)
-    if prior.startswith("builtin:"):
-        from fisher.priors import prior_location
-        prior_location(prior)                                   # an unknown name is refused now
-    else:
-        steps.append(Step("train-prior", "train-prior", train_prior.run, training, "prior/manifest.json"))
-    steps.append(Step("baselines", "baselines", run_baselines, BaselineOptions(prior=prior, data=d("data"),
-                                                                                  out=d("baselines")),
-                      "baselines/manifest.json"))
     kinds_wanted = preset.get("kinds", list(KINDS))
     if not isinstance(kinds_wanted, list) or not kinds_wanted or any(k not in KINDS for k in kinds_wanted):
         raise FisherError(f"{preset['_path']}: kinds must be a non-empty list of {', '.join(KINDS)}")
-    projection = opts(embed.EmbedOptions, "embed", "embed", prior=prior, data=d("data"), out=d("emb-fisher"), **ray)
-    if len(projection.dim) != 1 or len(projection.density) != 1:
-        raise FisherError(f"{where_of('embed')('dim')}: embed.dim and embed.density must be one value each "
-                          "(the grid's cells are the sweep's)")
-    spec = EmbedSpec(projection.dim[0], projection.density[0])
-    grid = None
-    if preset.get("sweep"):
-        import tune_spaces
-        section = {"grid": "paper_grid", **preset["sweep"]}      # SweepOptions' default grid
-        if not isinstance(section["grid"], str):
-            raise FisherError(f"{where_of('sweep')('grid')}: sweep.grid is {section['grid']!r:.40}, not a string; "
-                              "pass a tune_spaces name (paper_grid) or a JSON file")
-        if section["grid"].endswith(".json"):
-            section["grid"] = os.path.abspath(section["grid"])
-        grid = tune_spaces.load_grid(section["grid"], flag="sweep.grid")
-        steps.append(Step("sweep", "sweep", sweep.run,
-                          opts(sweep.SweepOptions, "sweep", "sweep", section, prior=prior, data=d("data"),
-                               out=d("sweep"), resume=True, seed=projection.seed, embed_actors=projection.actors,
-                               **ray), "sweep/manifest.json"))
-    transformed = bool(projection.pca or projection.standardize)
-    in_grid = grid is not None and spec.dim in grid["dim"] and spec.density in grid["density"] and not projection.pca
-    kinds = {}
-    for kind in kinds_wanted:
-        if kind == "fisher" and in_grid:    # one of the sweep's cells: reuse that gradient pass
-            kinds["fisher"] = (d("sweep", "embeddings"),
+    sections = prior_sections(preset)
+    several = "" not in sections
+    runs = {}
+    for label, section in sections.items():
+        kinds = [k for k in kinds_wanted if not (several and k == "pixel")]
+        runs[label] = planner.prior_steps(steps, label, section, kinds)
+    if several and "pixel" in kinds_wanted:
+        runs[""] = planner.kind_steps(steps, "", None, ["pixel"])
+    return steps, runs
+
+
+class _Planner:
+    """Builds the steps of one run: options objects from the preset's sections, paths under ``--out``."""
+
+    def __init__(self, args: RunOptions, preset: dict):
+        self.args, self.preset = args, preset
+        self.ray = {"address": args.address, "num_cpus": args.num_cpus}
+
+    def where_of(self, section):
+        def where(key):
+            return next((f"--set {o}" for o in self.args.set if o.partition("=")[0] == f"{section}.{key}"),
+                        self.preset["_path"])
+        return where
+
+    def opts(self, cls, section, command, mapping=None, **fixed):
+        return from_mapping(cls, self.preset.get(section) if mapping is None else mapping, command, section,
+                            self.where_of(section), **fixed)
+
+    def d(self, label, *parts):
+        return join(self.args.out, label, *parts) if label else join(self.args.out, *parts)
+
+    def _rel(self, label, name):
+        return f"{label}/{name}" if label else name
+
+    def prior_steps(self, steps: list, label: str, section: dict, kinds: list[str]) -> dict:
+        """The steps of one prior (train-prior unless builtin, baselines, sweep, embeddings and everything
+        after them); returns {kind: (embedding dir, column)}."""
+        from fisher.embedding import EmbedSpec
+        from raycluster import embed, sweep, train_prior
+        name = f"priors.{label}" if label else "prior"
+        where, tag = self.where_of(name), (f"{label}/" if label else "")
+        section = dict(section)
+        section.pop("builtin", None)
+        if not isinstance(section.pop("train", True), bool):
+            raise FisherError(f"{where('train')}: {name}.train must be true or false")
+        data = join(self.args.out, "data")
+        prior = prior_of(self.args.out, prior_sections(self.preset)[label], label)
+        # checked even when a builtin prior is used, so that a misspelt key is never ignored silently
+        training = self.opts(train_prior.TrainPriorOptions, name, "train-prior", section, data=data,
+                             out=self.d(label, "prior"), **self.ray)
+        if prior.startswith("builtin:"):
+            from fisher.priors import prior_location
+            prior_location(prior)                                   # an unknown name is refused now
+        else:
+            steps.append(Step(f"{tag}train-prior", "train-prior", train_prior.run, training,
+                              self._rel(label, "prior/manifest.json")))
+        steps.append(Step(f"{tag}baselines", "baselines", run_baselines,
+                          BaselineOptions(prior=prior, data=data, out=self.d(label, "baselines")),
+                          self._rel(label, "baselines/manifest.json")))
+        projection = self.opts(embed.EmbedOptions, "embed", "embed", prior=prior, data=data,
+                               out=self.d(label, "emb-fisher"), **self.ray)
+        if len(projection.dim) != 1 or len(projection.density) != 1:
+            raise FisherError(f"{self.where_of('embed')('dim')}: embed.dim and embed.density must be one value each "
+                              "(the grid's cells are the sweep's)")
+        spec = EmbedSpec(projection.dim[0], projection.density[0])
+        grid = None
+        if self.preset.get("sweep"):
+            import tune_spaces
+            sweep_section = {"grid": "paper_grid", **self.preset["sweep"]}      # SweepOptions' default grid
+            if not isinstance(sweep_section["grid"], str):
+                raise FisherError(f"{self.where_of('sweep')('grid')}: sweep.grid is {sweep_section['grid']!r:.40}, "
+                                  "not a string; pass a tune_spaces name (paper_grid) or a JSON file")
+            if sweep_section["grid"].endswith(".json"):
+                sweep_section["grid"] = os.path.abspath(sweep_section["grid"])
+            grid = tune_spaces.load_grid(sweep_section["grid"], flag="sweep.grid")
+            steps.append(Step(f"{tag}sweep", "sweep", sweep.run,
+                              self.opts(sweep.SweepOptions, "sweep", "sweep", sweep_section, prior=prior, data=data,
+                                        out=self.d(label, "sweep"), resume=True, seed=projection.seed,
+                                        embed_actors=projection.actors, **self.ray),
+                              self._rel(label, "sweep/manifest.json")))
+        in_grid = grid is not None and spec.dim in grid["dim"] and spec.density in grid["density"] \
+            and not projection.pca
+        reuse = {}
+        if "fisher" in kinds and in_grid:    # one of the sweep's cells: reuse that gradient pass
+            reuse["fisher"] = (self.d(label, "sweep", "embeddings"),
                                spec.column(single=len(grid["dim"]) * len(grid["density"]) == 1))
-            continue
-        options = dataclasses.replace(projection, kind=kind, out=d(f"emb-{kind}"))
-        if kind == "pixel":                 # the images themselves: no prior, no standardization or PCA
-            options = dataclasses.replace(options, prior=None, standardize=False, pca=None)
-        kinds[kind] = (d(f"emb-{kind}"), "z_t" if transformed and kind != "pixel" else "z")
-        steps.append(Step(f"embed-{kind}", "embed", embed.run, options, f"emb-{kind}/manifest.json"))
-    evaluate_section = {k: v for k, v in (preset.get("evaluate") or {}).items() if k != "seeds"}
-    decoder_section = dict(preset.get("decoder") or {})
-    suffixes = seed_suffixes(preset)
-    for kind, (edir, col) in kinds.items():
-        common = {"embeddings": edir, "data": d("data"), "column": col, **ray}
-        steps.append(Step(f"probe-{kind}", "probe", probe.run,
-                          opts(probe.ProbeOptions, "probe", "probe", preset.get("probe") or {}, embeddings=edir,
-                               data=d("data"), column=col, out=d(f"probe-{kind}")), f"probe-{kind}/manifest.json"))
-        section = {"decoder": "pixels"} if kind == "pixel" else decoder_section
-        for k, sfx in enumerate(suffixes if kind != "pixel" else [""]):
-            seeded = {**section, "seed": _base_seed(section, "decoder", where_of("decoder")) + k}
-            dec = opts(train_decoder.TrainDecoderOptions, "decoder", "train-decoder", seeded,
-                       out=d(f"decoder-{kind}{sfx}"), **common)
-            steps.append(Step(f"decoder-{kind}{sfx}", "train-decoder", train_decoder.run, dec,
-                              f"decoder-{kind}{sfx}/manifest.json"))
-        for k, sfx in enumerate(suffixes):
-            dec_dir = d(f"decoder-{kind}{sfx if kind != 'pixel' else ''}")
-            with_decoder = {**common, "decoder": dec_dir}
-            if k == 0:
-                steps.append(Step(f"interpolate-{kind}", "interpolate", evaluate.run_interpolate,
-                                  opts(evaluate.InterpolateOptions, "interpolate", "interpolate",
-                                       out=d(f"interpolate-{kind}"), **with_decoder),
-                                  f"interpolate-{kind}/manifest.json"))
-                if preset.get("edit") and kind != "pixel":
-                    edit = preset["edit"]
-                    names = edit.get("attributes") or []
-                    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                        raise FisherError(f"{where_of('edit')('attributes')}: edit.attributes is {names!r:.40}, not "
-                                          'a list of attribute names; pass e.g. ["Smiling", "Eyeglasses"]')
-                    steps.append(Step(f"edit-{kind}", "edit", evaluate.run_edit,
-                                      opts(evaluate.EditOptions, "edit", "edit",
-                                           {k: v for k, v in edit.items() if k != "attributes"},
-                                           out=d(f"edit-{kind}"), attribute=",".join(edit.get("attributes") or []),
-                                           **with_decoder), f"edit-{kind}/manifest.json"))
-            seeded = {**evaluate_section, "seed": _base_seed(evaluate_section, "evaluate", where_of("evaluate")) + k}
-            steps.append(Step(f"fid-{kind}{sfx}", "evaluate", evaluate.run_evaluate,
-                              opts(evaluate.EvaluateOptions, "evaluate", "evaluate", seeded, out=d(f"fid-{kind}{sfx}"),
-                                   label=f"{kind}/{section.get('decoder', 'conv')}",
-                                   fid_weights=args.fid_weights, **with_decoder),
-                              f"fid-{kind}{sfx}/fid.json"))
-    return steps, kinds
+        return self.kind_steps(steps, label, projection, kinds, reuse)
+
+    def kind_steps(self, steps: list, label: str, projection, kinds: list[str], reuse: dict | None = None) -> dict:
+        """Embeddings (unless ``reuse`` holds them), probes, decoders, strips, edits and FID per kind."""
+        from raycluster import embed, evaluate, probe, train_decoder
+        d, tag, preset, data = (lambda *p: self.d(label, *p)), (f"{label}/" if label else ""), self.preset, \
+            join(self.args.out, "data")
+        if projection is None:                 # the pixel baseline of a several-prior run: no prior at all
+            projection = self.opts(embed.EmbedOptions, "embed", "embed", prior=None, data=data, kind="pixel",
+                                   out=d("emb-pixel"), **self.ray)
+        transformed = bool(projection.pca or projection.standardize)
+        kinds_out = dict(reuse or {})
+        for kind in kinds:
+            if kind in kinds_out:
+                continue
+            options = dataclasses.replace(projection, kind=kind, out=d(f"emb-{kind}"))
+            if kind == "pixel":                 # the images themselves: no prior, no standardization or PCA
+                options = dataclasses.replace(options, prior=None, standardize=False, pca=None)
+            kinds_out[kind] = (d(f"emb-{kind}"), "z_t" if transformed and kind != "pixel" else "z")
+            steps.append(Step(f"{tag}embed-{kind}", "embed", embed.run, options, self._rel(label, f"emb-{kind}/manifest.json")))
+        kinds_out = {k: kinds_out[k] for k in kinds}
+        evaluate_section = {k: v for k, v in (preset.get("evaluate") or {}).items() if k != "seeds"}
+        decoder_section = dict(preset.get("decoder") or {})
+        suffixes = seed_suffixes(preset)
+        for kind, (edir, col) in kinds_out.items():
+            common = {"embeddings": edir, "data": data, "column": col, **self.ray}
+            steps.append(Step(f"{tag}probe-{kind}", "probe", probe.run,
+                              self.opts(probe.ProbeOptions, "probe", "probe", preset.get("probe") or {},
+                                        embeddings=edir, data=data, column=col, out=d(f"probe-{kind}")),
+                              self._rel(label, f"probe-{kind}/manifest.json")))
+            section = {"decoder": "pixels"} if kind == "pixel" else decoder_section
+            for k, sfx in enumerate(suffixes if kind != "pixel" else [""]):
+                seeded = {**section, "seed": _base_seed(section, "decoder", self.where_of("decoder")) + k}
+                dec = self.opts(train_decoder.TrainDecoderOptions, "decoder", "train-decoder", seeded,
+                                out=d(f"decoder-{kind}{sfx}"), **common)
+                steps.append(Step(f"{tag}decoder-{kind}{sfx}", "train-decoder", train_decoder.run, dec,
+                                  self._rel(label, f"decoder-{kind}{sfx}/manifest.json")))
+            for k, sfx in enumerate(suffixes):
+                dec_dir = d(f"decoder-{kind}{sfx if kind != 'pixel' else ''}")
+                with_decoder = {**common, "decoder": dec_dir}
+                if k == 0:
+                    steps.append(Step(f"{tag}interpolate-{kind}", "interpolate", evaluate.run_interpolate,
+                                      self.opts(evaluate.InterpolateOptions, "interpolate", "interpolate",
+                                                out=d(f"interpolate-{kind}"), **with_decoder),
+                                      self._rel(label, f"interpolate-{kind}/manifest.json")))
+                    if preset.get("edit") and kind != "pixel":
+                        edit = preset["edit"]
+                        names = edit.get("attributes") or []
+                        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                            raise FisherError(f"{self.where_of('edit')('attributes')}: edit.attributes is "
+                                              f"{names!r:.40}, not a list of attribute names; pass e.g. "
+                                              '["Smiling", "Eyeglasses"]')
+                        steps.append(Step(f"{tag}edit-{kind}", "edit", evaluate.run_edit,
+                                          self.opts(evaluate.EditOptions, "edit", "edit",
+                                                    {k: v for k, v in edit.items() if k != "attributes"},
+                                                    out=d(f"edit-{kind}"), attribute=",".join(names),
+                                                    **with_decoder), self._rel(label, f"edit-{kind}/manifest.json")))
+                seeded = {**evaluate_section,
+                          "seed": _base_seed(evaluate_section, "evaluate", self.where_of("evaluate")) + k}
+                steps.append(Step(f"{tag}fid-{kind}{sfx}", "evaluate", evaluate.run_evaluate,
+                                  self.opts(evaluate.EvaluateOptions, "evaluate", "evaluate", seeded,
+                                            out=d(f"fid-{kind}{sfx}"), label=f"{kind}/{section.get('decoder', 'conv')}",
+                                            fid_weights=self.args.fid_weights, **with_decoder),
+                                  self._rel(label, f"fid-{kind}{sfx}/fid.json")))
+        return kinds_out
 
 
 def run(args: RunOptions) -> None:
@@ -366,7 +452,7 @@ def run(args: RunOptions) -> None:
         raise FisherError(f"celeba needs --data (or ${DATA_ENV}): the folder with img_align_celeba/, "
                           "list_attr_celeba.txt and list_eval_partition.txt")
     _check_raw(args.data, preset["dataset"])
-    steps, kinds = plan(args, preset)            # every step's options checked before anything is written
+    steps, runs = plan(args, preset)             # every step's options checked before anything is written
     from raycluster.runtime import check_resources
     for step in steps:
         check_resources(step.options)
@@ -377,15 +463,16 @@ def run(args: RunOptions) -> None:
                        json.dumps({k: v for k, v in preset.items() if k != "_path"}, indent=2).encode())
     for step in steps:
         r.step(step)
-    from fisher.reports.run import write_report
+    from fisher.reports.run import write_run_reports
     env_uri = join(args.out, "environment.json")      # of the last invocation that ran a step: a rerun that
     if r.ran or not exists(env_uri):                  # reuses every step rewrites the same report
         env = environment(started)
         atomic_write_bytes(env_uri, json.dumps(env, indent=2).encode())
     else:
         env = read_json(env_uri, "run environment record", "delete it and rerun `fisher run`")
-    report = write_report(args.out, preset, kinds, r.timings, paper_preset=_paper_preset(preset["dataset"]),
-                          prior=prior_of(args, preset), suffixes=seed_suffixes(preset), environment=env)
+    priors = {label: prior_of(args.out, section, label) for label, section in prior_sections(preset).items()}
+    report = write_run_reports(args.out, preset, runs, priors, r.timings, _paper_preset(preset["dataset"]),
+                               seed_suffixes(preset), env)
     console.say(f"report: {report} ({len(steps)} steps, {r.ran} run now in {_duration(time.time() - started)}; "
                 f"log: {console.log_path() or 'none'})")
 

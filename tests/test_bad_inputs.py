@@ -94,6 +94,10 @@ def _celeba(c: Ctx) -> Path:
     return root
 
 
+def celeba_raw(c):
+    return {"celeba": _celeba(c)}
+
+
 def jpeg_corrupt(c):
     root = _celeba(c)
     (root / "img_align_celeba" / "000002.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(2000))
@@ -423,10 +427,12 @@ def _preset(content: bytes):
     return build
 
 
-def _small_preset(**changes) -> bytes:
+def _small_preset(drop=(), **changes) -> bytes:
     from raycluster.run import PRESETS
     preset = json.loads((PRESETS / "mnist-small.json").read_text())
     preset.update(changes)
+    for key in drop:
+        del preset[key]
     return json.dumps(preset).encode()
 
 
@@ -716,6 +722,21 @@ CASES = [
     ("run-preset-unknown-dataset", _preset(_small_preset(dataset="cifar")), ["run", "--preset", "{preset}", "--out",
                                                                             "{out}"],
      r"preset\.json: 'dataset' is 'cifar'; expected \"mnist\" or \"celeba\""),
+    # several priors (preset key "priors", celeba-small): both keys, a label that is no directory name, a
+    # misspelt option of one prior, --set of a prior that is not there
+    ("run-preset-prior-and-priors", _preset(_small_preset(priors={"a": {}})), ["run", "--preset", "{preset}", "--out",
+                                                                              "{out}"],
+     r"preset\.json: has both 'prior' and 'priors'; keep one"),
+    ("run-preset-priors-bad-label", _preset(_small_preset(drop=("prior",), priors={"../up": {}})),
+     ["run", "--preset", "{preset}", "--out", "{out}"],
+     r"preset\.json: prior label '\.\./up' must be a lower-case name \(a-z, 0-9, _; not data or logs\)"),
+    ("run-preset-priors-misspelt", celeba_raw, ["run", "--preset", "celeba-small", "--data", "{celeba}", "--set",
+                                          "priors.gated.epocs=3", "--out", "{out}"],
+     r"--set priors\.gated\.epocs=3: `fisher train-prior` has no option --epocs; did you mean priors\.gated\.epochs\?"),
+    ("run-set-unknown-prior", celeba_raw, ["run", "--preset", "celeba-small", "--data", "{celeba}", "--set",
+                                     "priors.vae.epochs=3", "--out", "{out}"],
+     r"--set priors\.vae\.epochs=3: expected SECTION\.KEY=VALUE with SECTION one of .*priors\.pixelcnn, "
+     r"priors\.gated, priors\.pyramid"),
     ("prepare-src-not-utf8", src_not_utf8, MNIST, r"--src '.*mnist-\\udcff': not a UTF-8 name; rename"),
     ("train-shard-without-image", shard_without_image, TRAIN,
      r"data-copy/train-00000\.parquet: no column 'image' \(has id, grey, label, split\); rerun `fisher prepare`"),

@@ -18,9 +18,9 @@ import json
 
 from fisher.io import atomic_write_bytes, exists, join, read_bytes, read_json, read_manifest
 from fisher.reports.figure3a import paper_table
-from fisher.reports.paper import PAPER_FIGURE_3A, PAPER_MNIST_FID, PAPER_MNIST_NLL
+from fisher.reports.paper import PAPER_CELEBA_FID, PAPER_FIGURE_3A, PAPER_MNIST_FID, PAPER_MNIST_NLL
 
-PRIOR_LABELS = {"pixelcnn": "PixelCNN"}     # registry name → how the report names the architecture
+PRIOR_LABELS = {"pixelcnn": "PixelCNN", "gated": "Gated PixelCNN", "pyramid": "Pyramid PixelCNN"}   # registry
 
 
 def _prior_name(config: dict) -> str:
@@ -129,9 +129,9 @@ def _num(v, fmt=".4f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def prior_section(out: str, preset: dict, prior: str) -> list[str]:
+def prior_section(out: str, preset: dict, prior: str, data: str | None = None) -> list[str]:
     """The prior: its test NLL (from its manifest), on this run's test split next to the independent-pixel
-    model (``baselines/baselines.json``), and the seed papers' numbers."""
+    model (``baselines/baselines.json``), and the seed papers' numbers (``data``: default ``out/data``)."""
     from fisher.priors import prior_location
     manifest = read_manifest(prior_location(prior), "train-prior")
     m, builtin = manifest["metrics"], manifest.get("builtin")
@@ -147,7 +147,7 @@ def prior_section(out: str, preset: dict, prior: str) -> list[str]:
                   f"nats/image; the independent-pixel model (one categorical per sub-pixel, fitted on this run's "
                   f"train split) {b['independent_pixel']['nll_nats_per_image']:.2f}. A prior far below that line "
                   "has learned the data's structure.", ""]
-    binary = int(read_manifest(join(out, "data"), "prepare").get("levels", 2)) == 2
+    binary = int(read_manifest(data or join(out, "data"), "prepare").get("levels", 2)) == 2
     if preset["dataset"] == "mnist" and binary:
         refs = ", ".join(f"{k} {v:.2f}" for k, v in PAPER_MNIST_NLL["rows"].items())
         lines += [f"Reference test NLLs on binarized MNIST ({PAPER_MNIST_NLL['source']}, {PAPER_MNIST_NLL['unit']}): "
@@ -155,10 +155,14 @@ def prior_section(out: str, preset: dict, prior: str) -> list[str]:
     return lines
 
 
+def _probe_results(out: str, kinds) -> list[tuple[str, dict]]:
+    return [(k, read_json(join(out, f"probe-{k}", "probe.json"), "probe result", _RERUN)) for k in kinds
+            if exists(join(out, f"probe-{k}", "probe.json"))]
+
+
 def probe_section(out: str, kinds: dict) -> list[str]:
     """Linear-probe accuracy and kNN agreement per embedding kind (``probe-<kind>/probe.json``)."""
-    rows = [(k, read_json(join(out, f"probe-{k}", "probe.json"), "probe result", _RERUN)) for k in kinds
-            if exists(join(out, f"probe-{k}", "probe.json"))]
+    rows = _probe_results(out, kinds)
     if not rows:
         return []
     first = rows[0][1]
@@ -176,15 +180,27 @@ def probe_section(out: str, kinds: dict) -> list[str]:
     return lines
 
 
-def fid_section(out: str, preset: dict, kinds: dict, suffixes) -> list[str]:
-    """Interpolation FID and KID per α, mean ± spread over seeds, with the floor and the paper's rows."""
+def paper_fid_rows(preset: dict, prior_manifest: dict | None) -> dict | None:
+    """The paper's interpolation-FID rows for this run's data, prior family and decoder: Figure 3b on MNIST,
+    the prior's Figure 7 table on CelebA (the rows of the decoder the run trains)."""
+    if preset["dataset"] == "mnist":
+        return PAPER_MNIST_FID["rows"]
+    family = _prior_name((prior_manifest or {}).get("config") or {})
+    decoder = (preset.get("decoder") or {}).get("decoder", "conv")
+    rows = (PAPER_CELEBA_FID.get(family) or {}).get("rows", {})
+    return {k: v for k, v in rows.items() if k.endswith(f"/{decoder}")} or None
+
+
+def fid_section(out: str, preset: dict, kinds: dict, suffixes, paper: dict | None = None,
+                by_kind: dict | None = None) -> list[str]:
+    """Interpolation FID and KID per α, mean ± spread over seeds, with the floor and the paper's rows
+    (``paper``: {row label: {α: FID}}; ``by_kind``: the results, when not all under ``out``)."""
     from fisher.reports.spread import difference, spread_table
-    by_kind = {k: _fid_results(out, k, suffixes) for k in kinds}
+    by_kind = by_kind or {k: _fid_results(out, k, suffixes) for k in kinds}
     first = next((r[0] for r in by_kind.values() if r), None)
     if first is None:
         return []
     n, ref = first.get("pairs"), first.get("reference", "image")
-    paper = PAPER_MNIST_FID["rows"] if preset["dataset"] == "mnist" else None
     seeds = len(suffixes)
     reference = {"grey": "the grey MNIST originals (binarized MNIST is Bernoulli(grey/255), so a decoder's mean "
                          "estimates the grey image)",
@@ -198,6 +214,8 @@ def fid_section(out: str, preset: dict, kinds: dict, suffixes) -> list[str]:
              + "FID is biased upwards at small N (see the floor row: real images against the same statistics); "
                "KID is unbiased at any N.", "",
              "FID:", "", spread_table(by_kind, "fid", paper), ""]
+    if paper and preset["dataset"] != "mnist":
+        lines += [f"The paper's rows are {PAPER_CELEBA_FID['pixelcnn']['source']}, 128×128 CelebA, N = 50 000.", ""]
     if any(r.get("kid") for rs in by_kind.values() for r in rs):
         lines += ["KID × 10³:", "", spread_table(by_kind, "kid"), ""]
     if "fisher" in by_kind and "activation" in by_kind:
@@ -213,21 +231,25 @@ def fid_section(out: str, preset: dict, kinds: dict, suffixes) -> list[str]:
 
 
 def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None,
-                    prior: str | None = None, suffixes=("",), environment: dict | None = None) -> str:
+                    prior: str | None = None, suffixes=("",), environment: dict | None = None,
+                    data: str | None = None) -> str:
     """The text of ``report.md`` for the run directory ``out``.
 
     ``preset``: the run's preset (with '_name'); ``kinds``: {embedding kind: (embedding dir, column)};
     ``timings``: {step: seconds}; ``paper_preset``: the paper-scale preset of the dataset, for the
     comparison paragraph (None leaves the paper's setting out of it); ``prior``: the prior the run used
     (default ``out/prior``; ``builtin:<name>``); ``suffixes``: the seeds' directory suffixes;
-    ``environment``: versions, machine and wall time of the invocation that wrote the report.
+    ``environment``: versions, machine and wall time of the invocation that wrote the report; ``data``:
+    the prepared data (default ``out/data``).
     """
+    from fisher.priors import prior_location
     d = lambda *p: join(out, *p)                                            # noqa: E731
-    prior = prior or d("prior")
+    prior, data = prior or d("prior"), data or d("data")
+    prior_manifest = read_manifest(prior_location(prior), "train-prior")
     lines = [f"# Fisher-score run: preset `{preset['_name']}`", "", preset.get("description", ""), ""]
-    lines += prior_section(out, preset, prior)
-    binary = int(read_manifest(d("data"), "prepare").get("levels", 2)) == 2
-    base = mean_image_baseline(d("data"))
+    lines += prior_section(out, preset, prior, data)
+    binary = int(read_manifest(data, "prepare").get("levels", 2)) == 2
+    base = mean_image_baseline(data)
     if exists(d("sweep", "grid.md")):
         lines += ["## Reconstruction grid (paper Figure 3a)", "",
                   "Ours (test BCE, nats/pixel; rows = dimension, columns = density):", "",
@@ -253,7 +275,7 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
         lines += ["", "The mean-image row is what a decoder that ignores its embedding can reach; a decoder is only "
                   "as useful as its distance below it. The pixel row decodes by the identity: its MSE is the distance "
                   "of the embedded reference images (MNIST: the grey originals) to the prepared ones."]
-    lines += [""] + fid_section(out, preset, kinds, suffixes)
+    lines += [""] + fid_section(out, preset, kinds, suffixes, paper_fid_rows(preset, prior_manifest))
     sfx0 = suffixes[0]
     lines += [f"![FID vs alpha, {k}](fid-{k}{sfx0}/fid.png)" for k in kinds if exists(d(f"fid-{k}{sfx0}", "fid.png"))]
     lines += [""] + probe_section(out, kinds)
@@ -266,9 +288,7 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
                   "with δ the difference of the attribute's train-split means in embedding space.", ""]
         lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds if k != "pixel"
                   for a in preset["edit"]["attributes"]]
-    from fisher.priors import prior_location
-    lines += ["## How this run compares with the paper", "",
-              scale_note(preset, read_manifest(prior_location(prior), "train-prior"), paper_preset), ""]
+    lines += ["## How this run compares with the paper", "", scale_note(preset, prior_manifest, paper_preset), ""]
     lines += ["## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     lines += [f"| total | {round(sum(timings.values()), 1)} |"]
@@ -295,9 +315,91 @@ def environment_section(env: dict, timings: dict) -> list[str]:
 
 
 def write_report(out: str, preset: dict, kinds: dict, timings: dict, paper_preset: dict | None = None,
-                 prior: str | None = None, suffixes=("",), environment: dict | None = None) -> str:
+                 prior: str | None = None, suffixes=("",), environment: dict | None = None,
+                 data: str | None = None) -> str:
     """Write :func:`report_markdown` to ``out/report.md``; returns its URI."""
     uri = join(out, "report.md")
     atomic_write_bytes(uri, report_markdown(out, preset, kinds, timings, paper_preset, prior, suffixes,
-                                            environment).encode())
+                                            environment, data).encode())
+    return uri
+
+
+def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, timings: dict,
+                           suffixes=("",), environment: dict | None = None) -> str:
+    """The top ``report.md`` of a run that compares several priors (paper sec. 5.2, Figure 7: one table
+    per prior). ``runs``: {label: {kind: (dir, column)}}, label "" for the steps no prior changes (the
+    pixel baseline); ``priors``: {label: prior URI}. Each prior's full report is ``<label>/report.md``."""
+    from fisher.priors import load_prior, prior_location
+    from fisher.scores import n_features
+    shared = runs.get("", {})
+    lines = [f"# Fisher-score run: preset `{preset['_name']}`, {len(priors)} priors", "",
+             preset.get("description", ""), "", "## Priors", "",
+             "Test NLL of each prior: on its own full test split (its manifest) and on this run's test split, next "
+             "to the independent-pixel model (one categorical per sub-pixel, fitted on this run's train split). A "
+             "prior is only worth its distance below that line.", "",
+             "| prior | architecture | free parameters | epochs | test bits/dim | this run's test nats/image | "
+             "independent pixels | report |", "|---|---|---|---|---|---|---|---|"]
+    manifests = {}
+    for label, prior in priors.items():
+        m = manifests[label] = read_manifest(prior_location(prior), "train-prior")
+        b_uri = join(out, label, "baselines", "baselines.json")
+        b = read_json(b_uri, "baselines record", _RERUN) if exists(b_uri) else None
+        lines.append(f"| {label} | {prior_description(m['config'])} | {n_features(load_prior(prior)):,} | "
+                     f"{m['metrics']['epoch']} | {m['metrics']['test_bits_per_dim']:.3f} | "
+                     + (f"{b['prior']['nll_nats']:.1f} | {b['independent_pixel']['nll_nats_per_image']:.1f}"
+                        if b else "– | –") + f" | [{label}/report.md]({label}/report.md) |")
+    lines += ["", "## Interpolation FID per prior (paper Figure 7)", ""]
+    for label in priors:
+        kinds = runs[label]
+        by_kind = {k: _fid_results(join(out, label), k, suffixes) for k in kinds}
+        by_kind.update({k: _fid_results(out, k, suffixes) for k in shared})
+        section = fid_section(join(out, label), preset, {**kinds, **shared}, suffixes,
+                              paper_fid_rows(preset, manifests[label]), by_kind)
+        lines += [f"### {PRIOR_LABELS.get(_prior_name(manifests[label]['config']), label)} (`{label}`)", ""]
+        lines += [line for line in section[2:]] if section else ["No FID results yet.", ""]
+    lines += ["## Decoders (test split)", "", "| prior | embedding | decoder | NLL nats/sub-pixel | MSE | seeds |",
+              "|---|---|---|---|---|---|"]
+    for label in [*priors, ""]:
+        for kind in runs.get(label, {}):
+            ms = [read_manifest(join(out, label, x) if label else join(out, x), "train-decoder")
+                  for x in _decoder_dirs(kind, suffixes)
+                  if exists(join(out, label, x, "manifest.json") if label else join(out, x, "manifest.json"))]
+            if ms:
+                nll = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
+                mse = _mean(m["metrics"].get("test_mse") for m in ms)
+                lines.append(f"| {label or 'none'} | {kind} | {ms[0]['config'].get('decoder', '?')} | {_num(nll)} | "
+                             f"{_num(mse)} | {len(ms)} |")
+    for label in [*priors, ""]:
+        probes = _probe_results(join(out, label) if label else out, runs.get(label, {}))
+        if probes:
+            lines += ["", f"Semantic probes, {f'`{label}`' if label else 'no prior'} (linear probe accuracy / kNN "
+                      "agreement, test split): " + "; ".join(f"{k} {r['linear_probe']['accuracy']:.3f} / "
+                                                             f"{r['knn']['agreement']:.3f}" for k, r in probes)]
+    lines += ["", "## Interpolations and edits", ""]
+    lines += [f"- `{label}`: " + ", ".join(f"[{k}]({label}/interpolate-{k}/interpolations.png)" for k in runs[label])
+              for label in priors]
+    lines += [f"- no prior: " + ", ".join(f"[{k}](interpolate-{k}/interpolations.png)" for k in shared)] if shared else []
+    lines += ["", "Each prior's report has its strips, edits, probes and the comparison with the paper's setting.", "",
+              "## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    lines += [f"| total | {round(sum(timings.values()), 1)} |"]
+    if environment:
+        lines += [""] + environment_section(environment, timings)
+    lines += ["", "Every directory here holds the `manifest.json` of the stage that made it; "
+              "`preset.json` is the exact configuration."]
+    return "\n".join(lines)
+
+
+def write_run_reports(out: str, preset: dict, runs: dict, priors: dict, timings: dict,
+                      paper_preset: dict | None = None, suffixes=("",), environment: dict | None = None) -> str:
+    """``report.md`` of a run; for several priors, ``<label>/report.md`` for each and the comparison on top.
+    Returns the top report's URI."""
+    if list(priors) == [""]:
+        return write_report(out, preset, runs[""], timings, paper_preset, priors[""], suffixes, environment)
+    for label, prior in priors.items():
+        own = {k[len(label) + 1:]: v for k, v in timings.items() if k.startswith(f"{label}/")}
+        write_report(join(out, label), {**preset, "_name": f"{preset['_name']}, prior {label}"}, runs[label], own,
+                     paper_preset, prior, suffixes, environment, data=join(out, "data"))
+    uri = join(out, "report.md")
+    atomic_write_bytes(uri, priors_report_markdown(out, preset, runs, priors, timings, suffixes, environment).encode())
     return uri

@@ -110,3 +110,61 @@ def test_dense_product_does_not_depend_on_the_thread_count(n):
         torch.set_num_threads(before)
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
     assert torch.allclose(out[0], g @ p.dense().t(), rtol=1e-4, atol=1e-3)
+
+
+def _old_stack_product(members, g: torch.Tensor, offset: int) -> list[torch.Tensor]:
+    """The products as ProjectionStack computed them before it streamed (the reference for 'bitwise
+    unchanged'): sparse members stacked into one SciPy CSC; dense ones (density > 0.25) held whole as float32
+    and applied as single-threaded GEMMs over 4096-column blocks, summed in order."""
+    import scipy.sparse as sp
+    import torch.nn.functional as F
+    m = g.shape[1]
+    gt = g.t().contiguous().float()
+    out = [None] * len(members)
+    cols = [p.columns(offset, offset + m) for p in members]
+    for dense in (False, True):
+        idx = [i for i, p in enumerate(members) if (p.density > 0.25) == dense]
+        if not idx:
+            continue
+        if not dense:
+            z = torch.from_numpy(sp.vstack([cols[i] for i in idx]).tocsc() @ gt.numpy()).t()
+        else:
+            mat = torch.from_numpy(np.vstack([c if isinstance(c, np.ndarray) else c.toarray()
+                                              for c in (cols[i] for i in idx)]))
+            nb = -(-m // 4096)
+            blocks = F.pad(mat, (0, nb * 4096 - m)).view(mat.shape[0], nb, 4096).transpose(0, 1).contiguous()
+            rhs = F.pad(gt, (0, 0, 0, nb * 4096 - m)).view(nb, 4096, gt.shape[1])
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                z = torch.bmm(blocks, rhs).sum(0).t()
+            finally:
+                torch.set_num_threads(threads)
+        for i, piece in zip(idx, torch.split(z, [members[i].dim for i in idx], dim=1)):
+            out[i] = piece
+    return out
+
+
+def test_streamed_stack_is_bitwise_the_whole_matrix_product():
+    """Dense members are expanded block by block from their sign bits, sparse ones multiplied one by one, on
+    several threads: the same bits as holding every matrix whole (what the stack did before), for a feature
+    range that starts off a byte and spans several 4096-column blocks."""
+    n = 3 * BLOCK // 2 + 5
+    members = [SparseProjection(n, d, dens, seed=2) for d in (24, 100) for dens in (0.01, 0.5, 1.0)]
+    g = torch.randn(16, 9003, generator=torch.Generator().manual_seed(1))
+    stack = ProjectionStack(members)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for offset in (0, 13, BLOCK - 4000):
+            got, want = stack.project(g, offset), _old_stack_product(members, g, offset)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_density_one_stores_one_bit_per_entry():
+    n, dim = 20_001, 64
+    p = SparseProjection(n, dim, 1.0)
+    assert p.stored_bytes() - p._indptr.nbytes == dim * -(-n // 8)
+    assert SparseProjection(n, dim, 0.01).stored_bytes() < 5 * n * dim * 0.01 * 1.1 + 8 * (n + 1)
