@@ -1,7 +1,8 @@
 """Per-sample Fisher scores: speed and memory against the obvious approaches.
 
-All numbers come from one run on the same batch of real (binarized) MNIST
-test images with the paper's 5-layer PixelCNN (kernel 7, 64 filters):
+All numbers come from one run on the same batch of real test images (binarized
+MNIST, or CelebA as `fisher prepare` makes it) for each prior given (default: the
+paper's 5-layer MNIST PixelCNN, kernel 7, 64 filters):
 
   train step      one plain batched step: forward + backward of the summed NLL
   naive loop      one backward per image (the slow reference)
@@ -23,6 +24,8 @@ and noisy.
 
     python benchmarks/bench_scores.py                  # everything (~10 min on 2 cores)
     python benchmarks/bench_scores.py --skip-ray --batch 64
+    python benchmarks/bench_scores.py --skip-ray --dataset celeba \
+        --prior builtin:celeba32-pixelcnn,builtin:celeba32-gated,builtin:celeba32-pyramid
     python benchmarks/bench_scores.py --skip-ray --device cuda      # on a GPU machine
 """
 from __future__ import annotations
@@ -43,9 +46,33 @@ GRID_DIMS, GRID_DENSITIES = (64, 256, 1024), (0.001, 0.01, 0.1, 1.0)
 
 
 def _images(src: str, n: int):
+    """``n`` real test images (N, H, W, C) uint8: binarized MNIST from the idx files in ``src``, or the
+    prepared images in ``src/images.npy`` (written by :func:`_celeba_images`)."""
+    if os.path.exists(os.path.join(src, "images.npy")):
+        images = np.load(os.path.join(src, "images.npy"))
+        return np.concatenate([images] * -(-n // len(images)))[:n]
     from fisher.data import binarize, load_mnist_split
     grey, _ = load_mnist_split(src, "test", limit=n)
     return binarize(grey, seed=0, split="test")[..., None]
+
+
+def _celeba_images(src: str, size: int, bits: int) -> tuple[str, int]:
+    """The real CelebA test split as the run prepares it (crop, ``size``², ``bits`` bits), saved as
+    ``images.npy`` in a temporary folder; returns (folder, levels)."""
+    from fisher.data import CelebaConfig, load_prepared, prepare_celeba
+    tmp = tempfile.mkdtemp(prefix="bench-celeba-")
+    prepare_celeba(CelebaConfig(src=src, size=size, bits=bits), f"{tmp}/data", log=lambda _: None)
+    np.save(f"{tmp}/images.npy", load_prepared(f"{tmp}/data", "test")["image"])
+    return tmp, 2 ** bits
+
+
+def _model(prior: str, channels: int, levels: int, config: dict | None):
+    """A registered family with ``config`` (untrained; timing does not depend on the weights), or a trained
+    prior (``builtin:NAME`` or a directory)."""
+    from fisher.priors import build_prior, load_prior
+    if prior.startswith("builtin:") or os.path.isdir(prior):
+        return load_prior(prior)
+    return build_prior(prior, channels=channels, levels=levels, **(config or {}))
 
 
 def _rss_reset() -> int:
@@ -62,18 +89,19 @@ def _status(key: str) -> int:
 
 
 def _child(method: str, src: str, batch: int, threads: int, device: str, reps: int, q, prior: str = "pixelcnn",
-           config: dict | None = None) -> None:
+           config: dict | None = None, levels: int = 2) -> None:
     import statistics
 
     import torch
 
-    from fisher.priors import build_prior, to_model_input
+    from fisher.priors import to_model_input
     from fisher.projection import SparseProjection
     from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_prior(prior, channels=1, levels=2, **(config or {})).eval().to(device)
-    x = to_model_input(_images(src, batch), device)
+    images = _images(src, batch)
+    model = _model(prior, images.shape[-1], levels, config).eval().to(device)
+    x = to_model_input(images, device)
     cuda = torch.device(device).type == "cuda"
     n = n_features(model)
     setup = time.perf_counter()
@@ -123,10 +151,10 @@ def _child(method: str, src: str, batch: int, threads: int, device: str, reps: i
 
 
 def measure(method: str, src: str, batch: int, threads: int, device: str, reps: int, prior: str = "pixelcnn",
-            config: dict | None = None) -> dict:
+            config: dict | None = None, levels: int = 2) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(method, src, batch, threads, device, reps, q, prior, config))
+    p = ctx.Process(target=_child, args=(method, src, batch, threads, device, reps, q, prior, config, levels))
     p.start()
     res = q.get()
     p.join()
@@ -222,9 +250,56 @@ def _ray_line(r: dict) -> str:
             f"  shards identical to the in-process job's: {'yes' if r['identical_shards'] else 'NO'}")
 
 
+def method_table(args, prior: str, config: dict, src: str, levels: int, reps: int) -> list[dict]:
+    """Every method for one prior, each in its own process; prints the table and returns its rows."""
+    methods = ["train step", "naive loop", "torch.func", "scores", "scores+proj", "grid (12)"]
+    if args.skip_naive:
+        methods.remove("naive loop")
+    if args.skip_grid:
+        methods.remove("grid (12)")
+    rows = [measure(m, src, args.batch, args.threads, args.device, reps, prior, config, levels) for m in methods]
+    rows.append(measure("memory check", src, 4 * args.batch, args.threads, args.device, reps, prior, config, levels))
+    base = rows[0]["seconds"]
+    naive = next((r["seconds"] for r in rows if r["method"] == "naive loop"), None)
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
+    print(f"\n{prior} {config or ''}, n_features={rows[0]['n_features']}, batch {args.batch}, {where}, "
+          f"median of {reps} warm run(s), real {args.dataset}\n")
+    print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'naive / this':>14}{'peak MB':>10}")
+    for r in rows:
+        speed = f"{naive / r['seconds'] * r['batch'] / args.batch:>14.1f}" if naive else f"{'-':>14}"
+        r["x_train_step"] = r["seconds"] / base * args.batch / r["batch"]
+        print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.4f}{r['x_train_step']:>14.2f}{speed}"
+              f"{r['peak_mb']:>10.0f}")
+    proj = next(r for r in rows if r["method"] == "scores+proj")
+    print(f"\nprojection setup (16384 x n, density 1/sqrt(n)): {proj['setup_seconds']:.2f} s, once per actor")
+    print(f"peak memory, scores+proj: batch {args.batch}: {proj['peak_mb']:.0f} MB; "
+          f"batch {4 * args.batch}: {rows[-1]['peak_mb']:.0f} MB", flush=True)
+    return rows
+
+
+def _summary(tables: dict) -> None:
+    print("\nsummary (x train step; peak MB):\n")
+    print(f"{'prior':<28}{'features':>10}{'step s':>8}{'naive':>7}{'vmap':>7}{'scores':>8}{'+proj':>7}{'grid':>7}"
+          f"{'MB +proj':>9}{'MB grid':>9}{'MB 4x':>8}")
+    for prior, rows in tables.items():
+        by = {r["method"]: r for r in rows}
+        x = lambda m: f"{by[m]['x_train_step']:>7.2f}" if m in by else f"{'-':>7}"             # noqa: E731
+        print(f"{prior:<28}{rows[0]['n_features']:>10}{by['train step']['seconds']:>8.2f}{x('naive loop')}"
+              f"{x('torch.func')}{x('scores'):>8}{x('scores+proj')}{x('grid (12)')}"
+              f"{by['scores+proj']['peak_mb']:>9.0f}"
+              + (f"{by['grid (12)']['peak_mb']:>9.0f}" if "grid (12)" in by else f"{'-':>9}")
+              + f"{by['memory check']['peak_mb']:>8.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=("mnist", "celeba"), default="mnist",
+                    help="real test images: binarized MNIST (default) or CelebA as `fisher prepare` makes it")
     ap.add_argument("--mnist", default=str(SHARED), help="folder with the MNIST idx .gz files")
+    ap.add_argument("--celeba", default=str(SHARED.parent / "celeba"), help="the CelebA folder (img_align_celeba/ "
+                    "and the list files)")
+    ap.add_argument("--size", type=int, default=32, help="CelebA side after the crop (default 32)")
+    ap.add_argument("--bits", type=int, default=5, help="CelebA bits per sub-pixel (paper: 5)")
     ap.add_argument("--batch", type=int, default=128, help="batch size (paper: 128)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--device", default="cpu", help="torch device for the method table: cpu or cuda (the Ray "
@@ -233,15 +308,16 @@ def main() -> None:
                     help="warm runs per method, median reported (default: 1 on cpu, 10 on cuda)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow per-image loop")
     ap.add_argument("--skip-ray", action="store_true", help="skip the Ray Data throughput comparison")
-    ap.add_argument("--skip-grid", action="store_true", help="skip the 12-cell grid (its dense density-1 matrices "
-                                                             "are held whole: 5 GB per million features)")
+    ap.add_argument("--skip-grid", action="store_true", help="skip the 12-cell grid")
     ap.add_argument("--only-ray", action="store_true", help="only the Ray Data throughput comparison")
     ap.add_argument("--ray-images", type=int, default=2048, help="test images for the Ray comparison")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--prior", default="pixelcnn", help="registered prior family (default pixelcnn, the paper's "
-                                                         "MNIST prior)")
-    ap.add_argument("--config", default="{}", help="the prior's options as JSON (default: its paper defaults)")
+    ap.add_argument("--prior", default="pixelcnn", help="comma-separated priors: registered families (built "
+                    "untrained with --config) or trained priors (builtin:NAME, a directory); default pixelcnn, the "
+                    "paper's MNIST prior")
+    ap.add_argument("--config", default="{}", help="options as JSON: of the one family given, or {family: options}")
     args = ap.parse_args()
+    priors = [p for p in args.prior.split(",") if p]
     config = json.loads(args.config)
 
     if args.only_ray:
@@ -250,30 +326,14 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"ray": r}, indent=2))
         return
-    methods = ["train step", "naive loop", "torch.func", "scores", "scores+proj", "grid (12)"]
-    if args.skip_naive:
-        methods.remove("naive loop")
-    if args.skip_grid:
-        methods.remove("grid (12)")
+    src, levels = (args.mnist, 2) if args.dataset == "mnist" else _celeba_images(args.celeba, args.size, args.bits)
     reps = args.reps or (1 if args.device == "cpu" else 10)
-    rows = [measure(m, args.mnist, args.batch, args.threads, args.device, reps, args.prior, config) for m in methods]
-    rows.append(measure("memory check", args.mnist, 4 * args.batch, args.threads, args.device, reps, args.prior, config))
-    base = rows[0]["seconds"]
-    naive = next((r["seconds"] for r in rows if r["method"] == "naive loop"), None)
-    where = f"{args.threads} threads" if args.device == "cpu" else args.device
-    print(f"\n{args.prior} {config or '(paper defaults)'}, n_features={rows[0]['n_features']}, batch {args.batch}, {where}, "
-          f"median of {reps} warm run(s), real MNIST\n")
-    print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'naive / this':>14}{'peak MB':>10}")
-    for r in rows:
-        speed = f"{naive / r['seconds'] * r['batch'] / args.batch:>14.1f}" if naive else f"{'-':>14}"
-        print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.4f}"
-              f"{r['seconds'] / base * args.batch / r['batch']:>14.2f}{speed}{r['peak_mb']:>10.0f}")
-    proj = next(r for r in rows if r["method"] == "scores+proj")
-    mem = rows[-1]
-    print(f"\nprojection setup (16384 x n, density 1/sqrt(n)): {proj['setup_seconds']:.2f} s, once per actor")
-    print(f"peak memory, scores+proj: batch {args.batch}: {proj['peak_mb']:.0f} MB; "
-          f"batch {4 * args.batch}: {mem['peak_mb']:.0f} MB")
-    result = {"rows": rows}
+    tables = {}
+    for prior in priors:
+        own = config.get(prior, {}) if len(priors) > 1 or prior in config else config
+        tables[prior] = method_table(args, prior, own, src, levels, reps)
+    _summary(tables)
+    result = {"tables": tables}
     if not args.skip_ray:
         r = ray_throughput(args.mnist, args.ray_images, 16384, args.batch)
         print(_ray_line(r))

@@ -51,11 +51,20 @@ def _prior_phrase(config: dict) -> str:
 def _paper_prior_phrase(section: dict) -> str:
     """The paper preset's prior (its ``prior`` section: train-prior options) as an attribute."""
     if "layers" in section and "filters" in section:
-        return f"a {section['layers']}-layer, {section['filters']}-filter prior"
+        name = section.get("prior", "pixelcnn")
+        return f"a {section['layers']}-layer, {section['filters']}-filter {PRIOR_LABELS.get(name, name + ' prior')}"
     name = section.get("prior", "pixelcnn")
     rest = {k: v for k, v in section.items()
             if k not in ("prior", "epochs", "batch_size", "lr", "gpu", "workers")}
     return f"a {name} prior" + (f" ({_model_args(rest)})" if rest else "")
+
+
+def _paper_priors(paper: dict) -> str:
+    """The paper preset's prior(s) as a phrase: its ``prior`` section, or each of its ``priors``."""
+    if paper.get("priors"):
+        phrases = [_paper_prior_phrase(v) for v in paper["priors"].values()]
+        return "priors " + ", ".join(phrases[:-1]) + " and " + phrases[-1] if len(phrases) > 1 else phrases[0]
+    return _paper_prior_phrase(paper.get("prior", {}))
 
 
 def demoted(markdown: str) -> str:
@@ -100,7 +109,7 @@ def scale_note(preset: dict, prior: dict, paper: dict | None, paper_name: str | 
         text += (f" The paper's setting (preset `{paper_name}`) has all the data"
                  + (f" at {paper['prepare']['size']}×{paper['prepare']['size']}"
                     if "size" in paper.get("prepare", {}) else "")
-                 + f", {_paper_prior_phrase(paper.get('prior', {}))}, {paper['decoder']['decoder']} decoders and "
+                 + f", {_paper_priors(paper)}, {paper['decoder']['decoder']} decoders and "
                  f"{paper['evaluate']['pairs']} FID pairs.")
     return text + (" The protocol, models' shapes, projections and table layouts "
                    f"here are the paper's; the values are comparable with the paper's only for a paper-scale preset "
@@ -329,7 +338,7 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
     """The top ``report.md`` of a run that compares several priors (paper sec. 5.2, Figure 7: one table
     per prior). ``runs``: {label: {kind: (dir, column)}}, label "" for the steps no prior changes (the
     pixel baseline); ``priors``: {label: prior URI}. Each prior's full report is ``<label>/report.md``."""
-    from fisher.priors import load_prior, prior_location
+    from fisher.priors import build_prior, prior_location
     from fisher.scores import n_features
     shared = runs.get("", {})
     lines = [f"# Fisher-score run: preset `{preset['_name']}`, {len(priors)} priors", "",
@@ -344,7 +353,7 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
         m = manifests[label] = read_manifest(prior_location(prior), "train-prior")
         b_uri = join(out, label, "baselines", "baselines.json")
         b = read_json(b_uri, "baselines record", _RERUN) if exists(b_uri) else None
-        lines.append(f"| {label} | {prior_description(m['config'])} | {n_features(load_prior(prior)):,} | "
+        lines.append(f"| {label} | {prior_description(m['config'])} | {n_features(build_prior(_prior_name(m['config']), **m['config'].get('model', {}))):,} | "
                      f"{m['metrics']['epoch']} | {m['metrics']['test_bits_per_dim']:.3f} | "
                      + (f"{b['prior']['nll_nats']:.1f} | {b['independent_pixel']['nll_nats_per_image']:.1f}"
                         if b else "– | –") + f" | [{label}/report.md]({label}/report.md) |")

@@ -258,7 +258,7 @@ def test_report_markdown(run_dir):
     assert "each test image's 10 nearest train neighbours" in md
     assert "| fisher | 16 | 0.750 | 0.1 | 0.500 |" in lines and "| majority label | – | 0.200 | – | – |" in lines
     assert "a 1-layer, 8-filter PixelCNN trained for 1 epoch(s)" in md
-    assert "(preset `mnist-paper`) has all the data, a 5-layer, 64-filter prior, conv decoders and 50000" in md
+    assert "(preset `mnist-paper`) has all the data, a 5-layer, 64-filter PixelCNN, conv decoders and 50000" in md
     assert "| total | 3.5 |" in md
     uri = run_report.write_report(str(run_dir), preset, kinds, {"prepare": 1.5, "train-prior": 2.0}, paper_preset)
     assert (run_dir / "report.md").read_text() == md and uri.endswith("report.md")
@@ -274,3 +274,43 @@ def test_a_label_with_a_pipe_or_newline_stays_one_table_cell():
         row = table.splitlines()[2]
         assert row.startswith("| fisher\\|conv run 2 | ") and row.replace("\\|", "").count("|") == \
             table.splitlines()[0].count("|"), table
+
+
+def test_several_priors_report(run_dir):
+    """A run with two priors: each prior's own report under its label, and on top the priors' NLLs and one
+    FID table per prior (paper Figure 7), with the pixel baseline, made once, in each."""
+    import shutil
+    from fisher.io import write_manifest
+    for label in ("a", "b"):
+        (run_dir / label).mkdir()
+        for name in ("prior", "baselines", "probe-fisher", "decoder-fisher", "decoder-activation", "fid-fisher",
+                     "fid-activation"):
+            shutil.copytree(run_dir / name, run_dir / label / name)
+    write_manifest(str(run_dir / "b" / "prior"), "train-prior", {"prior": "gated", "model": {"filters": 4}},
+                   metrics={"epoch": 2, "test_nll_nats": 100.0, "test_bits_per_dim": 0.184})
+    (run_dir / "fid-pixel").mkdir()
+    (run_dir / "fid-pixel" / "fid.json").write_text(json.dumps(
+        {"label": "pixel/pixels", "fid": {"0": 1.0, "0.5": 2.0}, "pairs": 4, "real": {"split": "test", "count": 20},
+         "real_floor": None}))
+    preset = {"_name": "two", "dataset": "celeba", "description": "Two priors.", "decoder": {"decoder": "conv"},
+              "evaluate": {"pairs": 4}}
+    kinds = lambda label: {"fisher": (f"{label}/emb", "z"), "activation": (f"{label}/emb-a", "z")}   # noqa: E731
+    runs = {"a": kinds("a"), "b": kinds("b"), "": {"pixel": ("emb-pixel", "z")}}
+    priors = {"a": str(run_dir / "a" / "prior"), "b": str(run_dir / "b" / "prior")}
+    timings = {"prepare": 1.0, "a/embed-fisher": 2.0, "b/embed-fisher": 3.0}
+    uri = run_report.write_run_reports(str(run_dir), preset, runs, priors, timings)
+    top = (run_dir / "report.md").read_text()
+    assert uri.endswith("report.md") and top.startswith("# Fisher-score run: preset `two`, 2 priors")
+    lines = top.splitlines()
+    assert any(line.startswith("| a | PixelCNN 1 layers × 8 filters | ") and "| 0.227 | 120.5 | 210.2 |" in line
+               and line.endswith("[a/report.md](a/report.md) |") for line in lines)
+    assert any(line.startswith("| b | gated (filters=4) | ") for line in lines)
+    tables = top.split("### ")[1:]
+    assert [t.split("\n")[0] for t in tables] == ["PixelCNN (`a`)", "Gated PixelCNN (`b`)"]
+    for t in tables:
+        assert "| fisher/conv | 3.00 | 4.00 | 1 | 4 |" in t and "| pixel/pixels | 1.00 | 2.00 | 1 | 4 |" in t
+    assert "| pixelcnn" not in top and "| fisher/conv (paper) | 132.47 | 134.43 |" in tables[0]
+    assert "| fisher/conv (paper) | 129.45 | 134.38 |" in tables[1]
+    own = (run_dir / "a" / "report.md").read_text()
+    assert own.startswith("# Fisher-score run: preset `two, prior a`") and "| a/embed-fisher |" not in own
+    assert "| embed-fisher | 2.0 |" in own and "![fisher](interpolate-fisher/interpolations.png)" in own
