@@ -96,7 +96,8 @@ def _block_columns(seed: int, dim: int, density: float, block: int, ncols: int):
 class SparseProjection:
     """``P`` of paper eq. 1; ``project(g)`` returns ``g @ P.T`` for rows ``g`` of features.
 
-    Storage: column-compressed non-zeros (int32 rows, int8 signs; 5 bytes each) or, at density 1,
+    Storage: column-compressed non-zeros (int32 rows, int8 signs; 5 bytes each) in ``ROW_BANDS`` bands of
+    rows, or, at density 1,
     one sign bit per entry, packed along the features of each row: 1/8 byte per entry, where a
     float32 matrix would take 4. Products expand the float values they need block by block.
     """
@@ -119,22 +120,31 @@ class SparseProjection:
             indptr.append(indptr[-1][-1] + np.cumsum(counts))
             rows.append(row.astype(np.int32))
             signs.append(sg)
+        self._bits, self._bands = None, []
         if self._dense:                      # every block but the last has a multiple of 8 columns
             self._bits = np.ascontiguousarray(np.concatenate(signs, axis=1))
-            self._signs = self._rows = None
         else:
-            self._signs = np.concatenate(signs) if signs else np.zeros(0, np.int8)
-            self._rows = np.concatenate(rows) if rows else np.zeros(0, np.int32)
-        self._indptr = np.concatenate(indptr)                  # CSC over the n columns (sparse)
+            self._bands = _row_bands(np.concatenate(indptr), np.concatenate(rows) if rows else np.zeros(0, np.int32),
+                                     np.concatenate(signs) if signs else np.zeros(0, np.int8), dim)
         self._stack: ProjectionStack | None = None
 
     @property
     def nnz(self) -> int:
-        return self.n_features * self.dim if self._dense else int(self._signs.size)
+        return self.n_features * self.dim if self._dense else sum(int(b.signs.size) for b in self._bands)
 
     def stored_bytes(self) -> int:
         """Host memory the matrix itself takes."""
-        return int(self._bits.nbytes if self._dense else self._signs.nbytes + self._rows.nbytes) + self._indptr.nbytes
+        if self._dense:
+            return int(self._bits.nbytes)
+        return sum(int(b.signs.nbytes + b.rows.nbytes + b.indptr.nbytes) for b in self._bands)
+
+    def band_columns(self, band: "_Band", start: int, stop: int) -> sp.csc_matrix:
+        """Columns ``[start, stop)`` of the rows ``[band.row0, band.row1)`` of a sparse ``P``: a SciPy CSC view
+        of the stored rows, with float32 values ±scale."""
+        lo, hi = band.indptr[start], band.indptr[stop]
+        data = band.signs[lo:hi].astype(np.float32) * np.float32(self.scale)
+        return sp.csc_matrix((data, band.rows[lo:hi], band.indptr[start:stop + 1] - lo),
+                             shape=(band.row1 - band.row0, stop - start))
 
     def expand_into(self, out: torch.Tensor, start: int, stop: int) -> None:
         """Write columns ``[start, stop)`` of ``P`` (values ±scale) into the float32 ``out[:, :stop - start]``
@@ -154,10 +164,7 @@ class SparseProjection:
             out = torch.empty(self.dim, stop - start)
             self.expand_into(out, start, stop)
             return out.numpy()
-        lo, hi = self._indptr[start], self._indptr[stop]
-        data = self._signs[lo:hi].astype(np.float32) * np.float32(self.scale)
-        return sp.csc_matrix((data, self._rows[lo:hi], self._indptr[start:stop + 1] - lo),
-                             shape=(self.dim, stop - start))
+        return sp.vstack([self.band_columns(b, start, stop) for b in self._bands], format="csc")
 
     def dense(self) -> torch.Tensor:
         """The whole ``dim × n_features`` matrix, for small sizes (tests, inspection)."""
@@ -175,6 +182,36 @@ class SparseProjection:
         if self._stack is None:
             self._stack = ProjectionStack([self])
         return self._stack.project(g, offset)[0]
+
+
+ROW_BANDS = 2            # sparse matrices are stored as this many bands of rows, multiplied side by side
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Rows ``[row0, row1)`` of a sparse ``P``, column-compressed: ``rows`` relative to ``row0``."""
+    row0: int
+    row1: int
+    indptr: np.ndarray
+    rows: np.ndarray
+    signs: np.ndarray
+
+
+def _row_bands(indptr: np.ndarray, rows: np.ndarray, signs: np.ndarray, dim: int) -> list[_Band]:
+    """The CSC matrix (indptr, rows, signs) cut into ``ROW_BANDS`` bands of rows (one for small ``dim``).
+    Every output row of a product sums the same terms in the same column order whichever band holds it, so
+    the bands only let the products run side by side."""
+    n_bands = ROW_BANDS if dim >= 16 * ROW_BANDS else 1
+    edges = [dim * k // n_bands for k in range(n_bands + 1)]
+    index = np.int32 if rows.size < 2**31 else np.int64         # SciPy takes int32 column pointers with int32 rows
+    if n_bands == 1:
+        return [_Band(0, dim, indptr.astype(index), rows, signs)]
+    bands = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        sel = (rows >= r0) & (rows < r1)
+        before = np.concatenate([np.zeros(1, np.int64), np.cumsum(sel, dtype=np.int64)])
+        bands.append(_Band(r0, r1, before[indptr].astype(index), (rows[sel] - r0).astype(np.int32), signs[sel]))
+    return bands
 
 
 _TABLES: dict = {}
@@ -212,9 +249,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 class ProjectionStack:
     """Several projections applied to one block of features.
 
-    On the CPU nothing is cached: sparse members are multiplied one by one as SciPy CSC views of their
-    stored non-zeros (whose product walks the gradient rows once and scatters into the cache-sized
-    output, about 3x faster here than torch's CSR kernel), and dense members (density above
+    On the CPU nothing is cached: sparse members are multiplied band of rows by band of rows as SciPy CSC
+    views of their stored non-zeros (whose product walks the gradient rows once and scatters into the
+    cache-sized output, about 3x faster here than torch's CSR kernel), and dense members (density above
     ``DENSE_ABOVE``) are expanded ``WIDTH`` columns at a time into float32 blocks multiplied by one
     single-threaded GEMM each; the blocks' products are summed in a fixed order. So the result does
     not depend on the thread count (and so on how many actors share a node) while the products run on
@@ -240,9 +277,9 @@ class ProjectionStack:
         return _on_one_thread(lambda: self._project_cpu(gt, offset, workers))
 
     # ------------------------------------------------------------------ CPU
-    def _sparse_task(self, i: int, gt: np.ndarray, offset: int):
+    def _sparse_task(self, i: int, band: _Band, gt: np.ndarray, offset: int, out: torch.Tensor):
         p = self.projections[i]
-        return i, torch.from_numpy(p.columns(offset, offset + gt.shape[0]) @ gt).t()
+        out[:, band.row0:band.row1] = torch.from_numpy(p.band_columns(band, offset, offset + gt.shape[0]) @ gt).t()
 
     def _dense_task(self, k0: int, k1: int, rhs: torch.Tensor, out: torch.Tensor, offset: int, m: int):
         """Blocks ``[k0, k1)`` of the stacked dense members: expand, then one GEMM per block into ``out``."""
@@ -263,7 +300,10 @@ class ProjectionStack:
         pool = _pool(workers)
         if self._sparse:
             gn = gt.numpy()
-            tasks += [pool.submit(self._sparse_task, i, gn, offset) for i in self._sparse]
+            for i in self._sparse:
+                out[i] = torch.empty(b, self.projections[i].dim)
+                tasks += [pool.submit(self._sparse_task, i, band, gn, offset, out[i])
+                          for band in self.projections[i]._bands]
         if self._dense:
             n_blocks = -(-m // self.WIDTH)
             rhs = F.pad(gt, (0, 0, 0, n_blocks * self.WIDTH - m)).view(n_blocks, self.WIDTH, b)
@@ -271,8 +311,7 @@ class ProjectionStack:
             prod = torch.empty(n_blocks, rows, b)
             dense_tasks = [pool.submit(self._dense_task, k, k + 1, rhs, prod, offset, m) for k in range(n_blocks)]
         for t in tasks:
-            i, z = t.result()
-            out[i] = z
+            t.result()
         if self._dense:
             for t in dense_tasks:
                 t.result()
