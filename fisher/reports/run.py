@@ -298,14 +298,18 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
         lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds if k != "pixel"
                   for a in preset["edit"]["attributes"]]
     lines += ["## How this run compares with the paper", "", scale_note(preset, prior_manifest, paper_preset), ""]
-    lines += ["## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
+    return "\n".join(lines + closing_section(timings, environment))
+
+
+def closing_section(timings: dict, environment: dict | None) -> list[str]:
+    """Timings per step, the environment, and where the rest is."""
+    lines = ["## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     lines += [f"| total | {round(sum(timings.values()), 1)} |"]
     if environment:
         lines += [""] + environment_section(environment, timings)
-    lines += ["", "Every directory here holds the `manifest.json` of the stage that made it; "
-              "`preset.json` is the exact configuration."]
-    return "\n".join(lines)
+    return lines + ["", "Every directory here holds the `manifest.json` of the stage that made it; "
+                        "`preset.json` is the exact configuration."]
 
 
 def environment_section(env: dict, timings: dict) -> list[str]:
@@ -388,15 +392,8 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
     lines += [f"- `{label}`: " + ", ".join(f"[{k}]({label}/interpolate-{k}/interpolations.png)" for k in runs[label])
               for label in priors]
     lines += [f"- no prior: " + ", ".join(f"[{k}](interpolate-{k}/interpolations.png)" for k in shared)] if shared else []
-    lines += ["", "Each prior's report has its strips, edits, probes and the comparison with the paper's setting.", "",
-              "## Timings (seconds, this run)", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    lines += [f"| total | {round(sum(timings.values()), 1)} |"]
-    if environment:
-        lines += [""] + environment_section(environment, timings)
-    lines += ["", "Every directory here holds the `manifest.json` of the stage that made it; "
-              "`preset.json` is the exact configuration."]
-    return "\n".join(lines)
+    lines += ["", "Each prior's report has its strips, edits, probes and the comparison with the paper's setting.", ""]
+    return "\n".join(lines + closing_section(timings, environment))
 
 
 def write_run_reports(out: str, preset: dict, runs: dict, priors: dict, timings: dict,
