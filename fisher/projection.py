@@ -18,13 +18,14 @@ blocks so per-layer gradients are projected as they are produced.
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
+from scipy.sparse import _sparsetools
 
 BLOCK = 1 << 16          # features per generation block (part of the matrix's definition)
 DENSE_ABOVE = 0.25       # densities above this are applied as dense matrices (same values)
@@ -141,7 +142,7 @@ class SparseProjection:
     def band_columns(self, band: "_Band", start: int, stop: int) -> sp.csc_matrix:
         """Columns ``[start, stop)`` of the rows ``[band.row0, band.row1)`` of a sparse ``P``: a SciPy CSC view
         of the stored rows, with float32 values ±scale."""
-        lo, hi = band.indptr[start], band.indptr[stop]
+        lo, hi = int(band.indptr[start]), int(band.indptr[stop])
         data = band.signs[lo:hi].astype(np.float32) * np.float32(self.scale)
         return sp.csc_matrix((data, band.rows[lo:hi], band.indptr[start:stop + 1] - lo),
                              shape=(band.row1 - band.row0, stop - start))
@@ -153,10 +154,14 @@ class SparseProjection:
             out[:, :stop - start].copy_(torch.from_numpy(self.columns(start, stop).toarray()))
             return
         lo, hi = start // 8, -(-stop // 8)
-        table = _sign_table(self.scale)
-        vals = torch.index_select(table, 0, torch.from_numpy(self._bits[:, lo:hi]).reshape(-1).to(torch.int32))
-        vals = vals.view(self.dim, (hi - lo) * 8)
-        out[:, :stop - start].copy_(vals[:, start - 8 * lo:stop - 8 * lo])
+        width, shift = stop - start, start - 8 * lo
+        idx = _scratch("bytes", self.dim * (hi - lo), torch.int32)
+        idx.view(self.dim, hi - lo).copy_(torch.from_numpy(self._bits[:, lo:hi]))
+        direct = shift == 0 and width == 8 * (hi - lo) == out.shape[1] and out.is_contiguous()
+        vals = out if direct else _scratch("values", self.dim * (hi - lo) * 8).view(self.dim, (hi - lo) * 8)
+        torch.index_select(_sign_table(self.scale), 0, idx, out=vals.view(-1, 8))
+        if not direct:
+            out[:, :width].copy_(vals[:, shift:shift + width])
 
     def columns(self, start: int, stop: int) -> sp.csc_matrix | np.ndarray:
         """Columns ``[start, stop)`` of ``P`` (values ±scale): SciPy CSC, or a dense array at density 1."""
@@ -214,6 +219,22 @@ def _row_bands(indptr: np.ndarray, rows: np.ndarray, signs: np.ndarray, dim: int
     return bands
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(key: str, numel: int, dtype=torch.float32) -> torch.Tensor:
+    """A buffer of ``numel`` elements, kept per thread and per key and grown when needed: products reuse the
+    same memory for every layer and chunk instead of asking the system for fresh pages (whose first touch
+    costs about as much as filling them)."""
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = bufs[key] = torch.empty(max(numel, 1), dtype=dtype)
+    return buf[:numel]
+
+
 _TABLES: dict = {}
 
 
@@ -261,62 +282,90 @@ class ProjectionStack:
     cached as a torch CSR matrix (cuSPARSE) and a dense matrix.
     """
     WIDTH = 4096
+    PARALLEL_FROM = 4096     # feature blocks narrower than this are multiplied on the calling thread
 
     def __init__(self, projections: list[SparseProjection]):
         self.projections = list(projections)
         self._cache: dict = {}
         self._dense = [i for i, p in enumerate(self.projections) if p.density > DENSE_ABOVE]
         self._sparse = [i for i, p in enumerate(self.projections) if p.density <= DENSE_ABOVE]
+        self._dense_rows = sum(self.projections[i].dim for i in self._dense)
 
     def project(self, g: torch.Tensor, offset: int = 0) -> list[torch.Tensor]:
         """Contributions (B × dim each) of features ``[offset, offset + g.shape[1])``."""
-        gt = g.t().contiguous().float()
+        return [z.t() for z in self.accumulate(None, g, offset)]
+
+    def accumulate(self, acc: list[torch.Tensor] | None, g: torch.Tensor, offset: int = 0) -> list[torch.Tensor]:
+        """Add the contributions of ``g`` (B × m, features ``[offset, offset + m)``) to ``acc`` (one
+        (dim × B) tensor per member, changed in place) and return it; ``acc=None`` starts from them.
+        Each block's contribution is computed alone and then added, so a sum over a model's layers has
+        the same bits however the layers are grouped into calls."""
         if g.device.type != "cpu":
-            return self._project_device(gt, offset)
-        workers = max(1, torch.get_num_threads())
-        return _on_one_thread(lambda: self._project_cpu(gt, offset, workers))
+            parts = self._project_device(g.t().contiguous().float(), offset)
+        elif not self._dense:               # SciPy's products do not use torch's threads
+            parts = self._project_cpu(g, offset, max(1, torch.get_num_threads()))
+        else:
+            workers = max(1, torch.get_num_threads())
+            parts = _on_one_thread(lambda: self._project_cpu(g, offset, workers))
+        if acc is None:
+            return [z.clone() for z in parts]
+        for a, z in zip(acc, parts):
+            a.add_(z)
+        return acc
 
     # ------------------------------------------------------------------ CPU
-    def _sparse_task(self, i: int, band: _Band, gt: np.ndarray, offset: int, out: torch.Tensor):
-        p = self.projections[i]
-        out[:, band.row0:band.row1] = torch.from_numpy(p.band_columns(band, offset, offset + gt.shape[0]) @ gt).t()
+    def _sparse_task(self, i: int, band: _Band, gt: np.ndarray, offset: int, out: np.ndarray):
+        """Rows ``[band.row0, band.row1)`` of member ``i``'s contribution, into the zeroed ``out`` (dim × B)."""
+        p, (m, b) = self.projections[i], gt.shape
+        lo, hi = int(band.indptr[offset]), int(band.indptr[offset + m])
+        data = _scratch("data", hi - lo).numpy()
+        np.multiply(band.signs[lo:hi], np.float32(p.scale), out=data, casting="unsafe")
+        # what SciPy's CSC @ dense computes (csc_matvecs into zeros), without building a matrix object
+        _sparsetools.csc_matvecs(band.row1 - band.row0, m, b, band.indptr[offset:offset + m + 1] - lo,
+                                 band.rows[lo:hi], data, gt.ravel(), out[band.row0:band.row1].ravel())
 
-    def _dense_task(self, k0: int, k1: int, rhs: torch.Tensor, out: torch.Tensor, offset: int, m: int):
-        """Blocks ``[k0, k1)`` of the stacked dense members: expand, then one GEMM per block into ``out``."""
-        a = torch.zeros(k1 - k0, out.shape[1], self.WIDTH)
-        for j, k in enumerate(range(k0, k1)):
-            start, stop = offset + k * self.WIDTH, offset + min(m, (k + 1) * self.WIDTH)
-            row = 0
-            for i in self._dense:
-                p = self.projections[i]
-                p.expand_into(a[j, row:row + p.dim], start, stop)
-                row += p.dim
-        torch.bmm(a, rhs[k0:k1], out=out[k0:k1])
+    def _dense_task(self, k: int, rhs: torch.Tensor, out: torch.Tensor, offset: int, m: int):
+        """Block ``k`` of the stacked dense members: expand it, then one GEMM into ``out[k]``."""
+        a = _scratch("block", out.shape[1] * self.WIDTH).view(1, out.shape[1], self.WIDTH)
+        start, stop = offset + k * self.WIDTH, offset + min(m, (k + 1) * self.WIDTH)
+        if stop - start < self.WIDTH:
+            a[0, :, stop - start:] = 0
+        row = 0
+        for i in self._dense:
+            p = self.projections[i]
+            p.expand_into(a[0, row:row + p.dim], start, stop)
+            row += p.dim
+        torch.bmm(a, rhs[k:k + 1], out=out[k:k + 1])
 
-    def _project_cpu(self, gt: torch.Tensor, offset: int, workers: int) -> list[torch.Tensor]:
-        m, b = gt.shape
+    def _project_cpu(self, g: torch.Tensor, offset: int, workers: int) -> list[torch.Tensor]:
+        """Each member's contribution (dim × B), in per-thread scratch memory (valid until the next call)."""
+        b, m = g.shape
+        n_blocks = -(-m // self.WIDTH) if self._dense else 0
+        height = n_blocks * self.WIDTH if self._dense else m
+        features = _scratch("features", height * b).view(height, b)
+        features[:m].copy_(g.t())                 # g transposed (m × B); for dense members zero rows up to the
+        features[m:] = 0                          # block width
         out: list = [None] * len(self.projections)
         tasks = []
-        pool = _pool(workers)
-        if self._sparse:
-            gn = gt.numpy()
-            for i in self._sparse:
-                out[i] = torch.empty(b, self.projections[i].dim)
-                tasks += [pool.submit(self._sparse_task, i, band, gn, offset, out[i])
-                          for band in self.projections[i]._bands]
+        for i in self._sparse:
+            z = out[i] = _scratch(f"out{i}", self.projections[i].dim * b).view(self.projections[i].dim, b)
+            z.zero_()
+            tasks += [(self._sparse_task, (i, band, features[:m].numpy(), offset, z.numpy()))
+                      for band in self.projections[i]._bands]
         if self._dense:
-            n_blocks = -(-m // self.WIDTH)
-            rhs = F.pad(gt, (0, 0, 0, n_blocks * self.WIDTH - m)).view(n_blocks, self.WIDTH, b)
-            rows = sum(self.projections[i].dim for i in self._dense)
-            prod = torch.empty(n_blocks, rows, b)
-            dense_tasks = [pool.submit(self._dense_task, k, k + 1, rhs, prod, offset, m) for k in range(n_blocks)]
-        for t in tasks:
-            t.result()
-        if self._dense:
-            for t in dense_tasks:
+            prod = _scratch("products", n_blocks * self._dense_rows * b).view(n_blocks, self._dense_rows, b)
+            rhs = features.view(n_blocks, self.WIDTH, b)
+            tasks += [(self._dense_task, (k, rhs, prod, offset, m)) for k in range(n_blocks)]
+        if workers > 1 and len(tasks) > 1 and m >= self.PARALLEL_FROM:
+            pool = _pool(workers)
+            for t in [pool.submit(fn, *args) for fn, args in tasks]:
                 t.result()
-            z = prod.sum(0).t()
-            for i, piece in zip(self._dense, torch.split(z, [self.projections[i].dim for i in self._dense], dim=1)):
+        else:                                     # small blocks: a task costs more than it saves
+            for fn, args in tasks:
+                fn(*args)
+        if self._dense:
+            z = prod.sum(0)
+            for i, piece in zip(self._dense, torch.split(z, [self.projections[i].dim for i in self._dense])):
                 out[i] = piece
         return out
 
@@ -339,7 +388,7 @@ class ProjectionStack:
     def _project_device(self, gt: torch.Tensor, offset: int) -> list[torch.Tensor]:
         out: list = [None] * len(self.projections)
         for idx, mat in self._parts(offset, gt.shape[0], gt.device):
-            z = (mat @ gt).t()
-            for i, piece in zip(idx, torch.split(z, [self.projections[i].dim for i in idx], dim=1)):
+            z = mat @ gt
+            for i, piece in zip(idx, torch.split(z, [self.projections[i].dim for i in idx])):
                 out[i] = piece
         return out

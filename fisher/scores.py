@@ -686,9 +686,8 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
             continue
         zs = None
         for offset, g in blocks:
-            contrib = stack.project(g, offset)
-            zs = contrib if zs is None else [a + b for a, b in zip(zs, contrib)]
-        results.append([z[:rows] for z in zs])
+            zs = stack.accumulate(zs, g, offset)          # (dim × chunk) per projection
+        results.append([z.t()[:rows] for z in zs])
     if stack is None:
         return torch.cat(results) if results else torch.zeros(0, n_features(model))
     out = [torch.cat([r[i] for r in results]) for i in range(len(projs))]

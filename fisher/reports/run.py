@@ -23,6 +23,9 @@ from fisher.reports.paper import PAPER_CELEBA_FID, PAPER_FIGURE_3A, PAPER_MNIST_
 PRIOR_LABELS = {"pixelcnn": "PixelCNN", "gated": "Gated PixelCNN", "pyramid": "Pyramid PixelCNN"}   # registry
 
 
+DATA_KEYS = ("channels", "levels")          # config keys set from the data, left out of descriptions
+
+
 def _prior_name(config: dict) -> str:
     return config.get("prior") or "pixelcnn"
 
@@ -37,7 +40,8 @@ def prior_description(config: dict) -> str:
     name, model = _prior_name(config), config.get("model") or {}
     if "n_layers" in model and "filters" in model:
         return f"{PRIOR_LABELS.get(name, name)} {model['n_layers']} layers × {model['filters']} filters"
-    return f"{name} ({_model_args(model)})"
+    own = {k: v for k, v in model.items() if k not in DATA_KEYS}
+    return f"{PRIOR_LABELS.get(name, name)} ({_model_args(own)})"
 
 
 def _prior_phrase(config: dict) -> str:
@@ -214,7 +218,8 @@ def fid_section(out: str, preset: dict, kinds: dict, suffixes, paper: dict | Non
     reference = {"grey": "the grey MNIST originals (binarized MNIST is Bernoulli(grey/255), so a decoder's mean "
                          "estimates the grey image)",
                  "image": "the dataset's images as prepared"}.get(ref, ref)
-    lines = ["## Interpolation FID and KID (paper Algorithm 1, Figure 3b)", "",
+    figure = "Figure 3b" if preset["dataset"] == "mnist" else "Figure 7"
+    lines = [f"## Interpolation FID and KID (paper Algorithm 1, {figure})", "",
              f"N = {n} pairs per α (the paper uses 50 000); real statistics from {first['real']['count']} "
              f"{first['real']['split']} images: {reference}. Decoded images are the decoder's expected value on "
              f"[0, 1]; the pixel row is the cross-fade (1 − α) x₁ + α x₂ itself. "

@@ -204,7 +204,8 @@ def test_prior_description_is_generic():
                                                                          "kernel_size": 7}}) == \
         "PixelCNN 5 layers × 64 filters"
     assert run_report.prior_description({"prior": "pyramid", "model": {"levels": 2, "width": 16}}) == \
-        "pyramid (levels=2, width=16)"
+        "Pyramid PixelCNN (width=16)"
+    assert run_report.prior_description({"prior": "toy", "model": {"width": 16}}) == "toy (width=16)"
 
 
 @pytest.fixture()
@@ -304,7 +305,7 @@ def test_several_priors_report(run_dir):
     lines = top.splitlines()
     assert any(line.startswith("| a | PixelCNN 1 layers × 8 filters | ") and "| 0.227 | 120.5 | 210.2 |" in line
                and line.endswith("[a/report.md](a/report.md) |") for line in lines)
-    assert any(line.startswith("| b | gated (filters=4) | ") for line in lines)
+    assert any(line.startswith("| b | Gated PixelCNN (filters=4) | ") for line in lines)
     tables = top.split("### ")[1:]
     assert [t.split("\n")[0] for t in tables] == ["PixelCNN (`a`)", "Gated PixelCNN (`b`)"]
     for t in tables:
