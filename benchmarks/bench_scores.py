@@ -150,6 +150,63 @@ def _child(method: str, src: str, batch: int, threads: int, device: str, reps: i
            "setup_seconds": setup, "n_features": n})
 
 
+def _paired_child(methods: list[str], src: str, batch: int, threads: int, device: str, rounds: int, q,
+                  prior: str, config: dict | None, levels: int) -> None:
+    """Every method in one process, in turn, ``rounds`` times: each round's time over that round's train
+    step, so that drift in a shared machine's speed (minutes long here) cancels out of the ratios."""
+    import statistics
+
+    import torch
+
+    from fisher.priors import to_model_input
+    from fisher.projection import ProjectionStack, SparseProjection
+    from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    images = _images(src, batch)
+    model = _model(prior, images.shape[-1], levels, config).eval().to(device)
+    x = to_model_input(images, device)
+    n = n_features(model)
+    single = SparseProjection(n, 16384, None, seed=0)
+    grid = ProjectionStack([SparseProjection(n, d, p, seed=0) for d in GRID_DIMS for p in GRID_DENSITIES]) \
+        if "grid (12)" in methods else None
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        (-model.log_prob(x).sum()).backward()
+
+    run = {"train step": train_step, "naive loop": lambda: fisher_scores_reference(model, x),
+           "torch.func": lambda: torch.cat([fisher_scores_vmap(model, x[i:i + 32]) for i in range(0, len(x), 32)]),
+           "scores": lambda: fisher_scores(model, x), "scores+proj": lambda: fisher_scores(model, x, single),
+           "grid (12)": lambda: fisher_scores(model, x, grid)}
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for m in methods:                                # warm-up
+        run[m]()
+    ratios = {m: [] for m in methods}
+    for _ in range(rounds):
+        times = {}
+        for m in methods:
+            sync()
+            t = time.perf_counter()
+            run[m]()
+            sync()
+            times[m] = time.perf_counter() - t
+        for m in methods:
+            ratios[m].append(times[m] / times["train step"])
+    q.put({m: {"median": statistics.median(r), "min": min(r), "max": max(r)} for m, r in ratios.items()})
+
+
+def paired(methods, src, batch, threads, device, rounds, prior, config, levels) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_paired_child, args=(methods, src, batch, threads, device, rounds, q, prior, config,
+                                                levels))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
 def measure(method: str, src: str, batch: int, threads: int, device: str, reps: int, prior: str = "pixelcnn",
             config: dict | None = None, levels: int = 2) -> dict:
     ctx = mp.get_context("spawn")
@@ -261,14 +318,21 @@ def method_table(args, prior: str, config: dict, src: str, levels: int, reps: in
     rows.append(measure("memory check", src, 4 * args.batch, args.threads, args.device, reps, prior, config, levels))
     base = rows[0]["seconds"]
     naive = next((r["seconds"] for r in rows if r["method"] == "naive loop"), None)
+    pairs = paired(methods, src, args.batch, args.threads, args.device, args.rounds, prior, config, levels) \
+        if args.rounds else {}
     where = f"{args.threads} threads" if args.device == "cpu" else args.device
     print(f"\n{prior} {config or ''}, n_features={rows[0]['n_features']}, batch {args.batch}, {where}, "
-          f"median of {reps} warm run(s), real {args.dataset}\n")
-    print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'naive / this':>14}{'peak MB':>10}")
+          f"median of {reps} warm run(s) per process; paired: median [min, max] over {args.rounds} rounds of all "
+          f"methods in one process, real {args.dataset}\n")
+    print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'paired x step':>22}{'naive / this':>14}"
+          f"{'peak MB':>10}")
     for r in rows:
         speed = f"{naive / r['seconds'] * r['batch'] / args.batch:>14.1f}" if naive else f"{'-':>14}"
         r["x_train_step"] = r["seconds"] / base * args.batch / r["batch"]
-        print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.4f}{r['x_train_step']:>14.2f}{speed}"
+        pr = pairs.get(r["method"])
+        r["paired"] = pr
+        cell = f"{pr['median']:.2f} [{pr['min']:.2f}, {pr['max']:.2f}]" if pr else "-"
+        print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.4f}{r['x_train_step']:>14.2f}{cell:>22}{speed}"
               f"{r['peak_mb']:>10.0f}")
     proj = next(r for r in rows if r["method"] == "scores+proj")
     print(f"\nprojection setup (16384 x n, density 1/sqrt(n)): {proj['setup_seconds']:.2f} s, once per actor")
@@ -278,12 +342,13 @@ def method_table(args, prior: str, config: dict, src: str, levels: int, reps: in
 
 
 def _summary(tables: dict) -> None:
-    print("\nsummary (x train step; peak MB):\n")
+    print("\nsummary (x train step, paired medians where measured; peak MB):\n")
     print(f"{'prior':<28}{'features':>10}{'step s':>8}{'naive':>7}{'vmap':>7}{'scores':>8}{'+proj':>7}{'grid':>7}"
           f"{'MB +proj':>9}{'MB grid':>9}{'MB 4x':>8}")
     for prior, rows in tables.items():
         by = {r["method"]: r for r in rows}
-        x = lambda m: f"{by[m]['x_train_step']:>7.2f}" if m in by else f"{'-':>7}"             # noqa: E731
+        x = lambda m: (f"{(by[m]['paired'] or {}).get('median', by[m]['x_train_step']):>7.2f}"   # noqa: E731
+                       if m in by else f"{'-':>7}")
         print(f"{prior:<28}{rows[0]['n_features']:>10}{by['train step']['seconds']:>8.2f}{x('naive loop')}"
               f"{x('torch.func')}{x('scores'):>8}{x('scores+proj')}{x('grid (12)')}"
               f"{by['scores+proj']['peak_mb']:>9.0f}"
@@ -306,6 +371,8 @@ def main() -> None:
                     "comparison always runs on the CPU)")
     ap.add_argument("--reps", type=int, default=None,
                     help="warm runs per method, median reported (default: 1 on cpu, 10 on cuda)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the paired timing (every method in one "
+                    "process, in turn; 0 skips it)")
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow per-image loop")
     ap.add_argument("--skip-ray", action="store_true", help="skip the Ray Data throughput comparison")
     ap.add_argument("--skip-grid", action="store_true", help="skip the 12-cell grid")
