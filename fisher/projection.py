@@ -11,13 +11,16 @@ CPU with NumPy in fixed column blocks of ``BLOCK`` features, each from its own
 seeded stream, so every process, machine and device builds the same bits.
 Non-zeros are drawn as geometric gaps between positions of the block
 (column-major), which samples every entry as an exact i.i.d. Bernoulli(d)
-without touching the zeros. It is stored column-compressed (int32 rows,
-one sign bit), never as a dense array, and sliced into per-layer column
-blocks so per-layer gradients are projected as they are produced.
+without touching the zeros. It is stored column-compressed (int32 rows and
+int8 signs, in two bands of rows) or, at density 1, as one sign bit per entry;
+never as a float array. Products slice it into per-layer column blocks, so
+per-layer gradients are projected as they are produced, and expand only the
+4096-column float32 blocks a dense product needs (:class:`ProjectionStack`).
 """
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -262,9 +265,11 @@ _POOLS: dict = {}
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fisher-projection")
-    return _POOLS[workers]
+    """The projection threads of this process (keyed by pid too: a forked child cannot use its parent's)."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="fisher-projection")
+    return _POOLS[key]
 
 
 class ProjectionStack:
