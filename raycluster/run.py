@@ -5,12 +5,14 @@ prepare → train-prior → sweep (Figure 3a grid: the Fisher embeddings of all
 with Ray Tune) → activation embeddings → decoders for Fisher scores and
 activations → interpolation strips (and attribute edits on CelebA) →
 interpolation FID (Algorithm 1) → ``report.md`` (written by
-:func:`fisher.reports.run.write_report`).
+:func:`fisher.reports.run.write_run_reports`).
 
 Presets are JSON files (``raycluster/presets/``, or a path): ``mnist-small``
-(default, a few minutes on a 2-core CPU), ``mnist-paper`` and
-``celeba-paper`` (the paper's settings, for GPU clusters). Any value can be
-overridden with ``--set section.key=value`` (e.g. ``--set prior.epochs=5``).
+(default, a few minutes on a 2-core CPU), ``mnist-medium``, ``celeba-small``,
+``mnist-paper`` and ``celeba-paper`` (the paper's settings, for GPU clusters).
+Any value can be overridden with ``--set section.key=value`` (e.g. ``--set
+prior.epochs=5``, or ``--set priors.gated.epochs=5`` in a preset whose
+``priors`` compare several priors, each under ``OUT/<label>/``).
 Without ``--address`` the run starts a local Ray; with ``--address auto``
 (inside ``ray job submit``) it runs on the cluster. Every step is skipped when
 its output already exists, so a rerun after a failure continues.
