@@ -100,10 +100,10 @@ def _block_columns(seed: int, dim: int, density: float, block: int, ncols: int):
 class SparseProjection:
     """``P`` of paper eq. 1; ``project(g)`` returns ``g @ P.T`` for rows ``g`` of features.
 
-    Storage: column-compressed non-zeros (int32 rows, int8 signs; 5 bytes each) in ``ROW_BANDS`` bands of
-    rows, or, at density 1,
-    one sign bit per entry, packed along the features of each row: 1/8 byte per entry, where a
-    float32 matrix would take 4. Products expand the float values they need block by block.
+    Storage: column-compressed non-zeros (int32 rows, int8 signs; 5 bytes each) in ``ROW_BANDS`` bands
+    of rows, or, at density 1, one sign bit per entry, packed along the features of each row: 1/8
+    byte per entry, where a float32 matrix would take 4. Products expand the float values they need
+    block by block.
     """
 
     def __init__(self, n_features: int, dim: int, density: float | None = None, seed: int = 0):
