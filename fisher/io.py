@@ -85,8 +85,9 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
 
 
 def join(uri: str, *parts: str) -> str:
+    """``uri`` and ``parts`` joined by single slashes; empty parts are left out."""
     uri = str(uri).rstrip("/")
-    return "/".join([uri, *[p.strip("/") for p in parts]])
+    return "/".join([uri, *[p.strip("/") for p in parts if p]])
 
 
 def exists(uri: str) -> bool:

@@ -257,7 +257,7 @@ def prior_of(out: str, section: dict, label: str = "") -> str:
     ``OUT[/label]/prior``."""
     if section.get("builtin") is not None and not section.get("train", True):
         return f"builtin:{section['builtin']}"
-    return join(out, label, "prior") if label else join(out, "prior")
+    return join(out, label, "prior")
 
 
 def seed_suffixes(preset: dict) -> list[str]:
@@ -324,7 +324,7 @@ class _Planner:
                             self.where_of(section), **fixed)
 
     def d(self, label, *parts):
-        return join(self.args.out, label, *parts) if label else join(self.args.out, *parts)
+        return join(self.args.out, label, *parts)
 
     def _rel(self, label, name):
         return f"{label}/{name}" if label else name

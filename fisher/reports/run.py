@@ -379,16 +379,16 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
               "|---|---|---|---|---|---|"]
     for label in [*priors, ""]:
         for kind in runs.get(label, {}):
-            ms = [read_manifest(join(out, label, x) if label else join(out, x), "train-decoder")
+            ms = [read_manifest(join(out, label, x), "train-decoder")
                   for x in _decoder_dirs(kind, suffixes)
-                  if exists(join(out, label, x, "manifest.json") if label else join(out, x, "manifest.json"))]
+                  if exists(join(out, label, x, "manifest.json"))]
             if ms:
                 nll = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
                 mse = _mean(m["metrics"].get("test_mse") for m in ms)
                 lines.append(f"| {label or 'none'} | {kind} | {ms[0]['config'].get('decoder', '?')} | {_num(nll)} | "
                              f"{_num(mse)} | {len(ms)} |")
     for label in [*priors, ""]:
-        probes = _probe_results(join(out, label) if label else out, runs.get(label, {}))
+        probes = _probe_results(join(out, label), runs.get(label, {}))
         if probes:
             lines += ["", f"Semantic probes, {f'`{label}`' if label else 'no prior'} (linear probe accuracy / kNN "
                       "agreement, test split): " + "; ".join(f"{k} {r['linear_probe']['accuracy']:.3f} / "
