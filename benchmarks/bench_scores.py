@@ -88,43 +88,47 @@ def _status(key: str) -> int:
     return 0
 
 
-def _child(method: str, src: str, batch: int, threads: int, device: str, reps: int, q, prior: str = "pixelcnn",
-           config: dict | None = None, levels: int = 2) -> None:
-    import statistics
-
+def _methods(src: str, batch: int, threads: int, device: str, prior: str, config: dict | None, levels: int,
+             wanted) -> tuple[dict, int, float]:
+    """The model on ``batch`` real images and a callable per method in ``wanted``; returns (callables,
+    n_features, seconds spent building the projections)."""
     import torch
 
     from fisher.priors import to_model_input
-    from fisher.projection import SparseProjection
+    from fisher.projection import ProjectionStack, SparseProjection
     from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     images = _images(src, batch)
     model = _model(prior, images.shape[-1], levels, config).eval().to(device)
     x = to_model_input(images, device)
-    cuda = torch.device(device).type == "cuda"
     n = n_features(model)
     setup = time.perf_counter()
-    projs = None
-    if method in ("scores+proj", "memory check"):
-        projs = SparseProjection(n, 16384, None, seed=0)
-    elif method == "grid (12)":
-        projs = [SparseProjection(n, d, p, seed=0) for d in GRID_DIMS for p in GRID_DENSITIES]
+    single = SparseProjection(n, 16384, None, seed=0) if {"scores+proj", "memory check"} & set(wanted) else None
+    grid = ProjectionStack([SparseProjection(n, d, p, seed=0) for d in GRID_DIMS for p in GRID_DENSITIES]) \
+        if "grid (12)" in wanted else None
     setup = time.perf_counter() - setup
 
     def train_step():
         model.zero_grad(set_to_none=True)
         (-model.log_prob(x).sum()).backward()
 
-    run = {
-        "train step": train_step,
-        "naive loop": lambda: fisher_scores_reference(model, x),
-        "torch.func": lambda: torch.cat([fisher_scores_vmap(model, x[i:i + 32]) for i in range(0, len(x), 32)]),
-        "scores": lambda: fisher_scores(model, x),
-        "scores+proj": lambda: fisher_scores(model, x, projs),
-        "grid (12)": lambda: fisher_scores(model, x, projs),
-        "memory check": lambda: fisher_scores(model, x, projs),
-    }[method]
+    run = {"train step": train_step, "naive loop": lambda: fisher_scores_reference(model, x),
+           "torch.func": lambda: torch.cat([fisher_scores_vmap(model, x[i:i + 32]) for i in range(0, len(x), 32)]),
+           "scores": lambda: fisher_scores(model, x), "scores+proj": lambda: fisher_scores(model, x, single),
+           "grid (12)": lambda: fisher_scores(model, x, grid), "memory check": lambda: fisher_scores(model, x, single)}
+    return {m: run[m] for m in wanted}, n, setup
+
+
+def _child(method: str, src: str, batch: int, threads: int, device: str, reps: int, q, prior: str = "pixelcnn",
+           config: dict | None = None, levels: int = 2) -> None:
+    import statistics
+
+    import torch
+    runs, n, setup = _methods(src, batch, threads, device, prior, config, levels, [method])
+    run = runs[method]
+    cuda = torch.device(device).type == "cuda"
+
     def sync():
         if cuda:
             torch.cuda.synchronize()
@@ -157,28 +161,7 @@ def _paired_child(methods: list[str], src: str, batch: int, threads: int, device
     import statistics
 
     import torch
-
-    from fisher.priors import to_model_input
-    from fisher.projection import ProjectionStack, SparseProjection
-    from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    images = _images(src, batch)
-    model = _model(prior, images.shape[-1], levels, config).eval().to(device)
-    x = to_model_input(images, device)
-    n = n_features(model)
-    single = SparseProjection(n, 16384, None, seed=0)
-    grid = ProjectionStack([SparseProjection(n, d, p, seed=0) for d in GRID_DIMS for p in GRID_DENSITIES]) \
-        if "grid (12)" in methods else None
-
-    def train_step():
-        model.zero_grad(set_to_none=True)
-        (-model.log_prob(x).sum()).backward()
-
-    run = {"train step": train_step, "naive loop": lambda: fisher_scores_reference(model, x),
-           "torch.func": lambda: torch.cat([fisher_scores_vmap(model, x[i:i + 32]) for i in range(0, len(x), 32)]),
-           "scores": lambda: fisher_scores(model, x), "scores+proj": lambda: fisher_scores(model, x, single),
-           "grid (12)": lambda: fisher_scores(model, x, grid)}
+    run, _, _ = _methods(src, batch, threads, device, prior, config, levels, methods)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for m in methods:                                # warm-up
         run[m]()
