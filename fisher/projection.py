@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.sparse import _sparsetools
 
 BLOCK = 1 << 16          # features per generation block (part of the matrix's definition)
 DENSE_ABOVE = 0.25       # densities above this are applied as dense matrices (same values)
@@ -103,7 +102,9 @@ class SparseProjection:
     Storage: column-compressed non-zeros (int32 rows, int8 signs; 5 bytes each) in ``ROW_BANDS`` bands
     of rows, or, at density 1, one sign bit per entry, packed along the features of each row: 1/8
     byte per entry, where a float32 matrix would take 4. Products expand the float values they need
-    block by block.
+    block by block. A sparse member multiplied on the CPU with a column range narrower than ``dim`` (a
+    small layer) also keeps that range row-major (:meth:`row_major`): at most the columns' own 5 bytes
+    per non-zero again, once per range.
     """
 
     def __init__(self, n_features: int, dim: int, density: float | None = None, seed: int = 0):
@@ -131,6 +132,26 @@ class SparseProjection:
             self._bands = _row_bands(np.concatenate(indptr), np.concatenate(rows) if rows else np.zeros(0, np.int32),
                                      np.concatenate(signs) if signs else np.zeros(0, np.int8), dim)
         self._stack: ProjectionStack | None = None
+        self._row_major: dict[tuple[int, int], _RowMajor] = {}
+
+    def row_major(self, start: int, stop: int) -> "_RowMajor":
+        """Columns ``[start, stop)`` of a sparse ``P`` by rows (built on first use, then kept): the rows
+        that have non-zeros there, and each one's columns (relative to ``start``, ascending) and signs."""
+        key = (start, stop)
+        if key not in self._row_major:
+            rows, cols, signs = [], [], []
+            for band in self._bands:
+                lo, hi = int(band.indptr[start]), int(band.indptr[stop])
+                rows.append(band.rows[lo:hi] + np.int32(band.row0))
+                cols.append(np.repeat(np.arange(stop - start, dtype=np.int32), np.diff(band.indptr[start:stop + 1])))
+                signs.append(band.signs[lo:hi])
+            rows, cols, signs = np.concatenate(rows), np.concatenate(cols), np.concatenate(signs)
+            order = np.lexsort((cols, rows))
+            touched, counts = np.unique(rows[order], return_counts=True)
+            self._row_major[key] = _RowMajor(touched.astype(np.int32),
+                                             np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)]),
+                                             cols[order], signs[order])
+        return self._row_major[key]
 
     @property
     def nnz(self) -> int:
@@ -205,6 +226,22 @@ class _Band:
     signs: np.ndarray
 
 
+@dataclass(frozen=True)
+class _RowMajor:
+    """Some columns of a sparse ``P`` by rows: row ``rows[t]`` has its non-zeros at ``cols[indptr[t]:indptr[t + 1]]``
+    (ascending) with signs ``signs[...]``; rows without any are left out."""
+    rows: np.ndarray
+    indptr: np.ndarray
+    cols: np.ndarray
+    signs: np.ndarray
+
+    def split(self, parts: int) -> list[tuple[int, int]]:
+        """``parts`` ranges of ``rows`` with about equal non-zeros."""
+        cuts = np.searchsorted(self.indptr, np.linspace(0, self.indptr[-1], parts + 1)[1:-1])
+        edges = [0, *(int(c) for c in cuts), len(self.rows)]
+        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 def _row_bands(indptr: np.ndarray, rows: np.ndarray, signs: np.ndarray, dim: int) -> list[_Band]:
     """The CSC matrix (indptr, rows, signs) cut into ``ROW_BANDS`` bands of rows (one for small ``dim``).
     Every output row of a product sums the same terms in the same column order whichever band holds it, so
@@ -225,17 +262,86 @@ def _row_bands(indptr: np.ndarray, rows: np.ndarray, signs: np.ndarray, dim: int
 _LOCAL = threading.local()
 
 
-def _scratch(key: str, numel: int, dtype=torch.float32) -> torch.Tensor:
+def _scratch(key: str, numel: int, dtype=torch.float32, zeroed: bool = False) -> torch.Tensor:
     """A buffer of ``numel`` elements, kept per thread and per key and grown when needed: products reuse the
     same memory for every layer and chunk instead of asking the system for fresh pages (whose first touch
-    costs about as much as filling them)."""
+    costs about as much as filling them). ``zeroed``: zeros when (re)allocated; its user restores them."""
     bufs = getattr(_LOCAL, "bufs", None)
     if bufs is None:
         bufs = _LOCAL.bufs = {}
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = bufs[key] = torch.empty(max(numel, 1), dtype=dtype)
+        buf = bufs[key] = (torch.zeros if zeroed else torch.empty)(max(numel, 1), dtype=dtype)
     return buf[:numel]
+
+
+_KERNELS: dict = {}
+
+
+def _kernels():
+    """The CPU products of a sparse member, compiled on first use (Numba, about 1 s per process); both add
+    ``P[:, columns] @ x`` to ``acc`` (dim × B) for ``x`` (columns × B), with values ±``scale``:
+
+    * ``by_columns(indptr, rows, signs, scale, x, acc, sums, touched, order)`` walks the column-compressed
+      storage (one band of rows): each column's ``x`` row is scattered into the ``sums`` of the rows it
+      touches. Best when ``sums`` is the small operand (wide layers, low ``dim``).
+    * ``by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi)`` walks a :class:`_RowMajor` (its rows
+      ``[lo, hi)``): each row gathers the ``x`` rows of its columns into a sum kept in registers, then adds
+      it to ``acc`` once. Best when ``x`` is the small operand (layers narrower than ``dim``): no scattered
+      read-modify-write per non-zero.
+
+    Both compute every element with the operations, in the order, of SciPy's ``csc_matvecs`` into zeros
+    followed by ``acc += result``: ``s = +0.0``, then ``s += value · x[j]`` over the row's non-zeros in
+    column order (a float32 product, then a float32 sum: no fused multiply-add), then ``acc[r] += s``; so
+    the bits are those of the matrix product whichever walk is taken. Rows the columns do not touch get
+    nothing added (where ``+ 0.0`` would only turn a -0.0 into +0.0). They release the GIL, so parts of
+    a product run side by side on threads, and the loops over B are vectorized for the machine they run on.
+    """
+    if not _KERNELS:
+        import numba
+
+        @numba.njit(nogil=True, boundscheck=False)
+        def by_columns(indptr, rows, signs, scale, x, acc, sums, touched, order):
+            m, b = x.shape
+            n = 0
+            for p in range(indptr[0], indptr[m]):
+                r = rows[p]
+                if touched[r] == 0:
+                    touched[r] = 1
+                    order[n] = r
+                    n += 1
+                    for k in range(b):
+                        sums[r, k] = 0.0
+            for j in range(m):
+                for p in range(indptr[j], indptr[j + 1]):
+                    r = rows[p]
+                    value = np.float32(signs[p]) * scale
+                    for k in range(b):
+                        sums[r, k] += value * x[j, k]
+            for t in range(n):
+                r = order[t]
+                touched[r] = 0
+                for k in range(b):
+                    acc[r, k] += sums[r, k]
+
+        @numba.njit(nogil=True, boundscheck=False)
+        def by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi):
+            b = x.shape[1]
+            s = np.empty(b, np.float32)
+            for t in range(lo, hi):
+                for k in range(b):
+                    s[k] = 0.0
+                for p in range(indptr[t], indptr[t + 1]):
+                    j = cols[p]
+                    value = np.float32(signs[p]) * scale
+                    for k in range(b):
+                        s[k] += value * x[j, k]
+                r = rows[t]
+                for k in range(b):
+                    acc[r, k] += s[k]
+
+        _KERNELS.update(by_columns=by_columns, by_rows=by_rows)
+    return _KERNELS
 
 
 _TABLES: dict = {}
@@ -287,7 +393,8 @@ class ProjectionStack:
     cached as a torch CSR matrix (cuSPARSE) and a dense matrix.
     """
     WIDTH = 4096
-    PARALLEL_FROM = 4096     # feature blocks narrower than this are multiplied on the calling thread
+    PARALLEL_FROM = 4096     # feature blocks narrower than this are multiplied on the calling thread ...
+    PARALLEL_NNZ = 1 << 15   # ... unless a member's non-zeros there, walked by rows, are at least this many
 
     def __init__(self, projections: list[SparseProjection]):
         self.projections = list(projections)
@@ -304,30 +411,36 @@ class ProjectionStack:
         """Add the contributions of ``g`` (B × m, features ``[offset, offset + m)``) to ``acc`` (one
         (dim × B) tensor per member, changed in place) and return it; ``acc=None`` starts from them.
         Each block's contribution is computed alone and then added, so a sum over a model's layers has
-        the same bits however the layers are grouped into calls."""
+        the same bits however the layers are grouped into calls. (On the CPU a sparse member adds
+        nothing to the rows a block does not touch, where adding its +0.0 would only turn a -0.0 of
+        ``acc`` into +0.0; sums this class starts never hold -0.0.)"""
         if g.device.type != "cpu":
             parts = self._project_device(g.t().contiguous().float(), offset)
-        elif not self._dense:               # SciPy's products do not use torch's threads
-            parts = self._project_cpu(g, offset, max(1, torch.get_num_threads()))
-        else:
-            workers = max(1, torch.get_num_threads())
-            parts = _on_one_thread(lambda: self._project_cpu(g, offset, workers))
-        if acc is None:
-            return [z.clone() for z in parts]
-        for a, z in zip(acc, parts):
-            a.add_(z)
-        return acc
+            if acc is None:
+                return [z.clone() for z in parts]
+            for a, z in zip(acc, parts):
+                a.add_(z)
+            return acc
+        workers = max(1, torch.get_num_threads())
+        if not self._dense:                 # the sparse kernel does not use torch's threads
+            return self._accumulate_cpu(acc, g, offset, workers)
+        return _on_one_thread(lambda: self._accumulate_cpu(acc, g, offset, workers))
 
     # ------------------------------------------------------------------ CPU
-    def _sparse_task(self, i: int, band: _Band, gt: np.ndarray, offset: int, out: np.ndarray):
-        """Rows ``[band.row0, band.row1)`` of member ``i``'s contribution, into the zeroed ``out`` (dim × B)."""
-        p, (m, b) = self.projections[i], gt.shape
-        lo, hi = int(band.indptr[offset]), int(band.indptr[offset + m])
-        data = _scratch("data", hi - lo).numpy()
-        np.multiply(band.signs[lo:hi], np.float32(p.scale), out=data, casting="unsafe")
-        # what SciPy's CSC @ dense computes (csc_matvecs into zeros), without building a matrix object
-        _sparsetools.csc_matvecs(band.row1 - band.row0, m, b, band.indptr[offset:offset + m + 1] - lo,
-                                 band.rows[lo:hi], data, gt.ravel(), out[band.row0:band.row1].ravel())
+    def _band_task(self, i: int, band: _Band, x: np.ndarray, offset: int, acc: np.ndarray):
+        """Add rows ``[band.row0, band.row1)`` of member ``i``'s contribution to ``acc`` (those rows of its
+        running sum), walking its columns."""
+        rows, b = band.row1 - band.row0, x.shape[1]
+        _kernels()["by_columns"](band.indptr[offset:offset + x.shape[0] + 1], band.rows, band.signs,
+                                 np.float32(self.projections[i].scale), x, acc,
+                                 _scratch("sums", rows * b).view(rows, b).numpy(),
+                                 _scratch("touched", rows, torch.uint8, zeroed=True).numpy(),
+                                 _scratch("order", rows, torch.int32).numpy())
+
+    def _rows_task(self, i: int, rm: _RowMajor, lo: int, hi: int, x: np.ndarray, acc: np.ndarray):
+        """Add the rows ``rm.rows[lo:hi]`` of member ``i``'s contribution to ``acc`` (its running sum)."""
+        _kernels()["by_rows"](rm.rows, rm.indptr, rm.cols, rm.signs, np.float32(self.projections[i].scale), x, acc,
+                              lo, hi)
 
     def _dense_task(self, k: int, rhs: torch.Tensor, out: torch.Tensor, offset: int, m: int):
         """Block ``k`` of the stacked dense members: expand it, then one GEMM into ``out[k]``."""
@@ -342,26 +455,36 @@ class ProjectionStack:
             row += p.dim
         torch.bmm(a, rhs[k:k + 1], out=out[k:k + 1])
 
-    def _project_cpu(self, g: torch.Tensor, offset: int, workers: int) -> list[torch.Tensor]:
-        """Each member's contribution (dim × B), in per-thread scratch memory (valid until the next call)."""
+    def _accumulate_cpu(self, acc: list[torch.Tensor] | None, g: torch.Tensor, offset: int,
+                        workers: int) -> list[torch.Tensor]:
+        """:meth:`accumulate` on the CPU: sparse members add straight into their running sums, dense ones
+        are summed over their blocks in per-thread scratch memory and then added."""
         b, m = g.shape
         n_blocks = -(-m // self.WIDTH) if self._dense else 0
         height = n_blocks * self.WIDTH if self._dense else m
         features = _scratch("features", height * b).view(height, b)
         features[:m].copy_(g.t())                 # g transposed (m × B); for dense members zero rows up to the
         features[m:] = 0                          # block width
-        out: list = [None] * len(self.projections)
-        tasks = []
+        fresh = acc is None
+        if fresh:                                 # sparse sums start at +0.0; dense ones are set below
+            acc = [torch.zeros(p.dim, b) if i in self._sparse else None for i, p in enumerate(self.projections)]
+        tasks, split = [], False
+        x = features[:m].numpy()
         for i in self._sparse:
-            z = out[i] = _scratch(f"out{i}", self.projections[i].dim * b).view(self.projections[i].dim, b)
-            z.zero_()
-            tasks += [(self._sparse_task, (i, band, features[:m].numpy(), offset, z.numpy()))
-                      for band in self.projections[i]._bands]
+            p = self.projections[i]
+            if m < p.dim:                         # narrow layer: by rows, in parts of about equal work
+                rm = p.row_major(offset, offset + m)
+                parts = rm.split(workers if rm.indptr[-1] >= self.PARALLEL_NNZ else 1)
+                split |= len(parts) > 1
+                tasks += [(self._rows_task, (i, rm, lo, hi, x, acc[i].numpy())) for lo, hi in parts]
+            else:
+                tasks += [(self._band_task, (i, band, x, offset, acc[i][band.row0:band.row1].numpy()))
+                          for band in p._bands]
         if self._dense:
             prod = _scratch("products", n_blocks * self._dense_rows * b).view(n_blocks, self._dense_rows, b)
             rhs = features.view(n_blocks, self.WIDTH, b)
             tasks += [(self._dense_task, (k, rhs, prod, offset, m)) for k in range(n_blocks)]
-        if workers > 1 and len(tasks) > 1 and m >= self.PARALLEL_FROM:
+        if workers > 1 and len(tasks) > 1 and (m >= self.PARALLEL_FROM or split):
             pool = _pool(workers)
             for t in [pool.submit(fn, *args) for fn, args in tasks]:
                 t.result()
@@ -371,8 +494,11 @@ class ProjectionStack:
         if self._dense:
             z = prod.sum(0)
             for i, piece in zip(self._dense, torch.split(z, [self.projections[i].dim for i in self._dense])):
-                out[i] = piece
-        return out
+                if fresh:
+                    acc[i] = piece.clone()
+                else:
+                    acc[i].add_(piece)
+        return acc
 
     # ------------------------------------------------------------------ GPU
     def _parts(self, offset: int, m: int, device):

@@ -145,20 +145,35 @@ def _old_stack_product(members, g: torch.Tensor, offset: int) -> list[torch.Tens
     return out
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)          # bit patterns: -0.0 and +0.0 differ, as do NaNs
+
+
 def test_streamed_stack_is_bitwise_the_whole_matrix_product():
-    """Dense members are expanded block by block from their sign bits, sparse ones multiplied one by one, on
-    several threads: the same bits as holding every matrix whole (what the stack did before), for a feature
-    range that starts off a byte and spans several 4096-column blocks."""
+    """Dense members are expanded block by block from their sign bits, sparse ones multiplied by the compiled
+    kernels (by columns, and by rows where the block is narrower than the member), on several threads: the same bits (sign of zero included) as holding every matrix whole (what the
+    stack did before), for feature ranges that start off a byte and span several 4096-column blocks, and
+    for a running sum over blocks (gradients with exact zeros of both signs, as masked and dead units give)."""
     n = 3 * BLOCK // 2 + 5
-    members = [SparseProjection(n, d, dens, seed=2) for d in (24, 100) for dens in (0.01, 0.5, 1.0)]
+    members = [SparseProjection(n, d, dens, seed=2) for d in (24, 100) for dens in (0.001, 0.01, 0.5, 1.0)]
+    members.append(SparseProjection(n, 12_000, 0.002, seed=2))      # wider than the blocks: walked by rows, on 2 threads
     g = torch.randn(16, 9003, generator=torch.Generator().manual_seed(1))
+    g[:, ::7] = 0.0
+    g[:, 3::11] = -0.0
+    g[3] = -0.0                                      # an image whose whole score is -0.0
     stack = ProjectionStack(members)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         for offset in (0, 13, BLOCK - 4000):
             got, want = stack.project(g, offset), _old_stack_product(members, g, offset)
-            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
+        acc, want = None, None
+        for offset, width in ((0, 9003), (9003, 40), (9043, 1), (9044, 5000)):     # layers of a model, in order
+            acc = stack.accumulate(acc, g[:, :width], offset)
+            parts = [z.t() for z in _old_stack_product(members, g[:, :width], offset)]
+            want = [z.clone() for z in parts] if want is None else [w.add_(z) for w, z in zip(want, parts)]
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(acc, want))
     finally:
         torch.set_num_threads(before)
 
