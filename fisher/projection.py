@@ -262,16 +262,16 @@ def _row_bands(indptr: np.ndarray, rows: np.ndarray, signs: np.ndarray, dim: int
 _LOCAL = threading.local()
 
 
-def _scratch(key: str, numel: int, dtype=torch.float32, zeroed: bool = False) -> torch.Tensor:
+def _scratch(key: str, numel: int, dtype=torch.float32) -> torch.Tensor:
     """A buffer of ``numel`` elements, kept per thread and per key and grown when needed: products reuse the
     same memory for every layer and chunk instead of asking the system for fresh pages (whose first touch
-    costs about as much as filling them). ``zeroed``: zeros when (re)allocated; its user restores them."""
+    costs about as much as filling them)."""
     bufs = getattr(_LOCAL, "bufs", None)
     if bufs is None:
         bufs = _LOCAL.bufs = {}
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = bufs[key] = (torch.zeros if zeroed else torch.empty)(max(numel, 1), dtype=dtype)
+        buf = bufs[key] = torch.empty(max(numel, 1), dtype=dtype)
     return buf[:numel]
 
 
@@ -282,9 +282,9 @@ def _kernels():
     """The CPU products of a sparse member, compiled on first use (Numba, about 1 s per process); both add
     ``P[:, columns] @ x`` to ``acc`` (dim × B) for ``x`` (columns × B), with values ±``scale``:
 
-    * ``by_columns(indptr, rows, signs, scale, x, acc, sums, touched, order)`` walks the column-compressed
-      storage (one band of rows): each column's ``x`` row is scattered into the ``sums`` of the rows it
-      touches. Best when ``sums`` is the small operand (wide layers, low ``dim``).
+    * ``by_columns(indptr, rows, signs, scale, x, acc, sums)`` walks the column-compressed storage (one
+      band of rows): each column's ``x`` row is scattered into the ``sums`` of the rows it touches, then
+      ``acc += sums``. Best when ``sums`` is the small operand (layers at least ``dim`` wide).
     * ``by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi)`` walks a :class:`_RowMajor` (its rows
       ``[lo, hi)``): each row gathers the ``x`` rows of its columns into a sum kept in registers, then adds
       it to ``acc`` once. Best when ``x`` is the small operand (layers narrower than ``dim``): no scattered
@@ -293,36 +293,24 @@ def _kernels():
     Both compute every element with the operations, in the order, of SciPy's ``csc_matvecs`` into zeros
     followed by ``acc += result``: ``s = +0.0``, then ``s += value · x[j]`` over the row's non-zeros in
     column order (a float32 product, then a float32 sum: no fused multiply-add), then ``acc[r] += s``; so
-    the bits are those of the matrix product whichever walk is taken. Rows the columns do not touch get
-    nothing added (where ``+ 0.0`` would only turn a -0.0 into +0.0). They release the GIL, so parts of
+    the bits are those of the matrix product whichever walk is taken. (``by_rows`` adds nothing to rows the
+    columns do not touch, where ``+ 0.0`` would only turn a -0.0 into +0.0.) They release the GIL, so parts of
     a product run side by side on threads, and the loops over B are vectorized for the machine they run on.
     """
     if not _KERNELS:
         import numba
 
         @numba.njit(nogil=True, boundscheck=False)
-        def by_columns(indptr, rows, signs, scale, x, acc, sums, touched, order):
+        def by_columns(indptr, rows, signs, scale, x, acc, sums):
             m, b = x.shape
-            n = 0
-            for p in range(indptr[0], indptr[m]):
-                r = rows[p]
-                if touched[r] == 0:
-                    touched[r] = 1
-                    order[n] = r
-                    n += 1
-                    for k in range(b):
-                        sums[r, k] = 0.0
+            sums[:, :] = 0.0
             for j in range(m):
                 for p in range(indptr[j], indptr[j + 1]):
                     r = rows[p]
                     value = np.float32(signs[p]) * scale
                     for k in range(b):
                         sums[r, k] += value * x[j, k]
-            for t in range(n):
-                r = order[t]
-                touched[r] = 0
-                for k in range(b):
-                    acc[r, k] += sums[r, k]
+            acc += sums
 
         @numba.njit(nogil=True, boundscheck=False)
         def by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi):
@@ -433,9 +421,7 @@ class ProjectionStack:
         rows, b = band.row1 - band.row0, x.shape[1]
         _kernels()["by_columns"](band.indptr[offset:offset + x.shape[0] + 1], band.rows, band.signs,
                                  np.float32(self.projections[i].scale), x, acc,
-                                 _scratch("sums", rows * b).view(rows, b).numpy(),
-                                 _scratch("touched", rows, torch.uint8, zeroed=True).numpy(),
-                                 _scratch("order", rows, torch.int32).numpy())
+                                 _scratch("sums", rows * b).view(rows, b).numpy())
 
     def _rows_task(self, i: int, rm: _RowMajor, lo: int, hi: int, x: np.ndarray, acc: np.ndarray):
         """Add the rows ``rm.rows[lo:hi]`` of member ``i``'s contribution to ``acc`` (its running sum)."""
