@@ -91,6 +91,7 @@ import torch.nn.functional as F
 from fisher.projection import ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 32
+GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (dense projections, CPU)
 FALLBACK = "vmap"
 # A strided / transposed conv with fewer (in × out channels per group) than this, and no kernel
 # offset pinned by a mask, takes one grouped convolution_backward per call (images as groups);
@@ -640,6 +641,14 @@ def _standard_strides(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
+def _chunks_per_group(stack: ProjectionStack | None, x: torch.Tensor, chunk_size: int, n: int) -> int:
+    """How many chunks to project together: on the CPU, a stack with dense members expands each of their
+    blocks once per group, so several chunks' scores are held at once, up to ``GROUP_BYTES``."""
+    if stack is None or not stack._dense or x.device.type != "cpu":
+        return 1
+    return int(max(1, min(-(-x.shape[0] // chunk_size), GROUP_BYTES // max(1, 4 * chunk_size * n))))
+
+
 def fisher_scores(model: nn.Module, x: torch.Tensor,
                   projection: SparseProjection | list[SparseProjection] | ProjectionStack | None = None,
                   chunk_size: int = DEFAULT_CHUNK):
@@ -674,20 +683,36 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
             raise FisherError(f"projection was built for {p.n_features} features, the prior has {n_features(model)}")
     plan = _make_plan(model)
     results = []
-    for start in range(0, x.shape[0], chunk_size):
-        xc = x[start:start + chunk_size]
-        rows = xc.shape[0]
-        if stack is not None and rows < chunk_size:      # fixed shapes: bitwise batch-size invariance
-            xc = torch.cat([xc, xc[:1].expand(chunk_size - rows, *xc.shape[1:])])
-        blocks = _blocks(model, plan, xc)
+    group = _chunks_per_group(stack, x, chunk_size, n_features(model) if stack is not None else 0)
+    for start in range(0, x.shape[0], chunk_size * group):
+        chunks = []
+        for c in range(start, min(start + chunk_size * group, x.shape[0]), chunk_size):
+            xc = x[c:c + chunk_size]
+            rows = xc.shape[0]
+            if stack is not None and rows < chunk_size:      # fixed shapes: bitwise batch-size invariance
+                xc = torch.cat([xc, xc[:1].expand(chunk_size - rows, *xc.shape[1:])])
+            chunks.append((xc, rows))
         if stack is None:
-            parts = dict(blocks)
-            results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1) if parts else torch.zeros(rows, 0))
+            for xc, rows in chunks:
+                parts = dict(_blocks(model, plan, xc))
+                results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1) if parts else torch.zeros(rows, 0))
             continue
-        zs = None
-        for offset, g in blocks:
-            zs = stack.accumulate(zs, g, offset)          # (dim × chunk) per projection
-        results.append([z.t()[:rows] for z in zs])
+        if len(chunks) == 1:
+            zs = [None]
+            for offset, g in _blocks(model, plan, chunks[0][0]):
+                zs = stack.accumulate_chunks(zs, [g], offset)      # (dim × chunk) per projection
+        else:                                     # every chunk's blocks first, then each block for all of them
+            blocks = [list(_blocks(model, plan, xc)) for xc, _ in chunks]
+            zs = [None] * len(chunks)
+            if all([o for o, _ in b] == [o for o, _ in blocks[0]] for b in blocks):
+                for k, (offset, _) in enumerate(blocks[0]):
+                    zs = stack.accumulate_chunks(zs, [b[k][1] for b in blocks], offset)
+            else:                                 # a layer left its rule in a later chunk: one chunk at a time
+                for c, b in enumerate(blocks):
+                    for offset, g in b:
+                        zs[c] = stack.accumulate(zs[c], g, offset)
+            del blocks
+        results += [[z.t()[:rows] for z in zc] for zc, (_, rows) in zip(zs, chunks)]
     if stack is None:
         return torch.cat(results) if results else torch.zeros(0, n_features(model))
     out = [torch.cat([r[i] for r in results]) for i in range(len(projs))]
