@@ -402,25 +402,33 @@ class ProjectionStack:
         the same bits however the layers are grouped into calls. (On the CPU a sparse member adds
         nothing to the rows a block does not touch, where adding its +0.0 would only turn a -0.0 of
         ``acc`` into +0.0; sums this class starts never hold -0.0.)"""
-        return self.accumulate_chunks([acc], [g], offset)[0]
+        return self.accumulate_chunks(acc, [g], offset)
 
-    def accumulate_chunks(self, accs: list, gs: list[torch.Tensor], offset: int = 0) -> list:
-        """:meth:`accumulate` for several chunks of images at once (``gs[c]`` the same features of chunk ``c``,
-        ``accs[c]`` its sums): the same bits as one call per chunk, but on the CPU each block of the dense
-        members is expanded once for all the chunks (the expansion costs about what its product does)."""
+    def accumulate_chunks(self, acc: list[torch.Tensor] | None, gs: list[torch.Tensor], offset: int = 0
+                          ) -> list[torch.Tensor]:
+        """:meth:`accumulate` for C chunks of B images at once: ``gs[c]`` holds the features of chunk ``c``, and
+        columns ``[c·B, (c+1)·B)`` of each member's (dim × C·B) ``acc`` are its sums. Every element has the
+        same bits as with one call per chunk; on the CPU each of a sparse member's non-zeros is applied to
+        all C·B images in one pass, and each block of the dense members is expanded once for all chunks
+        (the expansion costs about what its product does)."""
+        b = gs[0].shape[0]
+        if acc is None:
+            acc = [None] * len(self.projections)
         if gs[0].device.type != "cpu":
-            out = []
-            for acc, g in zip(accs, gs):
-                parts = self._project_device(g.t().contiguous().float(), offset)
-                if acc is None:
-                    out.append([z.clone() for z in parts])
-                else:
-                    out.append([a.add_(z) for a, z in zip(acc, parts)])
-            return out
+            fresh = [a is None for a in acc]
+            for c, g in enumerate(gs):
+                for i, z in enumerate(self._project_device(g.t().contiguous().float(), offset)):
+                    if fresh[i] and c == 0:
+                        acc[i] = torch.empty(z.shape[0], len(gs) * b, dtype=z.dtype, device=z.device)
+                    if fresh[i]:
+                        acc[i][:, c * b:(c + 1) * b] = z
+                    else:
+                        acc[i][:, c * b:(c + 1) * b] += z
+            return acc
         workers = max(1, torch.get_num_threads())
         if not self._dense:                 # the sparse kernels do not use torch's threads
-            return self._accumulate_cpu(accs, gs, offset, workers)
-        return _on_one_thread(lambda: self._accumulate_cpu(accs, gs, offset, workers))
+            return self._accumulate_cpu(acc, gs, offset, workers)
+        return _on_one_thread(lambda: self._accumulate_cpu(acc, gs, offset, workers))
 
     # ------------------------------------------------------------------ CPU
     def _band_task(self, i: int, band: _Band, x: np.ndarray, offset: int, acc: np.ndarray):
@@ -438,7 +446,7 @@ class ProjectionStack:
 
     def _dense_task(self, k: int, rhs: torch.Tensor, out: torch.Tensor, offset: int, m: int):
         """Block ``k`` of the stacked dense members: expand it, then one GEMM per chunk ``c`` of
-        ``rhs[c, k]`` into ``out[c, k]``."""
+        ``rhs[k, :, c]`` into ``out[c, k]``."""
         a = _scratch("block", out.shape[2] * self.WIDTH).view(1, out.shape[2], self.WIDTH)
         start, stop = offset + k * self.WIDTH, offset + min(m, (k + 1) * self.WIDTH)
         if stop - start < self.WIDTH:
@@ -448,39 +456,38 @@ class ProjectionStack:
             p = self.projections[i]
             p.expand_into(a[0, row:row + p.dim], start, stop)
             row += p.dim
-        for c in range(rhs.shape[0]):
-            torch.bmm(a, rhs[c, k:k + 1], out=out[c, k:k + 1])
+        for c in range(out.shape[0]):
+            torch.bmm(a, rhs[k:k + 1, :, c], out=out[c, k:k + 1])
 
-    def _accumulate_cpu(self, accs: list, gs: list[torch.Tensor], offset: int, workers: int) -> list:
+    def _accumulate_cpu(self, acc: list, gs: list[torch.Tensor], offset: int, workers: int) -> list[torch.Tensor]:
         """:meth:`accumulate_chunks` on the CPU: sparse members add straight into their running sums, dense
         ones are summed over their blocks in per-thread scratch memory and then added."""
-        b, m = gs[0].shape
+        (b, m), n_chunks = gs[0].shape, len(gs)
         n_blocks = -(-m // self.WIDTH) if self._dense else 0
         height = n_blocks * self.WIDTH if self._dense else m
-        features = _scratch("features", len(gs) * height * b).view(len(gs), height, b)
-        for c, g in enumerate(gs):
-            features[c, :m].copy_(g.t())          # g transposed (m × B); for dense members zero rows up to the
-        features[:, m:] = 0                       # block width
-        fresh = [acc is None for acc in accs]
-        accs = [[torch.zeros(p.dim, b) if i in self._sparse else None for i, p in enumerate(self.projections)]
-                if acc is None else acc for acc in accs]      # sparse sums start at +0.0; dense ones are set below
+        features = _scratch("features", height * n_chunks * b).view(height, n_chunks, b)
+        for c, g in enumerate(gs):                # the chunks side by side, transposed: (m × C × B); for dense
+            features[:m, c].copy_(g.t())          # members zero rows up to the block width
+        features[m:] = 0
+        fresh = [a is None for a in acc]          # sparse sums start at +0.0; dense ones are set below
+        acc = [torch.zeros(p.dim, n_chunks * b) if fresh[i] and i in self._sparse else acc[i]
+               for i, p in enumerate(self.projections)]
         tasks, split = [], False
-        for c, acc in enumerate(accs):
-            x = features[c, :m].numpy()
-            for i in self._sparse:
-                p = self.projections[i]
-                if m < p.dim:                     # narrow layer: by rows, in parts of about equal work
-                    rm = p.row_major(offset, offset + m)
-                    parts = rm.split(workers if rm.indptr[-1] >= self.PARALLEL_NNZ else 1)
-                    split |= len(parts) > 1
-                    tasks += [(self._rows_task, (i, rm, lo, hi, x, acc[i].numpy())) for lo, hi in parts]
-                else:
-                    tasks += [(self._band_task, (i, band, x, offset, acc[i][band.row0:band.row1].numpy()))
-                              for band in p._bands]
+        x = features[:m].view(m, n_chunks * b).numpy()
+        for i in self._sparse:
+            p = self.projections[i]
+            if m < p.dim:                         # narrow layer: by rows, in parts of about equal work
+                rm = p.row_major(offset, offset + m)
+                parts = rm.split(workers if rm.indptr[-1] * n_chunks >= self.PARALLEL_NNZ else 1)
+                split |= len(parts) > 1
+                tasks += [(self._rows_task, (i, rm, lo, hi, x, acc[i].numpy())) for lo, hi in parts]
+            else:
+                tasks += [(self._band_task, (i, band, x, offset, acc[i][band.row0:band.row1].numpy()))
+                          for band in p._bands]
         if self._dense:
-            prod = _scratch("products", len(gs) * n_blocks * self._dense_rows * b).view(
-                len(gs), n_blocks, self._dense_rows, b)
-            rhs = features.view(len(gs), n_blocks, self.WIDTH, b)
+            prod = _scratch("products", n_chunks * n_blocks * self._dense_rows * b).view(
+                n_chunks, n_blocks, self._dense_rows, b)
+            rhs = features.view(n_blocks, self.WIDTH, n_chunks, b)
             tasks += [(self._dense_task, (k, rhs, prod, offset, m)) for k in range(n_blocks)]
         if workers > 1 and len(tasks) > 1 and (m >= self.PARALLEL_FROM or split):
             pool = _pool(workers)
@@ -490,14 +497,16 @@ class ProjectionStack:
             for fn, args in tasks:
                 fn(*args)
         if self._dense:
-            for c, acc in enumerate(accs):
+            for c in range(n_chunks):
                 z = prod[c].sum(0)
                 for i, piece in zip(self._dense, torch.split(z, [self.projections[i].dim for i in self._dense])):
-                    if fresh[c]:
-                        acc[i] = piece.clone()
+                    if fresh[i] and c == 0:
+                        acc[i] = torch.empty(piece.shape[0], n_chunks * b)
+                    if fresh[i]:
+                        acc[i][:, c * b:(c + 1) * b] = piece
                     else:
-                        acc[i].add_(piece)
-        return accs
+                        acc[i][:, c * b:(c + 1) * b] += piece
+        return acc
 
     # ------------------------------------------------------------------ GPU
     def _parts(self, offset: int, m: int, device):

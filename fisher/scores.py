@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from fisher.projection import ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 32
-GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (dense projections, CPU)
+GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (CPU)
 FALLBACK = "vmap"
 # A strided / transposed conv with fewer (in × out channels per group) than this, and no kernel
 # offset pinned by a mask, takes one grouped convolution_backward per call (images as groups);
@@ -642,9 +642,10 @@ def _standard_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks_per_group(stack: ProjectionStack | None, x: torch.Tensor, chunk_size: int, n: int) -> int:
-    """How many chunks to project together: on the CPU, a stack with dense members expands each of their
-    blocks once per group, so several chunks' scores are held at once, up to ``GROUP_BYTES``."""
-    if stack is None or not stack._dense or x.device.type != "cpu":
+    """How many chunks to project together (on the CPU: each non-zero of a sparse member, each expanded
+    block of a dense one, applied to all of them in one pass): as many as fit ``GROUP_BYTES`` of scores held
+    at once."""
+    if stack is None or x.device.type != "cpu":
         return 1
     return int(max(1, min(-(-x.shape[0] // chunk_size), GROUP_BYTES // max(1, 4 * chunk_size * n))))
 
@@ -698,21 +699,18 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
                 results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1) if parts else torch.zeros(rows, 0))
             continue
         if len(chunks) == 1:
-            zs = [None]
+            zs = None
             for offset, g in _blocks(model, plan, chunks[0][0]):
-                zs = stack.accumulate_chunks(zs, [g], offset)      # (dim × chunk) per projection
+                zs = stack.accumulate(zs, g, offset)          # (dim × chunk) per projection
         else:                                     # every chunk's blocks first, then each block for all of them
             blocks = [list(_blocks(model, plan, xc)) for xc, _ in chunks]
-            zs = [None] * len(chunks)
-            if all([o for o, _ in b] == [o for o, _ in blocks[0]] for b in blocks):
-                for k, (offset, _) in enumerate(blocks[0]):
-                    zs = stack.accumulate_chunks(zs, [b[k][1] for b in blocks], offset)
-            else:                                 # a layer left its rule in a later chunk: one chunk at a time
-                for c, b in enumerate(blocks):
-                    for offset, g in b:
-                        zs[c] = stack.accumulate(zs[c], g, offset)
+            if any([o for o, _ in b] != [o for o, _ in blocks[0]] for b in blocks):
+                raise RuntimeError("the chunks of one batch gave different blocks")   # the plan settles in chunk 1
+            zs = None
+            for k, (offset, _) in enumerate(blocks[0]):
+                zs = stack.accumulate_chunks(zs, [b[k][1] for b in blocks], offset)   # (dim × chunks·chunk)
             del blocks
-        results += [[z.t()[:rows] for z in zc] for zc, (_, rows) in zip(zs, chunks)]
+        results += [[z[:, c * chunk_size:c * chunk_size + rows].t() for z in zs] for c, (_, rows) in enumerate(chunks)]
     if stack is None:
         return torch.cat(results) if results else torch.zeros(0, n_features(model))
     out = [torch.cat([r[i] for r in results]) for i in range(len(projs))]
