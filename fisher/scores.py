@@ -88,10 +88,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fisher.projection import ProjectionStack, SparseProjection
+from fisher.projection import DENSE_ABOVE, ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 32
-GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (CPU)
+GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (CPU, dense projections)
 FALLBACK = "vmap"
 # A strided / transposed conv with fewer (in × out channels per group) than this, and no kernel
 # offset pinned by a mask, takes one grouped convolution_backward per call (images as groups);
@@ -641,11 +641,12 @@ def _standard_strides(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
-def _chunks_per_group(stack: ProjectionStack | None, x: torch.Tensor, chunk_size: int, n: int) -> int:
-    """How many chunks to project together (on the CPU: each non-zero of a sparse member, each expanded
-    block of a dense one, applied to all of them in one pass): as many as fit ``GROUP_BYTES`` of scores held
-    at once."""
-    if stack is None or x.device.type != "cpu":
+def _chunks_per_group(stack, x: torch.Tensor, chunk_size: int, n: int) -> int:
+    """How many chunks to project together: on the CPU, a stack with dense members expands each of their
+    blocks once per group (the expansion costs about what the block's product does; each non-zero of its
+    sparse members is applied to the whole group in one pass too), so several chunks' scores are held at
+    once, up to ``GROUP_BYTES``. Sparse-only stacks gain little from it and keep one chunk's memory."""
+    if stack is None or x.device.type != "cpu" or not any(p.density > DENSE_ABOVE for p in stack.projections):
         return 1
     return int(max(1, min(-(-x.shape[0] // chunk_size), GROUP_BYTES // max(1, 4 * chunk_size * n))))
 

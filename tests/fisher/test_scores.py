@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fisher.models import PixelCNN
-from fisher.projection import SparseProjection
+from fisher.projection import ProjectionStack, SparseProjection
 from fisher.scores import (
     activations,
     fisher_scores,
@@ -112,3 +112,22 @@ def test_embedding_independent_of_memory_layout(binary_model):
     assert odd.stride() != x.stride()
     p = SparseProjection(n_features(binary_model), 32, seed=0)
     assert torch.equal(fisher_scores(binary_model, odd, p, chunk_size=16), fisher_scores(binary_model, x, p, chunk_size=16))
+
+
+def test_chunks_projected_together_give_each_images_bits(binary_model, monkeypatch):
+    """On the CPU a batch's chunks are projected together (each non-zero and each expanded dense block applied
+    to all of them in one pass): every image keeps the bits it gets alone, for sparse members walked by rows
+    and by columns and for dense ones."""
+    import fisher.scores as scores
+    n = n_features(binary_model)
+    projs = [SparseProjection(n, 48, seed=2), SparseProjection(n, 4096, 0.05, seed=3), SparseProjection(n, 40, 1.0, seed=4)]
+    x = torch.randint(0, 2, (37, 1, 12, 12))
+    grouped = fisher_scores(binary_model, x, ProjectionStack(projs), chunk_size=16)
+    assert scores._chunks_per_group(None, x, 16, n) == 1 and scores._chunks_per_group(ProjectionStack(projs), x, 16, n) == 3
+    assert scores._chunks_per_group(ProjectionStack(projs[:2]), x, 16, n) == 1        # sparse only: one chunk's memory
+    monkeypatch.setattr(scores, "GROUP_BYTES", 1)                          # one chunk at a time
+    alone = fisher_scores(binary_model, x, projs, chunk_size=16)
+    each = [torch.cat([fisher_scores(binary_model, x[i:i + 1], p, chunk_size=16) for i in range(37)]) for p in projs]
+    for g, a, e in zip(grouped, alone, each):
+        assert torch.equal(g.view(torch.int32), a.view(torch.int32))
+        assert torch.equal(g.view(torch.int32), e.view(torch.int32))

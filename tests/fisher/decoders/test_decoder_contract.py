@@ -10,6 +10,7 @@ TINY = {
     "conv": ({"base_channels": 8}, (8, 8, 1), 2),
     "celeba_conv": ({"channels": 8}, (8, 8, 3), 4),
     "pixels": ({}, (2, 3, 1), 2),                 # the identity: z_dim = H·W·C = 6
+    "realnvp": ({"features": 4, "blocks": 1}, (8, 8, 3), 4),
 }
 
 
