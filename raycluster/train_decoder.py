@@ -16,6 +16,7 @@ the mean squared error of the decoder's expected image on [0, 1] pixels.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def _loop(config: dict) -> None:
     def on_epoch(epoch, metrics, decoder, opt):
         metrics = {**metrics, "resumed_after_epoch": start["epoch"] if start else 0}
         history.append(metrics)
-        config["progress"].set(epoch, info=_result_text(metrics))
+        config["progress"].set(epoch, info=_result_text(metrics, config["levels"]))
         report_files(ray.train.report, Checkpoint, metrics,
                      train_state_files(decoder, "decoder", opt, epoch, history, metrics))
 
@@ -96,7 +97,8 @@ def run(args: TrainDecoderOptions) -> None:
                               **decoder_config).trainable
     need = training_bytes(lambda: build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),
                                                 **decoder_config),
-                          lambda m, n: m(torch.zeros(n, int(dim))), args.batch_size)
+                          lambda m, n: m.loss(torch.zeros(n, int(dim)), torch.zeros(n, *_chw(data), dtype=torch.long)),
+                          args.batch_size)
     check_memory(args, need, f"--decoder {args.decoder} for {dim}-dim embeddings at --batch-size {args.batch_size}")
     cfg = DecoderTrainConfig(decoder=args.decoder, decoder_config=decoder_config, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -127,13 +129,25 @@ def run(args: TrainDecoderOptions) -> None:
         m = _write_untrained(args, cfg, data)
     write_manifest(args.out, "train-decoder", stage_config, inputs=inputs, embeddings=args.embeddings,
                    data=args.data, metrics=m, image_shape=data["image_shape"], levels=data_levels(data))
-    console.say(f"decoder written to {args.out}: {_result_text(m)}")
+    console.say(f"decoder written to {args.out}: {_result_text(m, data_levels(data))}")
 
 
-def _result_text(m: dict) -> str:
-    """A decoder's test error in words: BCE (nats per sub-pixel) where it has a likelihood, and MSE."""
-    bce = m.get("test_bce_nats_per_pixel")
-    return ("" if bce is None else f"test BCE {bce:.4f} nats/pixel, ") + f"MSE {m['test_mse']:.4f}"
+def _chw(data: dict) -> tuple[int, int, int]:
+    h, w, c = data["image_shape"]
+    return c, h, w
+
+
+def _result_text(m: dict, levels: int = 2) -> str:
+    """A decoder's test error in words: where it has a likelihood, BCE (nats per pixel, binary data) or the
+    NLL in nats per sub-pixel and bits/dim (more levels); then the MSE."""
+    nll = m.get("test_bce_nats_per_pixel")
+    if nll is None:
+        loss = ""
+    elif levels == 2:
+        loss = f"test BCE {nll:.4f} nats/pixel, "
+    else:
+        loss = f"test NLL {nll / math.log(2):.3f} bits/dim ({nll:.4f} nats/sub-pixel), "
+    return loss + f"MSE {m['test_mse']:.4f}"
 
 
 def _write_untrained(args: TrainDecoderOptions, cfg: DecoderTrainConfig, data: dict) -> dict:
