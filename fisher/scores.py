@@ -705,11 +705,18 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
                 zs = stack.accumulate(zs, g, offset)          # (dim × chunk) per projection
         else:                                     # every chunk's blocks first, then each block for all of them
             blocks = [list(_blocks(model, plan, xc)) for xc, _ in chunks]
-            if any([o for o, _ in b] != [o for o, _ in blocks[0]] for b in blocks):
-                raise RuntimeError("the chunks of one batch gave different blocks")   # the plan settles in chunk 1
             zs = None
-            for k, (offset, _) in enumerate(blocks[0]):
-                zs = stack.accumulate_chunks(zs, [b[k][1] for b in blocks], offset)   # (dim × chunks·chunk)
+            if all([o for o, _ in b] == [o for o, _ in blocks[0]] for b in blocks):
+                for k, (offset, _) in enumerate(blocks[0]):
+                    zs = stack.accumulate_chunks(zs, [b[k][1] for b in blocks], offset)   # (dim × chunks·chunk)
+            else:                                 # a layer left its rule in a later chunk: one chunk at a time
+                each = []
+                for b in blocks:
+                    zc = None
+                    for offset, g in b:
+                        zc = stack.accumulate(zc, g, offset)
+                    each.append(zc)
+                zs = [torch.cat(parts, 1) for parts in zip(*each)]
             del blocks
         results += [[z[:, c * chunk_size:c * chunk_size + rows].t() for z in zs] for c, (_, rows) in enumerate(chunks)]
     if stack is None:

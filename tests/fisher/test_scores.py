@@ -131,3 +131,24 @@ def test_chunks_projected_together_give_each_images_bits(binary_model, monkeypat
     for g, a, e in zip(grouped, alone, each):
         assert torch.equal(g.view(torch.int32), a.view(torch.int32))
         assert torch.equal(g.view(torch.int32), e.view(torch.int32))
+
+
+def test_chunks_whose_blocks_differ_are_projected_one_by_one(binary_model, monkeypatch):
+    """If a later chunk's blocks come in another order (a layer leaving its rule mid-batch), the group falls
+    back to one chunk at a time: the same scores, up to the summation order."""
+    import fisher.scores as scores
+    n = n_features(binary_model)
+    stack = ProjectionStack([SparseProjection(n, 48, seed=2), SparseProjection(n, 40, 1.0, seed=4)])
+    x = torch.randint(0, 2, (40, 1, 12, 12))
+    want = fisher_scores(binary_model, x, stack, chunk_size=16)
+    real, calls = scores._blocks, []
+
+    def shuffled(model, plan, xc):
+        calls.append(1)
+        blocks = list(real(model, plan, xc))
+        return blocks[::-1] if len(calls) % 3 == 2 else blocks
+    monkeypatch.setattr(scores, "_blocks", shuffled)
+    got = fisher_scores(binary_model, x, stack, chunk_size=16)
+    assert len(calls) == 3
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6) and not torch.equal(g, w)
