@@ -14,8 +14,10 @@ Non-zeros are drawn as geometric gaps between positions of the block
 without touching the zeros. It is stored column-compressed (int32 rows and
 int8 signs, in two bands of rows) or, at density 1, as one sign bit per entry;
 never as a float array. Products slice it into per-layer column blocks, so
-per-layer gradients are projected as they are produced, and expand only the
-4096-column float32 blocks a dense product needs (:class:`ProjectionStack`).
+per-layer gradients are projected as they are produced, multiply sparse blocks
+with two small compiled kernels (Numba) whose float32 operations are those of a
+sparse matrix product, in its order, and expand only the 4096-column float32
+blocks a dense product needs (:class:`ProjectionStack`).
 """
 from __future__ import annotations
 
@@ -369,14 +371,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 class ProjectionStack:
     """Several projections applied to one block of features.
 
-    On the CPU nothing is cached: sparse members are multiplied band of rows by band of rows as SciPy CSC
-    views of their stored non-zeros (whose product walks the gradient rows once and scatters into the
-    cache-sized output, about 3x faster here than torch's CSR kernel), and dense members (density above
-    ``DENSE_ABOVE``) are expanded ``WIDTH`` columns at a time into float32 blocks multiplied by one
-    single-threaded GEMM each; the blocks' products are summed in a fixed order. So the result does
-    not depend on the thread count (and so on how many actors share a node) while the products run on
-    all of torch's threads at once, one per task, and memory stays at the stored matrices plus one
-    block per thread. (A GEMM run on several threads may split its long inner dimension among them,
+    On the CPU sparse members are multiplied by the compiled kernels of :func:`_kernels`: a block at
+    least ``dim`` features wide walks the stored columns band of rows by band of rows, a narrower one a
+    row-major copy of its columns (:meth:`SparseProjection.row_major`, the only thing cached), in parts
+    of about equal work; dense members (density above ``DENSE_ABOVE``) are expanded ``WIDTH`` columns at
+    a time into float32 blocks multiplied by one single-threaded GEMM each (per chunk of images, so
+    :meth:`accumulate_chunks` expands each block once for all its chunks); the blocks' products are
+    summed in a fixed order. So the result does not depend on the thread count (and so on how many
+    actors share a node) while the products run on all of torch's threads at once, one per task, and
+    memory stays at the stored matrices plus one block per thread. (A GEMM run on several threads may split its long inner dimension among them,
     which changes its round-off.) On GPUs the stacked members are built once per (offset, width) and
     cached as a torch CSR matrix (cuSPARSE) and a dense matrix.
     """
