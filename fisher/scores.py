@@ -88,7 +88,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fisher.projection import DENSE_ABOVE, ProjectionStack, SparseProjection
+from fisher.projection import ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 32
 GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (CPU, dense projections)
@@ -641,12 +641,20 @@ def _standard_strides(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
-def _chunks_per_group(stack, x: torch.Tensor, chunk_size: int, n: int) -> int:
+def _project(stack: ProjectionStack, blocks) -> list[torch.Tensor]:
+    """The (dim × chunk) sums of one chunk's (offset, block) pairs, block by block."""
+    zs = None
+    for offset, g in blocks:
+        zs = stack.accumulate(zs, g, offset)
+    return zs
+
+
+def _chunks_per_group(stack: ProjectionStack | None, x: torch.Tensor, chunk_size: int, n: int) -> int:
     """How many chunks to project together: on the CPU, a stack with dense members expands each of their
     blocks once per group (the expansion costs about what the block's product does; each non-zero of its
     sparse members is applied to the whole group in one pass too), so several chunks' scores are held at
     once, up to ``GROUP_BYTES``. Sparse-only stacks gain little from it and keep one chunk's memory."""
-    if stack is None or x.device.type != "cpu" or not any(p.density > DENSE_ABOVE for p in stack.projections):
+    if stack is None or x.device.type != "cpu" or not stack._dense:
         return 1
     return int(max(1, min(-(-x.shape[0] // chunk_size), GROUP_BYTES // max(1, 4 * chunk_size * n))))
 
@@ -699,10 +707,8 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
                 parts = dict(_blocks(model, plan, xc))
                 results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1) if parts else torch.zeros(rows, 0))
             continue
-        if len(chunks) == 1:
-            zs = None
-            for offset, g in _blocks(model, plan, chunks[0][0]):
-                zs = stack.accumulate(zs, g, offset)          # (dim × chunk) per projection
+        if len(chunks) == 1:                      # blocks projected as they are produced
+            zs = _project(stack, _blocks(model, plan, chunks[0][0]))
         else:                                     # every chunk's blocks first, then each block for all of them
             blocks = [list(_blocks(model, plan, xc)) for xc, _ in chunks]
             zs = None
@@ -710,13 +716,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
                 for k, (offset, _) in enumerate(blocks[0]):
                     zs = stack.accumulate_chunks(zs, [b[k][1] for b in blocks], offset)   # (dim × chunks·chunk)
             else:                                 # a layer left its rule in a later chunk: one chunk at a time
-                each = []
-                for b in blocks:
-                    zc = None
-                    for offset, g in b:
-                        zc = stack.accumulate(zc, g, offset)
-                    each.append(zc)
-                zs = [torch.cat(parts, 1) for parts in zip(*each)]
+                zs = [torch.cat(parts, 1) for parts in zip(*(_project(stack, b) for b in blocks))]
             del blocks
         results += [[z[:, c * chunk_size:c * chunk_size + rows].t() for z in zs] for c, (_, rows) in enumerate(chunks)]
     if stack is None:

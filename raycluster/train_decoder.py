@@ -95,9 +95,10 @@ def run(args: TrainDecoderOptions) -> None:
     dim = emb["columns"][args.column].get("dim") or 1
     trainable = build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),   # a misfit: now
                               **decoder_config).trainable
+    h, w, c = data["image_shape"]
     need = training_bytes(lambda: build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),
                                                 **decoder_config),
-                          lambda m, n: m.loss(torch.zeros(n, int(dim)), torch.zeros(n, *_chw(data), dtype=torch.long)),
+                          lambda m, n: m.loss(torch.zeros(n, int(dim)), torch.zeros(n, c, h, w, dtype=torch.long)),
                           args.batch_size)
     check_memory(args, need, f"--decoder {args.decoder} for {dim}-dim embeddings at --batch-size {args.batch_size}")
     cfg = DecoderTrainConfig(decoder=args.decoder, decoder_config=decoder_config, epochs=args.epochs,
@@ -130,11 +131,6 @@ def run(args: TrainDecoderOptions) -> None:
     write_manifest(args.out, "train-decoder", stage_config, inputs=inputs, embeddings=args.embeddings,
                    data=args.data, metrics=m, image_shape=data["image_shape"], levels=data_levels(data))
     console.say(f"decoder written to {args.out}: {_result_text(m, data_levels(data))}")
-
-
-def _chw(data: dict) -> tuple[int, int, int]:
-    h, w, c = data["image_shape"]
-    return c, h, w
 
 
 def _result_text(m: dict, levels: int = 2) -> str:

@@ -182,7 +182,7 @@ def _n_scales(h: int, w: int, scales: int) -> int:
     while (n < scales if scales else (h % 2 == 0 and w % 2 == 0 and min(h, w) // 2 >= 4)):
         if h % 2 or w % 2:
             raise FisherError(f"decoder 'realnvp': scales={scales} needs sides divisible by 2^{scales}; "
-                              f"the image is {h}x{w} at scale {n}")
+                              f"the image is {h}x{w} at scale {n}; pass a smaller --scales (0: as many as fit)")
         h, w, n = h // 2, w // 2, n + 1
     return n
 
