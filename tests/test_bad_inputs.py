@@ -606,6 +606,11 @@ CASES = [
      r"dec-copy/weights\.pt: does not match the architecture in module\.json \(size mismatch"),
     ("decoder-option-of-another-decoder", None, [*DECODE, "--channels", "8"],
      r"--channels: not an option of decoder 'conv' \(passed with --decoder conv\); its options: --base-channels"),
+    ("decoder-realnvp-temperature", None, [*DECODE, "--decoder", "realnvp", "--temperature", "-1"],
+     r"decoder 'realnvp': invalid config \{'temperature': -1\.0\} \(temperature=-1\.0: must be a finite number >= 0\)"),
+    ("decoder-realnvp-scales", None, [*DECODE, "--decoder", "realnvp", "--scales", "3"],
+     r"decoder 'realnvp': scales=3 needs sides divisible by 2\^3; the image is 7x7 at scale 2; pass a smaller "
+     r"--scales \(0: as many as fit\)"),
     ("interpolate-prior-as-decoder", lambda c: {"dec": c.good["prior"]}, ["interpolate", *INPUTS],
      r"prior/module\.json: a 'prior' checkpoint, not a decoder; pass a decoder checkpoint directory"),
     ("interpolate-decoder-inf", _poisoned("dec", float("-inf")), ["interpolate", *INPUTS],
