@@ -39,6 +39,7 @@ class TrainDecoderOptions(TrainerOptions):
     data: str = option(help="prepared data directory the embeddings were made from")
     column: str = option("z", help="embedding column to decode from (default z)")
     out: str = option(help="decoder checkpoint directory to write")
+    lr: float | None = option(None, help="Adam learning rate (default: the decoder's; paper 1e-3, wgan 2e-4)")
     decoder: str = option("conv", help="decoder architecture: a registered name (see the decoder options)")
     decoder_config: dict = option(default_factory=dict, architecture=DECODERS,
                                   help="decoder architecture (each decoder's own options)")

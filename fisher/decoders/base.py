@@ -9,6 +9,8 @@ A decoder is built as ``cls(z_dim, image_shape, levels, **config)`` with ``image
 * ``generate(z, generator)``: what interpolation strips, edits and FID decode to, on [0, 1]:
   ``mean(z)`` when ``generates == "mean"`` (the conv decoders), a sample scaled to [0, 1] when
   ``generates == "sample"`` (flows, GANs, autoregressive decoders);
+* ``make_optimizer(lr)``: the optimizer ``train_step`` gets (Adam by default; ``default_lr`` is the
+  learning rate when none is given: the paper's 1e-3, or the decoder's own);
 * ``train_step(opt, z, x)``: one optimisation step, returns {"loss": float}; adversarial decoders
   (no likelihood: ``has_likelihood = False``) override it with their own step;
 * ``reconstruction_metrics(z, x)``: batch sums for the test reconstruction error
@@ -26,6 +28,8 @@ Likelihood decoders implement ``decode(z_standardized)`` returning the parameter
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn as nn
 
@@ -39,6 +43,7 @@ class Decoder(nn.Module):
     generates = "mean"          # what interpolation and FID use: "mean" or "sample"
     has_likelihood = True
     trainable = True            # False: nothing to optimise (the pixel baseline's identity decoder)
+    default_lr = 1e-3           # Adam's learning rate when the trainer is given none (paper sec. 5.1/5.2)
 
     def __init__(self, z_dim: int, image_shape=None, levels: int | None = None, likelihood: Likelihood | None = None):
         super().__init__()
@@ -95,6 +100,9 @@ class Decoder(nn.Module):
         raise FisherError(f"decoder {self.registered_name!r}: generates={self.generates!r}, "
                           "expected 'mean' or 'sample'")
 
+    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.default_lr if lr is None else lr)
+
     def train_step(self, opt: torch.optim.Optimizer, z: torch.Tensor, x: torch.Tensor) -> dict:
         self.train()
         opt.zero_grad(set_to_none=True)
@@ -116,3 +124,15 @@ class Decoder(nn.Module):
         se = (gen - x.to(gen.dtype) / (self.levels - 1)).square()
         return {"nll_sum": float(nll.double().sum()), "se_sum": float(se.double().sum()),
                 "n_subpixels": x.numel(), "n_images": x.shape[0]}
+
+
+def row_generators(z: torch.Tensor, seed: int, salt: int = 0) -> list[torch.Generator]:
+    """One CPU generator per row of ``z``, seeded by ``seed``, ``salt`` and the row's float32 bytes: a decoder
+    that samples draws each image's noise from its own generator, so the same z decodes to the same image
+    whatever batch it is in, and a run's strips and FID repeat."""
+    rows = z.detach().to("cpu", torch.float32).contiguous().numpy()
+    gens = []
+    for row in rows:
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=f"{seed}:{salt}".encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+    return gens

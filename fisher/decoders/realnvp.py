@@ -39,17 +39,15 @@ image, whatever the batch it is in.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from fisher.decoders.base import Decoder
+from fisher.decoders.base import Decoder, row_generators
 from fisher.decoders.registry import DECODERS
 from fisher.errors import FisherError
 
@@ -264,28 +262,19 @@ class RealNVPDecoder(Decoder):
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         raise FisherError("decoder 'realnvp' has no closed-form mean; it decodes by sampling (generate)")
 
-    def _generators(self, z: torch.Tensor, salt: int) -> list[torch.Generator]:
-        """One generator per row of ``z``, seeded by ``sample_seed``, ``salt`` and the row's bytes."""
-        rows = z.detach().to("cpu", torch.float32).contiguous().numpy()
-        gens = []
-        for row in rows:
-            digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=f"{self.seed}:{salt}".encode()).digest()
-            gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
-        return gens
-
     def _noise(self, shapes, gens, rand=torch.randn) -> list[torch.Tensor]:
         return [torch.stack([rand(*shape, generator=g) for g in gens]) for shape in shapes]
 
     def _dequantization(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """u ~ U[0, 1) of the shape of ``x``, seeded per image by its embedding row."""
-        return self._noise([tuple(x.shape[1:])], self._generators(z, 1), torch.rand)[0].to(x.device)
+        return self._noise([tuple(x.shape[1:])], row_generators(z, self.seed, 1), torch.rand)[0].to(x.device)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x ~ p(x | z) at ``temperature``: integer images (B, C, H, W). Without ``generator`` the noise of
         each image is seeded by its embedding row (module docstring)."""
         if generator is None:
-            eps = [e.to(z.device) for e in self._noise(self.shapes, self._generators(z, 0))]
+            eps = [e.to(z.device) for e in self._noise(self.shapes, row_generators(z, self.seed, 0))]
         else:
             eps = [torch.randn(len(z), *s, generator=generator).to(z.device) for s in self.shapes]
         v = self.inverse([e * self.temperature for e in eps], self.standardize(z))

@@ -27,12 +27,12 @@ from fisher.likelihoods import likelihood_for
 @dataclass
 class DecoderTrainConfig:
     """Paper defaults (sec. 5.1/5.2): Adam, lr 1e-3, batch 128; ``decoder`` is a registry name and
-    ``decoder_config`` that decoder's options."""
+    ``decoder_config`` that decoder's options; ``lr`` None: the decoder's ``default_lr``."""
     decoder: str = "conv"
     decoder_config: dict = field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | None = None
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -116,7 +116,7 @@ def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.T
         if on_epoch is not None:
             on_epoch(0, metrics, decoder, None)
         return decoder, metrics
-    opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    opt = decoder.make_optimizer(cfg.lr)
     first = 0
     if start:
         decoder.load_state_dict(start["weights"])

@@ -117,8 +117,9 @@ def test_training_reduces_loss():
     x = torch.randint(0, 2, (64, 1, 28, 28))
     dec = build_decoder("conv", 16, (28, 28, 1), 2)
     cfg = DecoderTrainConfig()
-    assert (cfg.lr, cfg.batch_size, cfg.decoder) == (1e-3, 128, "conv")
-    opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
+    assert (cfg.lr, cfg.batch_size, cfg.decoder) == (None, 128, "conv")     # None: the decoder's own default
+    opt = dec.make_optimizer(cfg.lr)
+    assert opt.defaults["lr"] == 1e-3 and type(opt) is torch.optim.Adam     # the paper's Adam at 1e-3
     losses = [decoder_train_step(dec, opt, z, x, 2) for _ in range(40)]
     assert losses[0] > 0.95 * 784 * math.log(2)        # an untrained decoder knows nothing: >= ln 2 per pixel
     assert losses[-1] < 0.6 * losses[0], losses[::5]
