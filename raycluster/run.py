@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fisher.io import FisherError, atomic_write_bytes, claim_output, exists, join, read_json
+from fisher.reports.run import decoder_sections, row_name
 from raycluster import console
 from raycluster.options import add_options, from_mapping, option
 from raycluster.runtime import RayOptions
@@ -92,9 +93,10 @@ RESERVED_LABELS = ("data", "logs")             # top-level directories of a run
 
 
 def _sections(preset: dict) -> list[str]:
-    """The names ``--set SECTION.KEY=VALUE`` accepts: top-level objects, and ``priors.<label>``."""
-    names = [k for k, v in preset.items() if isinstance(v, dict) and k != "priors"]
-    return names + [f"priors.{k}" for k in (preset.get("priors") or {})]
+    """The names ``--set SECTION.KEY=VALUE`` accepts: top-level objects, ``priors.<label>`` and
+    ``decoders.<label>``."""
+    names = [k for k, v in preset.items() if isinstance(v, dict) and k not in ("priors", "decoders")]
+    return names + [f"{s}.{k}" for s in ("priors", "decoders") for k in (preset.get(s) or {})]
 
 
 def prior_sections(preset: dict) -> dict[str, dict]:
@@ -115,26 +117,36 @@ def _read_preset(path: Path) -> dict:
         raise FisherError(f"{path}: a preset is a JSON object of sections, not a {type(preset).__name__}")
     if preset.get("dataset") not in ("mnist", "celeba"):
         raise FisherError(f"{path}: 'dataset' is {preset.get('dataset')!r}; expected \"mnist\" or \"celeba\"")
-    priors = preset.get("priors")
-    if priors is not None:
-        if "prior" in preset:
-            raise FisherError(f"{path}: has both 'prior' and 'priors'; keep one ('priors' compares several, "
-                              "one section per label)")
-        if not isinstance(priors, dict) or not priors or not all(isinstance(v, dict) for v in priors.values()):
-            raise FisherError(f"{path}: 'priors' is {priors!r:.40}; expected an object of prior sections, e.g. "
-                              '{"pixelcnn": {"builtin": "celeba32-pixelcnn", "train": false}}')
-        for label in priors:
-            if not PRIOR_LABEL.fullmatch(label) or label in RESERVED_LABELS:
-                raise FisherError(f"{path}: prior label {label!r:.40} must be a lower-case name (a-z, 0-9, _; "
-                                  f"not {' or '.join(RESERVED_LABELS)}): it names the prior's directory in the run")
+    priors = _labelled(path, preset, "priors", "prior", '{"pixelcnn": {"builtin": "celeba32-pixelcnn", "train": false}}')
+    decoders = _labelled(path, preset, "decoders", "decoder", '{"conv": {"decoder": "conv"}, "realnvp": {"decoder": '
+                                                              '"realnvp"}}')
     for section in REQUIRED_SECTIONS + OPTIONAL_SECTIONS:
-        if section == "prior" and priors is not None:
+        if (section == "prior" and priors is not None) or (section == "decoder" and decoders is not None):
             continue
         value = preset.get(section, {} if section in REQUIRED_SECTIONS else None)
         if not isinstance(value, dict) and not (value is None and section in OPTIONAL_SECTIONS):
             raise FisherError(f"{path}: section '{section}' is {value!r:.40}, not a JSON object of options"
                               + ("" if section in REQUIRED_SECTIONS else " (or null to skip it)"))
     return preset
+
+
+def _labelled(path: Path, preset: dict, several: str, one: str, example: str) -> dict | None:
+    """A preset's ``priors`` / ``decoders`` object ({label: section}, comparing several), checked: exclusive
+    with the one-section key, non-empty, object-valued, labels usable as directory names."""
+    sections = preset.get(several)
+    if sections is None:
+        return None
+    if one in preset:
+        raise FisherError(f"{path}: has both '{one}' and '{several}'; keep one ('{several}' compares several, "
+                          "one section per label)")
+    if not isinstance(sections, dict) or not sections or not all(isinstance(v, dict) for v in sections.values()):
+        raise FisherError(f"{path}: '{several}' is {sections!r:.40}; expected an object of {one} sections, e.g. "
+                          + example)
+    for label in sections:
+        if not PRIOR_LABEL.fullmatch(label) or label in RESERVED_LABELS:
+            raise FisherError(f"{path}: {one} label {label!r:.40} must be a lower-case name (a-z, 0-9, _; "
+                              f"not {' or '.join(RESERVED_LABELS)}): it names the {one}'s directories in the run")
+    return sections
 
 
 @dataclass
@@ -281,7 +293,8 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
     """Every step's options object, built (and so checked, value by value) before the first step runs.
 
     Returns the steps and, per prior label ("" for a one-prior preset), the embeddings the report reads
-    ({label: {kind: (directory, column)}}). With several priors (preset key ``priors``) each prior's
+    ({label: {row: (directory, column)}}, a row being an embedding kind, or ``<kind>-<decoder label>`` in
+    a preset with several ``decoders``). With several priors (preset key ``priors``) each prior's
     steps write under ``OUT/<label>/``; the data and the pixel baseline, which no prior changes, are
     made once, at the top of the run (label "" in the result)."""
     from raycluster import prepare
@@ -331,7 +344,7 @@ class _Planner:
 
     def prior_steps(self, steps: list, label: str, section: dict, kinds: list[str]) -> dict:
         """The steps of one prior (train-prior unless builtin, baselines, sweep, embeddings and everything
-        after them); returns {kind: (embedding dir, column)}."""
+        after them); returns {row: (embedding dir, column)} (:func:`row_name`)."""
         from fisher.embedding import EmbedSpec
         from raycluster import embed, sweep, train_prior
         name = f"priors.{label}" if label else "prior"
@@ -384,8 +397,9 @@ class _Planner:
         return self.kind_steps(steps, label, projection, kinds, reuse)
 
     def kind_steps(self, steps: list, label: str, projection, kinds: list[str], reuse: dict | None = None) -> dict:
-        """Embeddings (unless ``reuse`` holds them), probes, decoders, strips, edits and FID per kind."""
-        from raycluster import embed, evaluate, probe, train_decoder
+        """Embeddings (unless ``reuse`` holds them) and probes per kind; decoders, strips, edits and FID per
+        kind and decoder section (:meth:`decoder_steps`); returns {row: (embedding dir, column)}."""
+        from raycluster import embed, probe
         d, tag, preset, data = (lambda *p: self.d(label, *p)), (f"{label}/" if label else ""), self.preset, \
             join(self.args.out, "data")
         if projection is None:                 # the pixel baseline of a several-prior run: no prior at all
@@ -403,49 +417,59 @@ class _Planner:
             steps.append(Step(f"{tag}embed-{kind}", "embed", embed.run, options, self._rel(label, f"emb-{kind}/manifest.json")))
         kinds_out = {k: kinds_out[k] for k in kinds}
         evaluate_section = {k: v for k, v in (preset.get("evaluate") or {}).items() if k != "seeds"}
-        decoder_section = dict(preset.get("decoder") or {})
         suffixes = seed_suffixes(preset)
+        rows = {}
         for kind, (edir, col) in kinds_out.items():
             common = {"embeddings": edir, "data": data, "column": col, **self.ray}
             steps.append(Step(f"{tag}probe-{kind}", "probe", probe.run,
                               self.opts(probe.ProbeOptions, "probe", "probe", preset.get("probe") or {},
                                         embeddings=edir, data=data, column=col, out=d(f"probe-{kind}")),
                               self._rel(label, f"probe-{kind}/manifest.json")))
-            section = {"decoder": "pixels"} if kind == "pixel" else decoder_section
-            for k, sfx in enumerate(suffixes if kind != "pixel" else [""]):
-                seeded = {**section, "seed": _base_seed(section, "decoder", self.where_of("decoder")) + k}
-                dec = self.opts(train_decoder.TrainDecoderOptions, "decoder", "train-decoder", seeded,
-                                out=d(f"decoder-{kind}{sfx}"), **common)
-                steps.append(Step(f"{tag}decoder-{kind}{sfx}", "train-decoder", train_decoder.run, dec,
-                                  self._rel(label, f"decoder-{kind}{sfx}/manifest.json")))
-            for k, sfx in enumerate(suffixes):
-                dec_dir = d(f"decoder-{kind}{sfx if kind != 'pixel' else ''}")
-                with_decoder = {**common, "decoder": dec_dir}
-                if k == 0:
-                    steps.append(Step(f"{tag}interpolate-{kind}", "interpolate", evaluate.run_interpolate,
-                                      self.opts(evaluate.InterpolateOptions, "interpolate", "interpolate",
-                                                out=d(f"interpolate-{kind}"), **with_decoder),
-                                      self._rel(label, f"interpolate-{kind}/manifest.json")))
-                    if preset.get("edit") and kind != "pixel":
-                        edit = preset["edit"]
-                        names = edit.get("attributes") or []
-                        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                            raise FisherError(f"{self.where_of('edit')('attributes')}: edit.attributes is "
-                                              f"{names!r:.40}, not a list of attribute names; pass e.g. "
-                                              '["Smiling", "Eyeglasses"]')
-                        steps.append(Step(f"{tag}edit-{kind}", "edit", evaluate.run_edit,
-                                          self.opts(evaluate.EditOptions, "edit", "edit",
-                                                    {k: v for k, v in edit.items() if k != "attributes"},
-                                                    out=d(f"edit-{kind}"), attribute=",".join(names),
-                                                    **with_decoder), self._rel(label, f"edit-{kind}/manifest.json")))
-                seeded = {**evaluate_section,
-                          "seed": _base_seed(evaluate_section, "evaluate", self.where_of("evaluate")) + k}
-                steps.append(Step(f"{tag}fid-{kind}{sfx}", "evaluate", evaluate.run_evaluate,
-                                  self.opts(evaluate.EvaluateOptions, "evaluate", "evaluate", seeded,
-                                            out=d(f"fid-{kind}{sfx}"), label=f"{kind}/{section.get('decoder', 'conv')}",
-                                            fid_weights=self.args.fid_weights, **with_decoder),
-                                  self._rel(label, f"fid-{kind}{sfx}/fid.json")))
-        return kinds_out
+            decoders = {"": {"decoder": "pixels"}} if kind == "pixel" else decoder_sections(preset)
+            for dlabel, section in decoders.items():
+                row = row_name(kind, dlabel)
+                rows[row] = (edir, col)
+                self.decoder_steps(steps, label, row, kind, dlabel, section, common, evaluate_section, suffixes)
+        return rows
+
+    def decoder_steps(self, steps: list, label: str, row: str, kind: str, dlabel: str, section: dict, common: dict,
+                      evaluate_section: dict, suffixes: list[str]) -> None:
+        """One report row: the decoders (one per seed) of one embedding kind, its strips, edits and FID."""
+        from raycluster import evaluate, train_decoder
+        d, tag, preset = (lambda *p: self.d(label, *p)), (f"{label}/" if label else ""), self.preset
+        name = f"decoders.{dlabel}" if dlabel else "decoder"
+        where = self.where_of(name)
+        for k, sfx in enumerate(suffixes if kind != "pixel" else [""]):
+            seeded = {**section, "seed": _base_seed(section, name, where) + k}
+            dec = self.opts(train_decoder.TrainDecoderOptions, name, "train-decoder", seeded,
+                            out=d(f"decoder-{row}{sfx}"), **common)
+            steps.append(Step(f"{tag}decoder-{row}{sfx}", "train-decoder", train_decoder.run, dec,
+                              self._rel(label, f"decoder-{row}{sfx}/manifest.json")))
+        for k, sfx in enumerate(suffixes):
+            with_decoder = {**common, "decoder": d(f"decoder-{row}{sfx if kind != 'pixel' else ''}")}
+            if k == 0:
+                steps.append(Step(f"{tag}interpolate-{row}", "interpolate", evaluate.run_interpolate,
+                                  self.opts(evaluate.InterpolateOptions, "interpolate", "interpolate",
+                                            out=d(f"interpolate-{row}"), **with_decoder),
+                                  self._rel(label, f"interpolate-{row}/manifest.json")))
+                if preset.get("edit") and kind != "pixel":
+                    edit = preset["edit"]
+                    names = edit.get("attributes") or []
+                    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                        raise FisherError(f"{self.where_of('edit')('attributes')}: edit.attributes is "
+                                          f"{names!r:.40}, not a list of attribute names; pass e.g. "
+                                          '["Smiling", "Eyeglasses"]')
+                    steps.append(Step(f"{tag}edit-{row}", "edit", evaluate.run_edit,
+                                      self.opts(evaluate.EditOptions, "edit", "edit",
+                                                {k: v for k, v in edit.items() if k != "attributes"},
+                                                out=d(f"edit-{row}"), attribute=",".join(names),
+                                                **with_decoder), self._rel(label, f"edit-{row}/manifest.json")))
+            seeded = {**evaluate_section, "seed": _base_seed(evaluate_section, "evaluate", self.where_of("evaluate")) + k}
+            steps.append(Step(f"{tag}fid-{row}{sfx}", "evaluate", evaluate.run_evaluate,
+                              self.opts(evaluate.EvaluateOptions, "evaluate", "evaluate", seeded,
+                                        out=d(f"fid-{row}{sfx}"), label=f"{kind}/{dlabel or section.get('decoder', 'conv')}",
+                                        fid_weights=self.args.fid_weights, **with_decoder),
+                              self._rel(label, f"fid-{row}{sfx}/fid.json")))
 
 
 def run(args: RunOptions) -> None:

@@ -742,6 +742,13 @@ CASES = [
                                      "priors.vae.epochs=3", "--out", "{out}"],
      r"--set priors\.vae\.epochs=3: expected SECTION\.KEY=VALUE with SECTION one of .*priors\.pixelcnn, "
      r"priors\.gated, priors\.pyramid"),
+    # several decoders (preset key "decoders", celeba-small): both keys, --set of a decoder that is not there
+    ("run-preset-decoder-and-decoders", _preset(_small_preset(decoders={"conv": {}})),
+     ["run", "--preset", "{preset}", "--out", "{out}"], r"preset\.json: has both 'decoder' and 'decoders'; keep one"),
+    ("run-set-unknown-decoder", celeba_raw, ["run", "--preset", "celeba-small", "--data", "{celeba}", "--set",
+                                       "decoders.wgan.epochs=3", "--out", "{out}"],
+     r"--set decoders\.wgan\.epochs=3: expected SECTION\.KEY=VALUE with SECTION one of .*decoders\.conv, "
+     r"decoders\.realnvp"),
     ("prepare-src-not-utf8", src_not_utf8, MNIST, r"--src '.*mnist-\\udcff': not a UTF-8 name; rename"),
     ("train-shard-without-image", shard_without_image, TRAIN,
      r"data-copy/train-00000\.parquet: no column 'image' \(has id, grey, label, split\); rerun `fisher prepare`"),

@@ -9,8 +9,9 @@ it writes nothing. :func:`write_report` writes ``report.md``.
 
 The artifacts a run directory holds: ``prior/`` (train-prior manifest: ``config['prior']`` is the
 prior's registry name, absent in old manifests, meaning "pixelcnn"; ``config['model']`` its
-architecture's config), ``data/`` (prepare), ``sweep/grid.md`` (optional), ``decoder-<kind>/``,
-``fid-<kind>/fid.json``, ``interpolate-<kind>/``, ``edit-<kind>/``.
+architecture's config), ``data/`` (prepare), ``sweep/grid.md`` (optional), ``probe-<kind>/`` and per report
+row (an embedding kind, or ``<kind>-<decoder label>`` where the preset has several ``decoders``)
+``decoder-<row>/``, ``fid-<row>/fid.json``, ``interpolate-<row>/``, ``edit-<row>/``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,28 @@ PRIOR_LABELS = {"pixelcnn": "PixelCNN", "gated": "Gated PixelCNN", "pyramid": "P
 
 
 DATA_KEYS = ("channels", "levels")          # config keys set from the data, left out of descriptions
+
+
+def decoder_sections(preset: dict) -> dict[str, dict]:
+    """{label: decoder section}: ``{"": decoder}`` for a one-decoder preset; the ``decoders`` object of a
+    preset that compares several (paper Figure 7: conv and RealNVP rows), whose steps write
+    ``decoder-<kind>-<label>/``, ``fid-<kind>-<label>/`` and so on: one report row ``<kind>-<label>`` each."""
+    return dict(preset["decoders"]) if preset.get("decoders") else {"": preset.get("decoder") or {}}
+
+
+def row_name(kind: str, decoder_label: str) -> str:
+    """The report row (and directory suffix) of one embedding kind decoded by one decoder section."""
+    return f"{kind}-{decoder_label}" if decoder_label else kind
+
+
+def row_kind(row: str) -> str:
+    """The embedding kind of a report row (kinds and decoder labels hold no '-')."""
+    return row.partition("-")[0]
+
+
+def row_kinds(rows) -> list[str]:
+    """The embedding kinds of report rows, each once, in order."""
+    return list(dict.fromkeys(row_kind(r) for r in rows))
 
 
 def _prior_name(config: dict) -> str:
@@ -102,18 +125,20 @@ def scale_note(preset: dict, prior: dict, paper: dict | None, paper_name: str | 
     paper_name = paper_name or f"{preset['dataset']}-paper"
     limit = preset.get("prepare", {}).get("limit")
     data = f"the first {limit} images of each split" if limit else "all the images given"
-    dec = preset.get("decoder", {})
+    decoders = "; ".join(f"{dec.get('decoder', '?')} decoders trained for {dec.get('epochs', '?')} epoch(s)"
+                         for dec in decoder_sections(preset).values())
     size = preset.get("prepare", {}).get("size")
     text = (f"This run used {data}" + (f" at {size}×{size}" if size else "") + f", {_prior_phrase(prior['config'])} "
             f"trained for {prior['metrics']['epoch']} epoch(s), "
-            f"{dec.get('decoder', '?')} decoders trained for {dec.get('epochs', '?')} epoch(s) (sweep cells: "
+            f"{decoders} (sweep cells: "
             f"{(preset.get('sweep') or {}).get('epochs', 'no sweep')}), and "
             f"{preset.get('evaluate', {}).get('pairs', '?')} FID pairs per α.")
     if paper:
         text += (f" The paper's setting (preset `{paper_name}`) has all the data"
                  + (f" at {paper['prepare']['size']}×{paper['prepare']['size']}"
                     if "size" in paper.get("prepare", {}) else "")
-                 + f", {_paper_priors(paper)}, {paper['decoder']['decoder']} decoders and "
+                 + f", {_paper_priors(paper)}, "
+                 + ", ".join(d.get("decoder", "?") for d in decoder_sections(paper).values()) + " decoders and "
                  f"{paper['evaluate']['pairs']} FID pairs.")
     return text + (" The protocol, models' shapes, projections and table layouts "
                    f"here are the paper's; the values are comparable with the paper's only for a paper-scale preset "
@@ -124,13 +149,21 @@ def scale_note(preset: dict, prior: dict, paper: dict | None, paper_name: str | 
 _RERUN = "delete the step's directory and rerun `fisher run` with the same --out"
 
 
-def _fid_results(out: str, kind: str, suffixes) -> list[dict]:
-    return [read_json(join(out, f"fid-{kind}{sfx}", "fid.json"), "FID result", _RERUN) for sfx in suffixes
-            if exists(join(out, f"fid-{kind}{sfx}", "fid.json"))]
+def _fid_results(out: str, row: str, suffixes) -> list[dict]:
+    return [read_json(join(out, f"fid-{row}{sfx}", "fid.json"), "FID result", _RERUN) for sfx in suffixes
+            if exists(join(out, f"fid-{row}{sfx}", "fid.json"))]
 
 
-def _decoder_dirs(kind: str, suffixes) -> list[str]:
-    return ["decoder-pixel"] if kind == "pixel" else [f"decoder-{kind}{sfx}" for sfx in suffixes]
+def _decoder_dirs(row: str, suffixes) -> list[str]:
+    return ["decoder-pixel"] if row == "pixel" else [f"decoder-{row}{sfx}" for sfx in suffixes]
+
+
+def _decoder_label(manifest: dict) -> str:
+    """A decoder's name in a table: its registry name and, for a sampling decoder, its temperature."""
+    config = manifest["config"]
+    name = config.get("decoder", "?")
+    temperature = (config.get("decoder_config") or {}).get("temperature")
+    return name + (f" (T = {temperature:g})" if temperature is not None else "")
 
 
 def _mean(values) -> float | None:
@@ -194,14 +227,14 @@ def probe_section(out: str, kinds: dict) -> list[str]:
 
 
 def paper_fid_rows(preset: dict, prior_manifest: dict | None) -> dict | None:
-    """The paper's interpolation-FID rows for this run's data, prior family and decoder: Figure 3b on MNIST,
-    the prior's Figure 7 table on CelebA (the rows of the decoder the run trains)."""
+    """The paper's interpolation-FID rows for this run's data, prior family and decoders: Figure 3b on MNIST,
+    the prior's Figure 7 table on CelebA (the rows of the decoders the run trains)."""
     if preset["dataset"] == "mnist":
         return PAPER_MNIST_FID["rows"]
     family = _prior_name((prior_manifest or {}).get("config") or {})
-    decoder = (preset.get("decoder") or {}).get("decoder", "conv")
+    names = {d.get("decoder", "conv") for d in decoder_sections(preset).values()}
     rows = (PAPER_CELEBA_FID.get(family) or {}).get("rows", {})
-    return {k: v for k, v in rows.items() if k.endswith(f"/{decoder}")} or None
+    return {k: v for k, v in rows.items() if k.partition("/")[2] in names} or None
 
 
 def fid_section(out: str, preset: dict, kinds: dict, suffixes, paper: dict | None = None,
@@ -222,7 +255,8 @@ def fid_section(out: str, preset: dict, kinds: dict, suffixes, paper: dict | Non
     lines = [f"## Interpolation FID and KID (paper Algorithm 1, {figure})", "",
              f"N = {n} pairs per α (the paper uses 50 000); real statistics from {first['real']['count']} "
              f"{first['real']['split']} images: {reference}. Decoded images are the decoder's expected value on "
-             f"[0, 1]; the pixel row is the cross-fade (1 − α) x₁ + α x₂ itself. "
+             f"[0, 1] (conv decoders) or one sample, seeded per image (RealNVP at its temperature, WGAN-GP, "
+             f"PixelCNN); the pixel row is the cross-fade (1 − α) x₁ + α x₂ itself. "
              + (f"Each cell: mean ± standard deviation over {seeds} seeds (decoder training and pair draw). "
                 if seeds > 1 else "One seed: FID cells have no spread; KID cells show KID's standard error. ")
              + "FID is biased upwards at small N (see the floor row: real images against the same statistics); "
@@ -232,13 +266,17 @@ def fid_section(out: str, preset: dict, kinds: dict, suffixes, paper: dict | Non
         lines += [f"The paper's rows are {PAPER_CELEBA_FID['pixelcnn']['source']}, 128×128 CelebA, N = 50 000.", ""]
     if any(r.get("kid") for rs in by_kind.values() for r in rs):
         lines += ["KID × 10³:", "", spread_table(by_kind, "kid"), ""]
-    if "fisher" in by_kind and "activation" in by_kind:
+    for row in by_kind:
+        twin = "activation" + row[len("fisher"):]
+        if row_kind(row) != "fisher" or twin not in by_kind:
+            continue
+        decoder = f" ({row.partition('-')[2]} decoders)" if "-" in row else ""
         for metric in ("fid", "kid"):
-            diff = difference(by_kind["fisher"], by_kind["activation"], 0.5, metric)
+            diff = difference(by_kind[row], by_kind[twin], 0.5, metric)
             if diff:
                 scale = 1e3 if metric == "kid" else 1
-                lines += [f"At α = 0.5, {metric.upper()}{' × 10³' if scale != 1 else ''} of Fisher scores minus "
-                          f"activations: {diff['difference'] * scale:+.2f} ± {diff['stderr'] * scale:.2f} "
+                lines += [f"At α = 0.5{decoder}, {metric.upper()}{' × 10³' if scale != 1 else ''} of Fisher scores "
+                          f"minus activations: {diff['difference'] * scale:+.2f} ± {diff['stderr'] * scale:.2f} "
                           f"(standard error over {diff['n'][0]} + {diff['n'][1]} seeds; negative: Fisher scores "
                           "better).", ""]
     return lines
@@ -275,13 +313,13 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
     if not binary:
         lines += ["NLL: categorical cross-entropy of each sub-pixel's levels; MSE on [0, 1] values.", ""]
     lines += [f"| embedding | column | decoder | {loss} | MSE | seeds |", "|---|---|---|---|---|---|"]
-    for kind, (_, col) in kinds.items():
-        ms = [read_manifest(d(x), "train-decoder") for x in _decoder_dirs(kind, suffixes) if exists(d(x, "manifest.json"))]
+    for row, (_, col) in kinds.items():
+        ms = [read_manifest(d(x), "train-decoder") for x in _decoder_dirs(row, suffixes) if exists(d(x, "manifest.json"))]
         if not ms:
             continue
         bce = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
         mse = _mean(m["metrics"].get("test_mse") for m in ms)
-        lines.append(f"| {kind} | `{col}` | {ms[0]['config'].get('decoder', '?')} | {_num(bce)} | {_num(mse)} | "
+        lines.append(f"| {row_kind(row)} | `{col}` | {_decoder_label(ms[0])} | {_num(bce)} | {_num(mse)} | "
                      f"{len(ms)} |")
     if base:
         lines.append(f"| none: the train split's mean image | – | – | {base['bce_nats_per_pixel']:.4f} | "
@@ -292,7 +330,7 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
     lines += [""] + fid_section(out, preset, kinds, suffixes, paper_fid_rows(preset, prior_manifest))
     sfx0 = suffixes[0]
     lines += [f"![FID vs alpha, {k}](fid-{k}{sfx0}/fid.png)" for k in kinds if exists(d(f"fid-{k}{sfx0}", "fid.png"))]
-    lines += [""] + probe_section(out, kinds)
+    lines += [""] + probe_section(out, row_kinds(kinds))
     lines += ["## Interpolations (paper Figures 2 and 4)", ""]
     lines += [f"{k}:\n\n![{k}](interpolate-{k}/interpolations.png)\n" for k in kinds]
     if preset.get("edit"):
@@ -300,7 +338,7 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
         lines += ["## Attribute edits (paper Figure 5)", "",
                   f"Each row: a test image, then the decoded z − {scale:g}·δ, z (the reconstruction) and z + {scale:g}·δ, "
                   "with δ the difference of the attribute's train-split means in embedding space.", ""]
-        lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds if k != "pixel"
+        lines += [f"{k}, {a}:\n\n![{k} {a}](edit-{k}/edit-{a}.png)\n" for k in kinds if row_kind(k) != "pixel"
                   for a in preset["edit"]["attributes"]]
     lines += ["## How this run compares with the paper", "", scale_note(preset, prior_manifest, paper_preset), ""]
     return "\n".join(lines + closing_section(timings, environment))
@@ -385,10 +423,10 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
             if ms:
                 nll = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
                 mse = _mean(m["metrics"].get("test_mse") for m in ms)
-                lines.append(f"| {label or 'none'} | {kind} | {ms[0]['config'].get('decoder', '?')} | {_num(nll)} | "
+                lines.append(f"| {label or 'none'} | {row_kind(kind)} | {_decoder_label(ms[0])} | {_num(nll)} | "
                              f"{_num(mse)} | {len(ms)} |")
     for label in [*priors, ""]:
-        probes = _probe_results(join(out, label), runs.get(label, {}))
+        probes = _probe_results(join(out, label), row_kinds(runs.get(label, {})))
         if probes:
             lines += ["", f"Semantic probes, {f'`{label}`' if label else 'no prior'} (linear probe accuracy / kNN "
                       "agreement, test split): " + "; ".join(f"{k} {r['linear_probe']['accuracy']:.3f} / "

@@ -315,3 +315,44 @@ def test_several_priors_report(run_dir):
     own = (run_dir / "a" / "report.md").read_text()
     assert own.startswith("# Fisher-score run: preset `two, prior a`") and "| a/embed-fisher |" not in own
     assert "| embed-fisher | 2.0 |" in own and "![fisher](interpolate-fisher/interpolations.png)" in own
+
+
+def test_several_decoders_report(run_dir):
+    """A preset with ``decoders`` (paper Figure 7: conv and RealNVP rows): one FID row per embedding kind ×
+    decoder with the paper's rows of both decoders, the difference at α = 0.5 per decoder, probes per kind."""
+    import shutil
+    from fisher.io import write_manifest
+    preset = {"_name": "figure7", "dataset": "celeba", "description": "Two decoders.", "evaluate": {"pairs": 4},
+              "decoders": {"conv": {"decoder": "conv", "epochs": 1},
+                           "realnvp": {"decoder": "realnvp", "epochs": 2, "temperature": 0.7}}}
+    fid = {"fisher-conv": (3.0, 4.0), "activation-conv": (2.0, 5.0), "fisher-realnvp": (1.0, 2.0),
+           "activation-realnvp": (1.5, 3.0)}
+    for row, (a0, a5) in fid.items():
+        kind, _, dec = row.partition("-")
+        for k, sfx in enumerate(("-s0", "-s1")):
+            write_manifest(str(run_dir / f"decoder-{row}{sfx}"), "train-decoder",
+                           {"column": "z", "decoder": dec, "decoder_config": {"temperature": 0.7} if dec == "realnvp"
+                            else {}}, metrics={"test_bce_nats_per_pixel": 2.0 + k, "test_mse": 0.1})
+            (run_dir / f"fid-{row}{sfx}").mkdir()
+            (run_dir / f"fid-{row}{sfx}" / "fid.json").write_text(json.dumps(
+                {"label": f"{kind}/{dec}", "fid": {"0": a0 + k, "0.5": a5 + k}, "pairs": 4,
+                 "real": {"split": "test", "count": 20}, "real_floor": None}))
+    shutil.copytree(run_dir / "probe-fisher", run_dir / "probe-activation")
+    rows = {row: ("emb", "z") for row in fid}
+    assert run_report.decoder_sections(preset) == preset["decoders"]
+    assert [run_report.row_name(k, d) for k, d in (("fisher", ""), ("fisher", "realnvp"))] == ["fisher", "fisher-realnvp"]
+    assert run_report.row_kinds(rows) == ["fisher", "activation"]
+    md = run_report.report_markdown(str(run_dir), preset, rows, {}, suffixes=("-s0", "-s1"))
+    lines = md.splitlines()
+    assert "| fisher/realnvp | 1.50 ± 0.71 | 2.50 ± 0.71 | 2 | 4 |" in lines
+    assert "| fisher/conv (paper) | 132.47 | 134.43 | 1 | 50000 |" in lines       # PixelCNN prior, both decoders
+    assert "| fisher/realnvp (paper) | 30.27 | 41.83 | 1 | 50000 |" in lines
+    assert "| fisher | `z` | realnvp (T = 0.7) | 2.5000 | 0.1000 | 2 |" in lines
+    assert "| fisher | `z` | conv | 2.5000 | 0.1000 | 2 |" in lines
+    diffs = [line for line in lines if line.startswith("At α = 0.5 (") and "FID of" in line]
+    assert [d.split(")")[0] for d in diffs] == ["At α = 0.5 (conv decoders", "At α = 0.5 (realnvp decoders"]
+    assert "-1.00 ± 0.71" in diffs[0] and "-1.00 ± 0.71" in diffs[1]
+    assert sum(line.startswith("| fisher | 16 |") for line in lines) == 1          # probes: once per kind
+    assert sum(line.startswith("| activation | 16 |") for line in lines) == 1
+    assert "conv decoders trained for 1 epoch(s); realnvp decoders trained for 2 epoch(s)" in md
+    assert "![fisher-realnvp](interpolate-fisher-realnvp/interpolations.png)" in md

@@ -141,3 +141,27 @@ def test_rerun_reuses_every_step(run, capsys):
     n = len(STEPS)
     assert all(f"[run {k}/{n}] {step}: done before, reused" in said for k, step in enumerate(STEPS, 1)), said
     assert (root / "out" / "report.md").read_bytes() == report
+
+
+def test_several_decoders_plan_one_row_per_kind_and_decoder(tmp_path):
+    """``celeba-small`` has two ``decoders`` (paper Figure 7's conv and RealNVP rows): each embedding kind gets a
+    decoder, strips, edits and FID per decoder, its probe once; the pixel baseline keeps its identity decoder;
+    ``--set decoders.<label>.<key>`` reaches one decoder's options. No Ray: the plan only."""
+    from raycluster.run import RunOptions, load_preset, plan
+    args = RunOptions(preset="celeba-small", data=str(tmp_path), out=str(tmp_path / "out"),
+                      set=["decoders.realnvp.epochs=2"])
+    steps, runs = plan(args, load_preset(args.preset, args.set))
+    names = [s.name for s in steps]
+    assert list(runs["pixelcnn"]) == ["fisher-conv", "fisher-realnvp", "activation-conv", "activation-realnvp"]
+    assert list(runs[""]) == ["pixel"]
+    for step in ("decoder", "interpolate", "edit", "fid"):
+        assert f"gated/{step}-fisher-realnvp" in names and f"gated/{step}-activation-conv" in names
+    assert names.count("pyramid/probe-fisher") == 1 and "decoder-pixel" in names and "fid-pixel" in names
+    by_name = {s.name: s.options for s in steps}
+    nvp = by_name["pixelcnn/decoder-fisher-realnvp"]
+    assert (nvp.decoder, nvp.epochs, nvp.decoder_config["features"]) == ("realnvp", 2, 16)
+    assert by_name["pixelcnn/decoder-fisher-conv"].epochs == 5
+    assert by_name["pixelcnn/fid-fisher-realnvp"].label == "fisher/realnvp"
+    assert by_name["pixelcnn/fid-fisher-realnvp"].decoder.endswith("pixelcnn/decoder-fisher-realnvp")
+    single, _ = plan(RunOptions(preset="mnist-small", out=str(tmp_path / "m")), load_preset("mnist-small", []))
+    assert "decoder-fisher" in [s.name for s in single] and "fid-activation" in [s.name for s in single]
