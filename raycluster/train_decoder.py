@@ -127,10 +127,14 @@ def run(args: TrainDecoderOptions) -> None:
             raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
         publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))
         m = result.metrics
+        from fisher.checkpoints import read_train_state
+        history = read_train_state(checkpoint_files(result.checkpoint))["history"]
     else:
         m = _write_untrained(args, cfg, data)
+        history = [m]
     write_manifest(args.out, "train-decoder", stage_config, inputs=inputs, embeddings=args.embeddings,
-                   data=args.data, metrics=m, image_shape=data["image_shape"], levels=data_levels(data))
+                   data=args.data, metrics=m, history=history, image_shape=data["image_shape"],
+                   levels=data_levels(data))
     console.say(f"decoder written to {args.out}: {_result_text(m, data_levels(data))}")
 
 

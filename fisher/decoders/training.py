@@ -126,11 +126,14 @@ def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.T
     else:
         decoder.fit_input(z_train)
     gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(first):                 # a resumed run shuffles its remaining epochs as an undisturbed one
+        torch.randperm(z_train.shape[0], generator=gen)
     metrics = evaluate_decoder(decoder, z_test, x_test) if first >= cfg.epochs else {}
     for epoch in range(first, cfg.epochs):
         order = torch.randperm(z_train.shape[0], generator=gen).to(z_train.device)
         losses = [decoder.train_step(opt, z_train[idx], x_train[idx])["loss"] for idx in order.split(cfg.batch_size)]
-        metrics = {"epoch": epoch + 1, "train_nll_nats_per_image": float(np.mean(losses)),
+        train_key = "train_nll_nats_per_image" if decoder.has_likelihood else "train_loss"   # a GAN: its critic's
+        metrics = {"epoch": epoch + 1, train_key: float(np.mean(losses)),
                    **{f"test_{k}": v for k, v in evaluate_decoder(decoder, z_test, x_test).items()}}
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics, decoder, opt)

@@ -233,3 +233,22 @@ def test_input_standardization_is_fitted_saved_and_affine_invariant(tmp_path):
     constant = torch.ones(4, 6)                        # no spread: scale stays 1, nothing divides by 0
     dec.fit_input(constant)
     assert torch.equal(dec.z_scale, torch.ones(6)) and torch.isfinite(dec(constant)).all()
+
+
+def test_resumed_fit_matches_an_undisturbed_one():
+    """Stopped after epoch 1 and resumed from its state, fit_decoder ends with the weights of one run of 2
+    epochs: same optimizer state, and the resumed epoch is shuffled as the undisturbed run's second."""
+    import copy
+    torch.manual_seed(0)
+    z, x = torch.randn(48, 6), torch.randint(0, 2, (48, 1, 8, 8))
+    cfg = DecoderTrainConfig(decoder_config={"base_channels": 4}, epochs=2, batch_size=16)
+    states = {}
+
+    def keep(epoch, metrics, decoder, opt):
+        states[epoch] = {"weights": copy.deepcopy(decoder.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+                         "epoch": epoch}
+    whole, _ = fit_decoder(cfg, z, x, z[:8], x[:8], 2, (8, 8, 1), on_epoch=keep)
+    resumed, _ = fit_decoder(cfg, z, x, z[:8], x[:8], 2, (8, 8, 1), start=states[1])
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(states[1]["weights"]["linear.weight"], whole.state_dict()["linear.weight"])
