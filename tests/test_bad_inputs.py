@@ -346,6 +346,28 @@ def dec_weights_zdim(c):
     return {"dec": d}
 
 
+def _wgan(c, z_dim: int = Z_DIM) -> Path:
+    """A small WGAN-GP decoder checkpoint for the good data (28x28 binary images)."""
+    from fisher.decoders import build_decoder, save_decoder
+    d = c.tmp / f"wgan{z_dim}"
+    save_decoder(build_decoder("wgan", z_dim, (28, 28, 1), 2, width=4, noise_dim=4), str(d))
+    return d
+
+
+def dec_wgan_nan_critic(c):
+    """A WGAN-GP checkpoint with NaN in a weight of its critic."""
+    d = _wgan(c)
+    _edit_state(d, lambda state: state["critic.layers.1.0.weight"].view(-1).__setitem__(0, float("nan")))
+    return {"dec": d}
+
+
+def dec_weights_of_another_kind(c):
+    """module.json of the conv decoder beside the weights of a WGAN-GP decoder for the same embeddings."""
+    d = c.copy("dec")
+    (d / "weights.pt").write_bytes((_wgan(c) / "weights.pt").read_bytes())
+    return {"dec": d}
+
+
 def out_foreign(c):
     """--out is a user's directory: a file no stage wrote."""
     (c.tmp / "out").mkdir()
@@ -611,6 +633,16 @@ CASES = [
     ("decoder-realnvp-scales", None, [*DECODE, "--decoder", "realnvp", "--scales", "3"],
      r"decoder 'realnvp': scales=3 needs sides divisible by 2\^3; the image is 7x7 at scale 2; pass a smaller "
      r"--scales \(0: as many as fit\)"),
+    # the generative decoders (paper Figure 7): a critic's NaN weight, weights of another decoder kind, a
+    # decoder for embeddings of another width, a bad WGAN option
+    ("interpolate-wgan-critic-nan", dec_wgan_nan_critic, ["interpolate", *INPUTS],
+     r"wgan16/weights\.pt: tensor 'critic\.layers\.1\.0\.weight' holds NaN or Inf; retrain the decoder"),
+    ("interpolate-decoder-weights-of-another-kind", dec_weights_of_another_kind, ["interpolate", *INPUTS],
+     r"dec-copy/weights\.pt: does not match the architecture in module\.json \(.*(Missing|Unexpected) key"),
+    ("evaluate-wgan-z-dim", lambda c: {"dec": _wgan(c, 8)}, ["evaluate", *INPUTS, "--pairs", "2"],
+     r"wgan8: decodes 8-dim embeddings, but column 'z' of .* has dim 16; pass the decoder trained on these"),
+    ("decoder-wgan-n-critic", None, [*DECODE, "--decoder", "wgan", "--n-critic", "0"],
+     r"decoder 'wgan': invalid config \{'n_critic': 0\} \(n_critic=0: must be >= 1\)"),
     ("interpolate-prior-as-decoder", lambda c: {"dec": c.good["prior"]}, ["interpolate", *INPUTS],
      r"prior/module\.json: a 'prior' checkpoint, not a decoder; pass a decoder checkpoint directory"),
     ("interpolate-decoder-inf", _poisoned("dec", float("-inf")), ["interpolate", *INPUTS],
