@@ -17,6 +17,8 @@ from fisher.decoders.registry import DECODERS
 from fisher.decoders import conv as _conv  # noqa: F401  (registers "conv", "celeba_conv")
 from fisher.decoders import pixels as _pixels  # noqa: F401  (registers "pixels")
 from fisher.decoders import realnvp as _realnvp  # noqa: F401  (registers "realnvp")
+from fisher.decoders import pixelcnn as _pixelcnn  # noqa: F401  (registers "pixelcnn")
+from fisher.decoders import wgan as _wgan  # noqa: F401  (registers "wgan")
 from fisher.decoders.conv import CelebAConvDecoder, ConvDecoder, ResBlock  # noqa: F401
 from fisher.decoders.training import (DecoderTrainConfig, decode_mean, decode_mode, decoder_train_step,  # noqa: F401
                                       evaluate_decoder, fit_decoder, load_split_tensors, reconstruction_loss,
