@@ -18,6 +18,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from raycluster import cli
+from raycluster.run import PRESETS
 
 WEIGHTS = SHARED_DATA / "pt_inception-2015-12-05-nofc.pth"
 pytestmark = [pytest.mark.slow,
@@ -165,3 +166,13 @@ def test_several_decoders_plan_one_row_per_kind_and_decoder(tmp_path):
     assert by_name["pixelcnn/fid-fisher-realnvp"].decoder.endswith("pixelcnn/decoder-fisher-realnvp")
     single, _ = plan(RunOptions(preset="mnist-small", out=str(tmp_path / "m")), load_preset("mnist-small", []))
     assert "decoder-fisher" in [s.name for s in single] and "fid-activation" in [s.name for s in single]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PRESETS.glob("*.json")))
+def test_every_shipped_preset_plans(name, tmp_path):
+    """Every preset in raycluster/presets plans: each value is an option of its step and passes its checks
+    (a misspelt key in a GPU-cluster preset is found here, not on the cluster)."""
+    from raycluster.run import RunOptions, load_preset, plan
+    preset = load_preset(name, [])
+    steps, runs = plan(RunOptions(preset=name, data=str(tmp_path), out=str(tmp_path / "out")), preset)
+    assert steps and all(runs.values())
