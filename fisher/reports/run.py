@@ -16,6 +16,7 @@ row (an embedding kind, or ``<kind>-<decoder label>`` where the preset has sever
 from __future__ import annotations
 
 import json
+import math
 
 from fisher.io import atomic_write_bytes, exists, join, read_bytes, read_json, read_manifest
 from fisher.reports.figure3a import paper_table
@@ -171,8 +172,20 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _num(v, fmt=".4f") -> str:
-    return "–" if v is None else format(v, fmt)
+def _num(v, fmt=".4f", scale: float = 1.0) -> str:
+    return "–" if v is None else format(v * scale, fmt)
+
+
+DECODER_NLL_NOTE = ("NLL: of each test image given its embedding, in bits per sub-pixel: exact for the conv and "
+                    "PixelCNN decoders (a categorical over each sub-pixel's levels), the dequantized bound for the "
+                    "RealNVP (RealNVP sec. 4.1); WGAN-GP has none (–). MSE on [0, 1] values of the decoded image: "
+                    "the conv decoders' expected image, one sample for the others.")
+
+
+def _decoder_loss(binary: bool) -> tuple[str, float]:
+    """The decoders table's NLL column and the factor from the stored nats: BCE in nats per pixel for
+    binarized MNIST (the paper's Figure 3a unit), bits per sub-pixel for more levels (CelebA's unit)."""
+    return ("BCE nats/pixel", 1.0) if binary else ("NLL bits/dim", 1 / math.log(2))
 
 
 def prior_section(out: str, preset: dict, prior: str, data: str | None = None) -> list[str]:
@@ -308,10 +321,10 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
                   demoted(read_bytes(d("sweep", "grid.md")).decode().strip()), "",
                   f"Paper ({PAPER_FIGURE_3A['source']}: their reconstruction error, same layout):", "",
                   paper_table(PAPER_FIGURE_3A), "", "![grid](sweep/grid.png)", ""]
-    loss = "BCE nats/pixel" if binary else "NLL nats/sub-pixel"
+    loss, unit = _decoder_loss(binary)
     lines += ["## Decoders (test split)", ""]
     if not binary:
-        lines += ["NLL: categorical cross-entropy of each sub-pixel's levels; MSE on [0, 1] values.", ""]
+        lines += [DECODER_NLL_NOTE, ""]
     lines += [f"| embedding | column | decoder | {loss} | MSE | seeds |", "|---|---|---|---|---|---|"]
     for row, (_, col) in kinds.items():
         ms = [read_manifest(d(x), "train-decoder") for x in _decoder_dirs(row, suffixes) if exists(d(x, "manifest.json"))]
@@ -319,10 +332,10 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
             continue
         bce = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
         mse = _mean(m["metrics"].get("test_mse") for m in ms)
-        lines.append(f"| {row_kind(row)} | `{col}` | {_decoder_label(ms[0])} | {_num(bce)} | {_num(mse)} | "
-                     f"{len(ms)} |")
+        lines.append(f"| {row_kind(row)} | `{col}` | {_decoder_label(ms[0])} | {_num(bce, scale=unit)} | "
+                     f"{_num(mse)} | {len(ms)} |")
     if base:
-        lines.append(f"| none: the train split's mean image | – | – | {base['bce_nats_per_pixel']:.4f} | "
+        lines.append(f"| none: the train split's mean image | – | – | {base['bce_nats_per_pixel'] * unit:.4f} | "
                      f"{base['mse']:.4f} | – |")
         lines += ["", "The mean-image row is what a decoder that ignores its embedding can reach; a decoder is only "
                   "as useful as its distance below it. The pixel row decodes by the identity: its MSE is the distance "
@@ -413,8 +426,11 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
                               paper_fid_rows(preset, manifests[label]), by_kind)
         lines += [f"### {PRIOR_LABELS.get(_prior_name(manifests[label]['config']), label)} (`{label}`)", ""]
         lines += [line for line in section[2:]] if section else ["No FID results yet.", ""]
-    lines += ["## Decoders (test split)", "", "| prior | embedding | decoder | NLL nats/sub-pixel | MSE | seeds |",
-              "|---|---|---|---|---|---|"]
+    binary = int(read_manifest(join(out, "data"), "prepare").get("levels", 2)) == 2 \
+        if exists(join(out, "data", "manifest.json")) else False
+    loss, unit = _decoder_loss(binary)
+    lines += ["## Decoders (test split)", ""] + ([] if binary else [DECODER_NLL_NOTE, ""])
+    lines += [f"| prior | embedding | decoder | {loss} | MSE | seeds |", "|---|---|---|---|---|---|"]
     for label in [*priors, ""]:
         for kind in runs.get(label, {}):
             ms = [read_manifest(join(out, label, x), "train-decoder")
@@ -423,7 +439,7 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
             if ms:
                 nll = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
                 mse = _mean(m["metrics"].get("test_mse") for m in ms)
-                lines.append(f"| {label or 'none'} | {row_kind(kind)} | {_decoder_label(ms[0])} | {_num(nll)} | "
+                lines.append(f"| {label or 'none'} | {row_kind(kind)} | {_decoder_label(ms[0])} | {_num(nll, scale=unit)} | "
                              f"{_num(mse)} | {len(ms)} |")
     for label in [*priors, ""]:
         probes = _probe_results(join(out, label), row_kinds(runs.get(label, {})))
