@@ -207,6 +207,9 @@ def error(text: str) -> None:
     if _session is None:
         print(text, file=sys.stderr, flush=True)
         return
+    if _session.verbose:        # the pump echoes fds 1 and 2 in the order written: the error comes after them
+        os.write(2, (text + "\n").encode("utf-8", "backslashreplace"))
+        return
     _session.term_err.write(text + "\n")
     _session.term_err.flush()
     _session.to_log(text + "\n")

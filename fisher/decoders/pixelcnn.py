@@ -39,13 +39,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fisher.decoders.base import Decoder, row_generators
 from fisher.decoders.registry import DECODERS
 from fisher.errors import FisherError
 from fisher.likelihoods import Likelihood
-from fisher.priors.gated import GatedPixelCNN, TapConv, _gate
 
 
 @dataclass
@@ -62,7 +62,7 @@ class PixelCNNDecoderConfig:
                              "layers >= 1, filters >= 1 and an odd kernel >= 3")
 
 
-def _matrix(conv: TapConv) -> tuple[torch.Tensor, torch.Tensor]:
+def _matrix(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The (masked) weight and bias of a convolution as a linear map of its input window flattened
     channels last, (rows, columns, maps): what the convolution computes at one output position."""
     w = conv.weight if conv.mask is None else conv.weight * conv.mask
@@ -84,6 +84,9 @@ class PixelCNNDecoder(Decoder):
     def __init__(self, z_dim: int, image_shape, levels: int, layers: int = 5, filters: int = 120, kernel: int = 7,
                  sample_seed: int = 0):
         super().__init__(z_dim, image_shape, levels)
+        # imported here: fisher.priors loads $FISHER_PLUGINS on import, and a plugin may import
+        # fisher.decoders, which must have finished initializing by then
+        from fisher.priors.gated import GatedPixelCNN
         self.seed = int(sample_seed)
         self.net = GatedPixelCNN(channels=image_shape[2], levels=levels, n_layers=layers, filters=filters,
                                  kernel_size=kernel, condition_dim=z_dim)
@@ -114,6 +117,7 @@ class PixelCNNDecoder(Decoder):
     def sample_with(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The image whose sub-pixels are the inverse CDF of uniforms ``u`` (B, C, H, W), by the cached
         sampler (module docstring)."""
+        from fisher.priors.gated import _gate
         net, cond = self.net, self.standardize(z)
         b, c, height, width = u.shape
         r = net.config.kernel_size // 2

@@ -81,3 +81,17 @@ def test_plugins_register_families_on_import(tmp_path):
     bad = subprocess.run([sys.executable, "-c", "import fisher.priors"], env={**env, "FISHER_PLUGINS": "nope_mod"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "FISHER_PLUGINS: cannot import 'nope_mod'" in bad.stderr
+
+
+@pytest.mark.parametrize("first", ["fisher.decoders", "fisher.priors", "fisher.embedding"])
+def test_a_plugin_that_imports_both_families_loads_whichever_package_comes_first(first):
+    """$FISHER_PLUGINS is imported when fisher.priors or fisher.decoders is; a plugin defining a prior and a
+    decoder (tests/raycluster/toy_families.py) must find both packages whole, whatever a process imports
+    first (a Ray Train worker of train-decoder starts with fisher.decoders, which reaches fisher.priors)."""
+    from pathlib import Path
+    env = {**os.environ, "FISHER_PLUGINS": "toy_families",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "raycluster"), os.environ.get("PYTHONPATH", "")])}
+    code = (f"import {first}\nfrom fisher.decoders import DECODERS\nfrom fisher.priors import PRIORS\n"
+            "assert 'toy_linear' in DECODERS and 'toy' in PRIORS, (DECODERS.names(), PRIORS.names())")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
