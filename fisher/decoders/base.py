@@ -116,11 +116,14 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def reconstruction_metrics(self, z: torch.Tensor, x: torch.Tensor) -> dict:
-        """Batch sums: ``nll_sum`` (nats), ``se_sum`` (squared error of ``generate`` on [0, 1]),
-        ``n_subpixels``, ``n_images``."""
-        out = self(z) if self.has_likelihood else None
-        nll = self.likelihood.nll(out, x) if out is not None else torch.full(x.shape, float("nan"))
-        gen = self.likelihood.mean(out) if out is not None and self.generates == "mean" else self.generate(z)
+        """Batch sums: ``nll_sum`` (nats; NaN without a likelihood), ``se_sum`` (squared error of ``generate``
+        on [0, 1]), ``n_subpixels``, ``n_images``. A sampling decoder's ``loss`` in eval mode is its test NLL."""
+        if self.has_likelihood and self.generates == "mean":      # one pass: the head gives the NLL and the mean
+            out = self(z)
+            nll, gen = self.likelihood.nll(out, x), self.likelihood.mean(out)
+        else:
+            nll = self.loss(z, x) if self.has_likelihood else torch.full((len(x),), float("nan"))
+            gen = self.generate(z)
         se = (gen - x.to(gen.dtype) / (self.levels - 1)).square()
         return {"nll_sum": float(nll.double().sum()), "se_sum": float(se.double().sum()),
                 "n_subpixels": x.numel(), "n_images": x.shape[0]}

@@ -156,11 +156,3 @@ class PixelCNNDecoder(Decoder):
                     x[:, k, i, j] = inverse_cdf(self.likelihood, params, u[:, k:k + 1, i:i + 1, j:j + 1]).view(b)
                     h_rows[0][:, j + r, k] = net.scale(x[:, k, i, j])
         return x
-
-    @torch.no_grad()
-    def reconstruction_metrics(self, z: torch.Tensor, x: torch.Tensor) -> dict:
-        """Batch sums: ``nll_sum`` of the exact NLL, ``se_sum`` of ``generate`` (a sample)."""
-        nll = self.loss(z, x)
-        se = (self.generate(z) - x.float() / (self.levels - 1)).square()
-        return {"nll_sum": float(nll.double().sum()), "se_sum": float(se.double().sum()),
-                "n_subpixels": x.numel(), "n_images": x.shape[0]}

@@ -279,11 +279,3 @@ class RealNVPDecoder(Decoder):
             eps = [torch.randn(len(z), *s, generator=generator).to(z.device) for s in self.shapes]
         v = self.inverse([e * self.temperature for e in eps], self.standardize(z))
         return self._from_logit(v)
-
-    @torch.no_grad()
-    def reconstruction_metrics(self, z: torch.Tensor, x: torch.Tensor) -> dict:
-        """Batch sums: ``nll_sum`` with one seeded dequantization draw per image, ``se_sum`` of ``generate``."""
-        nll = self.nll(z, x, self._dequantization(z, x))
-        se = (self.generate(z) - x.float() / (self.levels - 1)).square()
-        return {"nll_sum": float(nll.double().sum()), "se_sum": float(se.double().sum()),
-                "n_subpixels": x.numel(), "n_images": x.shape[0]}
