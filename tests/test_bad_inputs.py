@@ -643,6 +643,9 @@ CASES = [
      r"wgan8: decodes 8-dim embeddings, but column 'z' of .* has dim 16; pass the decoder trained on these"),
     ("decoder-wgan-n-critic", None, [*DECODE, "--decoder", "wgan", "--n-critic", "0"],
      r"decoder 'wgan': invalid config \{'n_critic': 0\} \(n_critic=0: must be >= 1\)"),
+    ("decoder-pixelcnn-even-kernel", None, [*DECODE, "--decoder", "pixelcnn", "--kernel", "4"],
+     r"decoder 'pixelcnn': invalid config \{'kernel': 4\} \(layers=5, filters=120, kernel=4: need layers >= 1, "
+     r"filters >= 1 and an odd kernel >= 3\)"),
     ("interpolate-prior-as-decoder", lambda c: {"dec": c.good["prior"]}, ["interpolate", *INPUTS],
      r"prior/module\.json: a 'prior' checkpoint, not a decoder; pass a decoder checkpoint directory"),
     ("interpolate-decoder-inf", _poisoned("dec", float("-inf")), ["interpolate", *INPUTS],
