@@ -5,6 +5,8 @@
 activations (kind ``activation``); ``P`` is a seeded sparse projection
 (:mod:`fisher.projection`, paper eq. 1). Several (dim, density) pairs come from
 one gradient pass. The kind ``pixel`` is the pixel-space baseline: the image itself, unprojected.
+The kinds ``pixelvae`` and ``realnvp`` are the seed papers' latent-variable baselines: the latent of
+such a model (trained with ``fisher train-prior --prior pixelvae|realnvp``), unprojected.
 Optional standardization and PCA (paper sec. 5.2:
 16384 → 4096) are fitted on the train split and then applied
 identically to every split.
@@ -18,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from fisher.errors import FisherError
 from fisher.priors import Prior, to_model_input
 from fisher.projection import ProjectionStack, SparseProjection
 from fisher.registry import Registry
@@ -32,6 +35,7 @@ class EmbeddingKind:
     projection); ``needs_prior = False``: ``model`` may be None."""
     projected = True
     needs_prior = True
+    needs_levels = False        # True: project() returns sub-pixel values, which Embedder scales to [0, 1]
 
     def n_features(self, model: Prior, image_shape) -> int:
         raise NotImplementedError
@@ -49,6 +53,10 @@ class FisherScoreKind(EmbeddingKind):
     """The method (paper sec. 3.2): exact per-image ∇_θ log p_θ(x) over the free parameters."""
 
     def n_features(self, model, image_shape):
+        if not model.exact_likelihood:
+            raise FisherError(f"--kind fisher: prior {model.registered_name!r} has no exact log-likelihood (its "
+                              f"log_prob is the {model.bound} bound), so no Fisher score; embed its latent with "
+                              f"--kind {model.registered_name}")
         return n_features(model)
 
     def project(self, model, x, projections, stack, chunk_size):
@@ -60,6 +68,11 @@ class ActivationKind(EmbeddingKind):
     """The paper's baseline (sec. 5.1): the prior's :meth:`Prior.hidden` activations, flattened."""
 
     def n_features(self, model, image_shape):
+        if type(model).hidden is Prior.hidden:
+            raise FisherError(f"--kind activation: prior {model.registered_name!r} defines no baseline activations "
+                              "(they are an autoregressive prior's); "
+                              + (f"embed its latent with --kind {model.registered_name}"
+                                 if model.registered_name in EMBEDDINGS else "use --kind fisher"))
         return model.hidden_size(image_shape)
 
     def project(self, model, x, projections, stack, chunk_size):
@@ -78,6 +91,7 @@ class PixelKind(EmbeddingKind):
     (1 - α) z₁ + α z₂ as the cross-fade of the two images. Needs no prior."""
     projected = False
     needs_prior = False
+    needs_levels = True
 
     def n_features(self, model, image_shape):
         h, w, c = (int(v) for v in image_shape)
@@ -85,6 +99,37 @@ class PixelKind(EmbeddingKind):
 
     def project(self, model, x, projections, stack, chunk_size):
         return [x.flatten(1).float()]
+
+
+class LatentKind(EmbeddingKind):
+    """The latent of a latent-variable model registered as a prior under the kind's own name: PixelVAE's
+    posterior mean E[z | x], RealNVP's exact f(x) (:class:`fisher.priors.base.Prior`'s ``encode``);
+    unprojected, so the model's own decoder (:mod:`fisher.decoders.latent`) decodes it."""
+    projected = False
+
+    def _check(self, model: Prior) -> None:
+        if model.registered_name != self.registered_name:
+            raise FisherError(f"--kind {self.registered_name}: needs a `fisher train-prior --prior "
+                              f"{self.registered_name}` model as --prior, got a {model.registered_name!r} prior")
+
+    def n_features(self, model, image_shape):
+        self._check(model)
+        return model.latent_size(image_shape)
+
+    @torch.no_grad()
+    def project(self, model, x, projections, stack, chunk_size):
+        self._check(model)
+        return [torch.cat([model.encode(x[i:i + chunk_size]) for i in range(0, len(x), chunk_size)])]
+
+
+@EMBEDDINGS.register("pixelvae")
+class PixelVAEKind(LatentKind):
+    """PixelVAE's posterior mean (Gulrajani et al. 2016; :mod:`fisher.priors.pixelvae`)."""
+
+
+@EMBEDDINGS.register("realnvp")
+class RealNVPKind(LatentKind):
+    """RealNVP's latent f(x), all scales concatenated (Dinh et al. 2016; :mod:`fisher.priors.realnvp`)."""
 
 
 KINDS = tuple(EMBEDDINGS.names())
@@ -127,7 +172,7 @@ class Embedder:
             raise ValueError(f"embedding kind {kind!r} needs a prior")
         self.model = model.to(device).eval() if model is not None else None
         self.kind, self.device, self.chunk = kind, device, chunk_size
-        if not self._kind.projected and not (isinstance(levels, int) and levels >= 2):
+        if self._kind.needs_levels and not (isinstance(levels, int) and levels >= 2):
             raise ValueError(f"embedding kind {kind!r} needs the images' levels (>= 2), got {levels!r}")
         self.levels = levels
         n = self._kind.n_features(model, image_shape)
@@ -142,7 +187,7 @@ class Embedder:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = to_model_input(images, self.device)
         zs = self._kind.project(self.model, x, self.projections, self._stack, self.chunk)
-        if not self._kind.projected:
+        if self._kind.needs_levels:
             zs = [z / (self.levels - 1) for z in zs]
         return {c: z.detach().cpu().numpy().astype(np.float32, copy=False) for c, z in zip(self.columns, zs)}
 

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fisher.errors import FisherError
+
 OPTIMIZER_COPIES = 4     # weights, gradients, Adam's exp_avg and exp_avg_sq
 
 
@@ -20,7 +22,9 @@ def training_bytes(build: Callable[[], nn.Module], forward: Callable[[nn.Module,
                    batch_size: int) -> int:
     """Bytes one training process needs for the module ``build()`` makes, trained on batches of
     ``batch_size``: ``forward(module, n)`` runs it on a meta batch of ``n``. Returns 0 when the
-    architecture cannot run on the meta device (the estimate is then left to the allocator)."""
+    architecture cannot run on the meta device (the estimate is then left to the allocator); a
+    :class:`~fisher.errors.FisherError` the module raises (images of a size it was not built for) is
+    passed on, so the stage refuses them before it starts."""
     outputs = []
 
     def count(_module, _inputs, output):
@@ -33,6 +37,8 @@ def training_bytes(build: Callable[[], nn.Module], forward: Callable[[nn.Module,
             forward(module, 1)
             for h in hooks:
                 h.remove()
+    except FisherError:
+        raise
     except Exception:           # noqa: BLE001  an op without a meta kernel: no estimate
         return 0
     weights = sum(p.numel() * p.element_size() for p in module.parameters())

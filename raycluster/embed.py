@@ -98,9 +98,11 @@ class EmbedOptions(RayOptions):
                                           "not used by --kind pixel")
     data: str = option(help="prepared data directory (from `fisher prepare`)")
     out: str = option(help="embedding directory to write (local path or s3:// gs:// URI)")
-    kind: str = option("fisher", choices=("fisher", "activation", "pixel"),
-                       help="Fisher scores (the method), hidden activations (the paper's baseline) or the "
-                            "pixels themselves (the pixel-space baseline: unprojected, --dim/--density unused)")
+    kind: str = option("fisher", choices=("fisher", "activation", "pixel", "pixelvae", "realnvp"),
+                       help="Fisher scores (the method), hidden activations (the paper's baseline), the "
+                            "pixels themselves (the pixel-space baseline), or the latent of a --prior pixelvae or "
+                            "realnvp model (the seed papers' baselines); the last three are unprojected "
+                            "(--dim/--density unused)")
     dim: list = option(default_factory=lambda: [16384], parse=_dims,
                        help="projection dimension(s), comma separated (paper: 16384)")
     density: list = option(default_factory=lambda: [None], parse=_densities,
@@ -192,7 +194,7 @@ def run(args: EmbedOptions) -> None:
     elif args.prior:
         console.say(f"note: --kind {args.kind} does not use --prior {args.prior}")
     column, levels = "image", None
-    if not kind.projected:
+    if kind.needs_levels:
         from fisher.data import reference_column
         column, levels = reference_column(data_manifest, args.reference, args.data)
     elif args.reference:

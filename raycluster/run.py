@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fisher.io import FisherError, atomic_write_bytes, claim_output, exists, join, read_json
-from fisher.reports.run import decoder_sections, row_name
+from fisher.reports.run import decoder_sections, latent_location, row_name
 from raycluster import console
 from raycluster.options import add_options, from_mapping, option
 from raycluster.runtime import RayOptions
@@ -120,6 +120,12 @@ def _read_preset(path: Path) -> dict:
     priors = _labelled(path, preset, "priors", "prior", '{"pixelcnn": {"builtin": "celeba32-pixelcnn", "train": false}}')
     decoders = _labelled(path, preset, "decoders", "decoder", '{"conv": {"decoder": "conv"}, "realnvp": {"decoder": '
                                                               '"realnvp"}}')
+    latents = preset.get("latents")
+    if latents is not None and (not isinstance(latents, dict) or not all(isinstance(v, dict) for v in latents.values())
+                                or set(latents) - set(LATENT_KINDS)):
+        raise FisherError(f"{path}: 'latents' is {latents!r:.60}; expected an object of latent-model sections named by "
+                          f"their embedding kind ({', '.join(LATENT_KINDS)}), e.g. "
+                          '{"pixelvae": {"builtin": "mnist-pixelvae", "train": false}}')
     for section in REQUIRED_SECTIONS + OPTIONAL_SECTIONS:
         if (section == "prior" and priors is not None) or (section == "decoder" and decoders is not None):
             continue
@@ -230,6 +236,8 @@ def _read(path: str) -> str:
 
 
 KINDS = ("fisher", "activation", "pixel")     # embedding kinds a run compares (preset key "kinds")
+LATENT_KINDS = ("pixelvae", "realnvp")        # the seed papers' latents (preset key "latents", one model each)
+OWN_DECODER = {"pixel": "pixels", "pixelvae": "latent", "realnvp": "latent"}   # kinds decoded by a fixed decoder
 
 
 @dataclass(kw_only=True)
@@ -316,6 +324,8 @@ def plan(args: RunOptions, preset: dict) -> tuple[list[Step], dict]:
         runs[label] = planner.prior_steps(steps, label, section, kinds)
     if several and "pixel" in kinds_wanted:
         runs[""] = planner.kind_steps(steps, "", None, ["pixel"])
+    for kind, section in (preset.get("latents") or {}).items():     # made once: no prior changes them
+        runs.setdefault("", {}).update(planner.latent_steps(steps, kind, section))
     return steps, runs
 
 
@@ -396,6 +406,31 @@ class _Planner:
                                spec.column(single=len(grid["dim"]) * len(grid["density"]) == 1))
         return self.kind_steps(steps, label, projection, kinds, reuse)
 
+    def latent_steps(self, steps: list, kind: str, section: dict) -> dict:
+        """The seed papers' baseline ``kind`` (pixelvae, realnvp): its model (``train-prior --prior <kind>``
+        under ``OUT/<kind>-model/`` unless a builtin is used), then the steps of any kind; returns its row."""
+        from raycluster import embed, train_prior
+        name, where = f"latents.{kind}", self.where_of(f"latents.{kind}")
+        section = dict(section)
+        location = latent_location(self.args.out, kind, section)
+        section.pop("builtin", None)
+        if not isinstance(section.pop("train", True), bool):
+            raise FisherError(f"{where('train')}: {name}.train must be true or false")
+        if section.setdefault("prior", kind) != kind:
+            raise FisherError(f"{where('prior')}: {name}.prior is {section['prior']!r:.40}; the {kind} row's model "
+                              f"is a --prior {kind}")
+        data = join(self.args.out, "data")
+        training = self.opts(train_prior.TrainPriorOptions, name, "train-prior", section, data=data,
+                             out=join(self.args.out, f"{kind}-model"), **self.ray)
+        if location.startswith("builtin:"):
+            from fisher.priors import prior_location
+            prior_location(location)
+        else:
+            steps.append(Step(f"train-{kind}", "train-prior", train_prior.run, training, f"{kind}-model/manifest.json"))
+        options = self.opts(embed.EmbedOptions, "embed", "embed", prior=location, data=data, kind=kind,
+                            out=self.d("", f"emb-{kind}"), standardize=False, pca=None, **self.ray)
+        return self.kind_steps(steps, "", options, [kind])
+
     def kind_steps(self, steps: list, label: str, projection, kinds: list[str], reuse: dict | None = None) -> dict:
         """Embeddings (unless ``reuse`` holds them) and probes per kind; decoders, strips, edits and FID per
         kind and decoder section (:meth:`decoder_steps`); returns {row: (embedding dir, column)}."""
@@ -413,7 +448,7 @@ class _Planner:
             options = dataclasses.replace(projection, kind=kind, out=d(f"emb-{kind}"))
             if kind == "pixel":                 # the images themselves: no prior, no standardization or PCA
                 options = dataclasses.replace(options, prior=None, standardize=False, pca=None)
-            kinds_out[kind] = (d(f"emb-{kind}"), "z_t" if transformed and kind != "pixel" else "z")
+            kinds_out[kind] = (d(f"emb-{kind}"), "z_t" if transformed and kind not in OWN_DECODER else "z")
             steps.append(Step(f"{tag}embed-{kind}", "embed", embed.run, options, self._rel(label, f"emb-{kind}/manifest.json")))
         kinds_out = {k: kinds_out[k] for k in kinds}
         evaluate_section = {k: v for k, v in (preset.get("evaluate") or {}).items() if k != "seeds"}
@@ -425,7 +460,7 @@ class _Planner:
                               self.opts(probe.ProbeOptions, "probe", "probe", preset.get("probe") or {},
                                         embeddings=edir, data=data, column=col, out=d(f"probe-{kind}")),
                               self._rel(label, f"probe-{kind}/manifest.json")))
-            decoders = {"": {"decoder": "pixels"}} if kind == "pixel" else decoder_sections(preset)
+            decoders = {"": {"decoder": OWN_DECODER[kind]}} if kind in OWN_DECODER else decoder_sections(preset)
             for dlabel, section in decoders.items():
                 row = row_name(kind, dlabel)
                 rows[row] = (edir, col)
@@ -439,14 +474,15 @@ class _Planner:
         d, tag, preset = (lambda *p: self.d(label, *p)), (f"{label}/" if label else ""), self.preset
         name = f"decoders.{dlabel}" if dlabel else "decoder"
         where = self.where_of(name)
-        for k, sfx in enumerate(suffixes if kind != "pixel" else [""]):
+        own = kind in OWN_DECODER            # a fixed decoder: one, whatever the seeds
+        for k, sfx in enumerate(suffixes if not own else [""]):
             seeded = {**section, "seed": _base_seed(section, name, where) + k}
             dec = self.opts(train_decoder.TrainDecoderOptions, name, "train-decoder", seeded,
                             out=d(f"decoder-{row}{sfx}"), **common)
             steps.append(Step(f"{tag}decoder-{row}{sfx}", "train-decoder", train_decoder.run, dec,
                               self._rel(label, f"decoder-{row}{sfx}/manifest.json")))
         for k, sfx in enumerate(suffixes):
-            with_decoder = {**common, "decoder": d(f"decoder-{row}{sfx if kind != 'pixel' else ''}")}
+            with_decoder = {**common, "decoder": d(f"decoder-{row}{sfx if not own else ''}")}
             if k == 0:
                 steps.append(Step(f"{tag}interpolate-{row}", "interpolate", evaluate.run_interpolate,
                                   self.opts(evaluate.InterpolateOptions, "interpolate", "interpolate",

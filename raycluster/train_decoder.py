@@ -91,17 +91,20 @@ def _loop(config: dict) -> None:
 def run(args: TrainDecoderOptions) -> None:
     from fisher.embedding import paired_manifests
     emb, data = paired_manifests(args.embeddings, args.data, args.column)
-    decoder_config = args.decoder_config
+    decoder_config, prepare = args.decoder_config, None
     from fisher.decoders import build_decoder
+    if getattr(DECODERS[args.decoder], "uses_embedding_model", False):
+        decoder_config, prepare = _embedding_model(args, emb)
     dim = emb["columns"][args.column].get("dim") or 1
     trainable = build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),   # a misfit: now
                               **decoder_config).trainable
     h, w, c = data["image_shape"]
-    need = training_bytes(lambda: build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),
-                                                **decoder_config),
-                          lambda m, n: m.loss(torch.zeros(n, int(dim)), torch.zeros(n, c, h, w, dtype=torch.long)),
-                          args.batch_size)
-    check_memory(args, need, f"--decoder {args.decoder} for {dim}-dim embeddings at --batch-size {args.batch_size}")
+    if trainable:
+        need = training_bytes(lambda: build_decoder(args.decoder, int(dim), data["image_shape"], data_levels(data),
+                                                    **decoder_config),
+                              lambda m, n: m.loss(torch.zeros(n, int(dim)), torch.zeros(n, c, h, w, dtype=torch.long)),
+                              args.batch_size)
+        check_memory(args, need, f"--decoder {args.decoder} for {dim}-dim embeddings at --batch-size {args.batch_size}")
     cfg = DecoderTrainConfig(decoder=args.decoder, decoder_config=decoder_config, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     stage_config = {**cfg.to_dict(), "column": args.column}
@@ -130,7 +133,7 @@ def run(args: TrainDecoderOptions) -> None:
         from fisher.checkpoints import read_train_state
         history = read_train_state(checkpoint_files(result.checkpoint))["history"]
     else:
-        m = _write_untrained(args, cfg, data)
+        m = _write_untrained(args, cfg, data, prepare)
         history = [m]
     write_manifest(args.out, "train-decoder", stage_config, inputs=inputs, embeddings=args.embeddings,
                    data=args.data, metrics=m, history=history, image_shape=data["image_shape"],
@@ -151,13 +154,37 @@ def _result_text(m: dict, levels: int = 2) -> str:
     return loss + f"MSE {m['test_mse']:.4f}"
 
 
-def _write_untrained(args: TrainDecoderOptions, cfg: DecoderTrainConfig, data: dict) -> dict:
-    """A decoder with nothing to train (``trainable = False``, the pixel baseline's identity): built and
-    evaluated on the test split in the driver, with no Ray Train job; the same files as a trained one."""
+def _embedding_model(args: TrainDecoderOptions, emb: dict):
+    """(decoder config, prepare) of a decoder that is the embeddings' own model (``--decoder latent``): the
+    architecture of the prior ``fisher embed`` used, and a function copying its weights into the decoder."""
+    from dataclasses import asdict
+
+    from fisher.priors import load_prior, prior_location
+    from fisher.io import read_manifest
+    uri = emb.get("prior")
+    if not uri:
+        raise FisherError(f"{args.embeddings}: made without a --prior; --decoder {args.decoder} decodes the latent of "
+                          "a `fisher embed --kind pixelvae|realnvp` directory")
+    if emb["columns"][args.column].get("transformed_from"):
+        raise FisherError(f"--column {args.column}: standardized/PCA embeddings; --decoder {args.decoder} decodes "
+                          "the model's own latent: pass --column z")
+    if manifest_hash(read_manifest(prior_location(uri), "train-prior")) != emb.get("inputs", {}).get("prior"):
+        raise FisherError(f"{uri}: not the prior {args.embeddings} was made with (it was retrained or replaced); "
+                          "rerun `fisher embed` with it")
+    model = load_prior(uri)
+    config = {**args.decoder_config, "model": model.registered_name, "model_config": asdict(model.config)}
+    return config, lambda decoder: decoder.model.load_state_dict(model.state_dict())
+
+
+def _write_untrained(args: TrainDecoderOptions, cfg: DecoderTrainConfig, data: dict, prepare=None) -> dict:
+    """A decoder with nothing to train (``trainable = False``: the pixel baseline's identity, a latent model's
+    decoder, whose weights ``prepare`` sets): built and evaluated on the test split in the driver, with no Ray
+    Train job; the same files as a trained one."""
     from fisher.decoders import fit_decoder, load_split_tensors
     from fisher.io import atomic_write_bytes, join
     tensors = load_split_tensors(args.embeddings, args.data, args.column)
-    decoder, metrics = fit_decoder(cfg, *tensors["train"], *tensors["test"], data_levels(data), data["image_shape"])
+    decoder, metrics = fit_decoder(cfg, *tensors["train"], *tensors["test"], data_levels(data), data["image_shape"],
+                                   prepare=prepare)
     files = train_state_files(decoder, "decoder", None, 0, [metrics], metrics)
     for name in (WEIGHTS, SPEC, METRICS):
         atomic_write_bytes(join(args.out, name), files[name])

@@ -11,6 +11,7 @@ run's Ray storage under ``ray/`` and ``manifest.json``.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,10 +38,14 @@ class TrainPriorOptions(TrainerOptions):
     model: dict = option(default_factory=dict, architecture=PRIORS, help="architecture (each prior's own options)")
     limit: int | None = option(None, help="use only the first N training images (small runs)")
     workers: int = option(1, help="Ray Train workers (data parallel)")
+    is_samples: int = option(100, help="a latent-variable prior (pixelvae): importance samples per test image for "
+                                       "the final NLL estimate (Burda et al. 2015; the PixelVAE paper uses 5000)")
+    is_images: int = option(1000, help="a latent-variable prior: test images for that estimate (0: all)")
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 1, "workers", "limit")
+        at_least(self, 1, "workers", "limit", "is_samples")
+        at_least(self, 0, "is_images")
         PRIORS.get(self.prior)
         self.model = architecture_config(self.model, PRIORS, self.prior, "--prior")
         PRIORS.config(self.prior, **self.model)     # types and the architecture's own checks, before any step runs
@@ -111,8 +116,8 @@ def _train_loop(config: dict) -> None:
                    **{f"test_{k}": v for k, v in nll_metrics(total, count, dims).items()}}
         history.append(metrics)
         if rank == 0:
-            progress.set(seen, key=rank, info=f"epoch {epoch + 1}/{cfg.epochs} test NLL "
-                                              f"{metrics['test_nll_nats']:.2f} nats")
+            what = f"test NLL ({model.bound} bound)" if model.bound else "test NLL"
+            progress.set(seen, key=rank, info=f"epoch {epoch + 1}/{cfg.epochs} {what} {metrics['test_nll_nats']:.2f} nats")
             report_files(ray.train.report, Checkpoint, metrics, state_bytes(model, opt, epoch + 1, history, metrics))
         else:
             ray.train.report(metrics)
@@ -138,7 +143,9 @@ def run(args: TrainPriorOptions) -> None:
     model = {"channels": int(shape[2]), "levels": data_levels(data_manifest), **args.model}
     cfg = PriorTrainConfig(prior=args.prior, model=asdict(PRIORS.config(args.prior, **model)),
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    stage_config = {**cfg.to_dict(), "limit": args.limit}
+    is_bound = hasattr(PRIORS[args.prior], "importance_log_prob")
+    stage_config = {**cfg.to_dict(), "limit": args.limit,
+                    **({"is_samples": args.is_samples, "is_images": args.is_images} if is_bound else {})}
     h, w, c = (int(v) for v in shape)
     need = training_bytes(lambda: build_prior(args.prior, **cfg.model),
                           lambda m, n: m.log_prob(torch.zeros(n, c, h, w)), args.batch_size)
@@ -168,7 +175,37 @@ def run(args: TrainPriorOptions) -> None:
         raise FisherError(f"{args.out}: training finished without a checkpoint; see the Ray logs above")
     weights_sha256 = publish_checkpoint(result.checkpoint, args.out, (WEIGHTS, SPEC, METRICS))[WEIGHTS]
     history = read_train_state(checkpoint_files(result.checkpoint))["history"]
+    metrics = dict(result.metrics)
+    bound = PRIORS[args.prior].bound
+    if bound:
+        metrics["test_nll_bound"] = bound
+    if is_bound:
+        metrics.update(_importance_nll(args, h * w * c))
     write_manifest(args.out, "train-prior", stage_config, inputs={"data": data_hash},
-                   data=args.data, metrics=result.metrics, history=history, weights_sha256=weights_sha256)
-    console.say(f"prior written to {args.out}: test NLL {result.metrics['test_nll_nats']:.2f} nats/image, "
-          f"{result.metrics['test_bits_per_dim']:.4f} bits/dim")
+                   data=args.data, metrics=metrics, history=history, weights_sha256=weights_sha256)
+    console.say(f"prior written to {args.out}: test NLL{f' ({bound} bound)' if bound else ''} "
+                f"{metrics['test_nll_nats']:.2f} nats/image, {metrics['test_bits_per_dim']:.4f} bits/dim"
+                + (f"; importance-sampled NLL {metrics['test_is_nll_nats']:.2f} nats/image "
+                   f"(K = {args.is_samples}, {metrics['is_images']} images)" if is_bound else ""))
+
+
+def _importance_nll(args: TrainPriorOptions, dims: int) -> dict:
+    """The importance-sampled test NLL of a latent-variable prior (its ``importance_log_prob``, Burda et al.
+    2015) on the first ``--is-images`` test images with ``--is-samples`` samples each, next to its bound on
+    the same images; seeded by ``--seed``."""
+    from fisher.data import load_prepared
+    from fisher.priors import load_prior, to_model_input
+    model = load_prior(args.out).eval()
+    images = load_prepared(args.data, "test", args.is_images or None)["image"]
+    torch.manual_seed(args.seed)
+    is_sum, bound_sum = 0.0, 0.0
+    with tracked(len(images), "importance-sampled NLL", "img") as progress:
+        for start in range(0, len(images), 100):
+            x = to_model_input(images[start:start + 100])
+            with torch.no_grad():
+                is_sum -= float(model.importance_log_prob(x, args.is_samples).double().sum())
+                bound_sum -= float(model.log_prob(x).double().sum())
+            progress.set(start + len(x))
+    n = len(images)
+    return {"test_is_nll_nats": is_sum / n, "test_is_bits_per_dim": is_sum / n / (dims * math.log(2)),
+            "is_bound_nll_nats": bound_sum / n, "is_samples": args.is_samples, "is_images": n}

@@ -346,6 +346,14 @@ def dec_weights_zdim(c):
     return {"dec": d}
 
 
+def prior_pixelvae(c):
+    """A PixelVAE checkpoint (a latent-variable model: its log_prob is the ELBO) where --prior is expected."""
+    from fisher.priors import build_prior, save_prior
+    d = c.copy("prior")
+    save_prior(build_prior("pixelvae", latent_dim=2, pixel_layers=1, filters=4), d)
+    return {"prior": d}
+
+
 def _wgan(c, z_dim: int = Z_DIM) -> Path:
     """A small WGAN-GP decoder checkpoint for the good data (28x28 binary images)."""
     from fisher.decoders import build_decoder, save_decoder
@@ -646,6 +654,19 @@ CASES = [
     ("decoder-pixelcnn-even-kernel", None, [*DECODE, "--decoder", "pixelcnn", "--kernel", "4"],
      r"decoder 'pixelcnn': invalid config \{'kernel': 4\} \(layers=5, filters=120, kernel=4: need layers >= 1, "
      r"filters >= 1 and an odd kernel >= 3\)"),
+    # the seed papers' latent-variable baselines: a kind and a model that do not match, a decoder of a latent
+    # for embeddings that are no latent, a model built for other images
+    ("embed-fisher-of-a-pixelvae", prior_pixelvae, ["embed", *PRIOR, "--dim", "16"],
+     r"--kind fisher: prior 'pixelvae' has no exact log-likelihood \(its log_prob is the ELBO bound\), so no "
+     r"Fisher score; embed its latent with --kind pixelvae"),
+    ("embed-latent-kind-of-a-pixelcnn", None, ["embed", *PRIOR, "--kind", "pixelvae"],
+     r"--kind pixelvae: needs a `fisher train-prior --prior pixelvae` model as --prior, got a 'pixelcnn' prior"),
+    ("decoder-latent-of-fisher-scores", None, [*DECODE, "--decoder", "latent"],
+     r"decoder 'latent': prior 'pixelcnn' has no latent \(pixelvae and realnvp have\); decode its embeddings "
+     r"with a trained decoder"),
+    ("train-pixelvae-other-size", None, ["train-prior", "--data", "{data}", "--out", "{out}", "--prior", "pixelvae",
+                                         "--height", "14"],
+     r"pixelvae built for 14x28 images, got 28x28; rebuild it with --height 28 --width 28"),
     ("interpolate-prior-as-decoder", lambda c: {"dec": c.good["prior"]}, ["interpolate", *INPUTS],
      r"prior/module\.json: a 'prior' checkpoint, not a decoder; pass a decoder checkpoint directory"),
     ("interpolate-decoder-inf", _poisoned("dec", float("-inf")), ["interpolate", *INPUTS],

@@ -19,6 +19,7 @@ from fisher.decoders import pixels as _pixels  # noqa: F401  (registers "pixels"
 from fisher.decoders import realnvp as _realnvp  # noqa: F401  (registers "realnvp")
 from fisher.decoders import pixelcnn as _pixelcnn  # noqa: F401  (registers "pixelcnn")
 from fisher.decoders import wgan as _wgan  # noqa: F401  (registers "wgan")
+from fisher.decoders import latent as _latent  # noqa: F401  (registers "latent")
 from fisher.decoders.conv import CelebAConvDecoder, ConvDecoder, ResBlock  # noqa: F401
 from fisher.decoders.training import (DecoderTrainConfig, decode_mean, decode_mode, decoder_train_step,  # noqa: F401
                                       evaluate_decoder, fit_decoder, load_split_tensors, reconstruction_loss,

@@ -98,16 +98,20 @@ def evaluate_decoder(decoder: Decoder, z: torch.Tensor, x: torch.Tensor, levels:
 
 
 def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.Tensor, z_test: torch.Tensor,
-                x_test: torch.Tensor, levels: int, image_shape, on_epoch=None, start: dict | None = None):
+                x_test: torch.Tensor, levels: int, image_shape, on_epoch=None, start: dict | None = None,
+                prepare=None):
     """Train a decoder z → x on in-memory arrays; returns (decoder, last test metrics).
 
     ``on_epoch(epoch, metrics, decoder, opt)`` is called after every epoch (Ray Tune and Ray Train report
     and checkpoint from it). ``start`` = {"weights": state_dict, "optimizer": state_dict, "epoch": k}
-    (:func:`fisher.checkpoints.read_train_state`) resumes after epoch k.
+    (:func:`fisher.checkpoints.read_train_state`) resumes after epoch k. ``prepare(decoder)`` is called
+    on the new decoder first (a latent model's decoder gets the model's weights).
     """
     from fisher.decoders import build_decoder
     torch.manual_seed(cfg.seed)
     decoder = build_decoder(cfg.decoder, z_train.shape[1], image_shape, levels, **cfg.decoder_config)
+    if prepare is not None:
+        prepare(decoder)
     decoder.to(z_train.device)
     if not decoder.trainable:          # the identity of the pixel baseline: one evaluation, no epochs
         decoder.fit_input(z_train)

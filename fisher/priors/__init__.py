@@ -15,9 +15,11 @@ from fisher.priors.base import Prior
 from fisher.priors.registry import PRIORS
 from fisher.priors import gated as _gated  # noqa: F401  (registers "gated")
 from fisher.priors import pixelcnn as _pixelcnn  # noqa: F401  (registers "pixelcnn")
+from fisher.priors import pixelvae as _pixelvae  # noqa: F401  (registers "pixelvae")
 from fisher.priors.gated import GatedPixelCNN, GatedPixelCNNConfig
 from fisher.priors.pixelcnn import PixelCNN, PixelCNNConfig
 from fisher.priors.pyramid import PyramidPixelCNN, PyramidPixelCNNConfig  # noqa: F401  (registers "pyramid")
+from fisher.priors import realnvp as _realnvp  # noqa: F401  (registers "realnvp")
 
 __all__ = ["PRIORS", "Prior", "PixelCNN", "PixelCNNConfig", "GatedPixelCNN", "GatedPixelCNNConfig", "PyramidPixelCNN", "PyramidPixelCNNConfig", "build_prior", "load_prior", "save_prior",
            "prior_files", "prior_from_files", "to_model_input"]

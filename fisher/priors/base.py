@@ -10,6 +10,17 @@ whose fields include ``channels`` and ``levels`` (taken from the data). It answe
 * ``hidden(x)``: the activations the paper's baseline embedding uses ("second-to-last layer"),
   any shape (B, ...), flattened by :func:`fisher.scores.activations`.
 
+Latent-variable models of the seed papers (PixelVAE, :mod:`fisher.priors.pixelvae`; RealNVP,
+:mod:`fisher.priors.realnvp`) are registered here too, so ``fisher train-prior`` trains them with the
+same Ray Train loop, checkpoints and resume. Their ``log_prob`` is a bound (``exact_likelihood = False``;
+``bound`` names it: the ELBO, RealNVP's dequantized bound), so they have no Fisher score; their
+embedding is their latent:
+
+* ``latent_size(image_shape)``, ``encode(x)`` → (B, d): the latent an embedding kind of the same name stores;
+* ``decode(z, u)`` → integer images of the shape of the uniforms ``u`` (B, C, H, W) (an autoregressive
+  decoder samples by inverse CDF from them; a flow's f⁻¹ ignores their values);
+* optionally ``decoder_nll(z, x)``: -log p(x | z) per image, and ``importance_log_prob(x, samples)``.
+
 Masks are applied in the forward pass (``conv(x, w * mask)``), never by editing weights in place,
 and a parameter entry a mask pins has a ``mask`` buffer of the weight's shape on its module, so
 :mod:`fisher.scores` leaves it out of the Fisher score.
@@ -25,6 +36,8 @@ from fisher.likelihoods import Likelihood, likelihood_for
 class Prior(nn.Module):
     """Base of every registered prior; see the module docstring."""
     registered_name: str = "?"
+    exact_likelihood = True     # False: log_prob is a bound (named by ``bound``); no Fisher score
+    bound: str | None = None
 
     def __init__(self, channels: int, levels: int, likelihood: Likelihood | None = None):
         super().__init__()

@@ -6,6 +6,8 @@
 * :data:`PAPER_CELEBA_FID`: Figure 7, interpolation FID against α on CelebA, one table per prior.
 * :data:`PAPER_MNIST_NLL`: reference test NLLs of PixelCNN priors on binarized MNIST (PixelVAE paper,
   Table 1), the yardstick for a trained prior.
+* :data:`PAPER_LATENT_NLL`: the seed papers' own NLLs of the latent-variable baselines (PixelVAE Table 1,
+  RealNVP Table 2).
 
 Data only: the tables and plots that show these numbers are in :mod:`fisher.reports.figure3a`,
 :mod:`fisher.reports.figure3b` and :mod:`fisher.reports.run`.
@@ -67,4 +69,13 @@ PAPER_MNIST_NLL = {
     "baseline_note": ("The independent-pixel baseline (one Bernoulli per pixel, i.e. the train split's mean "
                       "image) is not quoted from a paper: it is computed from the data, and a prior is only as "
                       "good as its distance below it."),
+}
+
+# The latent-variable baselines' own papers: test NLL of the model whose latent is an embedding kind.
+PAPER_LATENT_NLL = {
+    "pixelvae": {"source": "PixelVAE paper (Gulrajani et al.), Table 1 (binarized MNIST; importance sampling with "
+                           "5000 samples, the ELBO in parentheses)",
+                 "text": "PixelVAE ≤ 80.64 (ELBO); Gated PixelVAE ≈ 79.48 (≤ 80.02)", "unit": "nats/image"},
+    "realnvp": {"source": "RealNVP paper (Dinh et al.), Table 2 (CelebA 64×64, 8 bits)", "text": "3.02",
+                "unit": "bits/dim"},
 }

@@ -20,9 +20,11 @@ import math
 
 from fisher.io import atomic_write_bytes, exists, join, read_bytes, read_json, read_manifest
 from fisher.reports.figure3a import paper_table
-from fisher.reports.paper import PAPER_CELEBA_FID, PAPER_FIGURE_3A, PAPER_MNIST_FID, PAPER_MNIST_NLL
+from fisher.reports.paper import PAPER_CELEBA_FID, PAPER_FIGURE_3A, PAPER_LATENT_NLL, PAPER_MNIST_FID, PAPER_MNIST_NLL
 
-PRIOR_LABELS = {"pixelcnn": "PixelCNN", "gated": "Gated PixelCNN", "pyramid": "Pyramid PixelCNN"}   # registry
+PRIOR_LABELS = {"pixelcnn": "PixelCNN", "gated": "Gated PixelCNN", "pyramid": "Pyramid PixelCNN",   # registry
+                "pixelvae": "PixelVAE", "realnvp": "RealNVP"}
+FIXED_DECODER_KINDS = ("pixel", "pixelvae", "realnvp")     # rows decoded by one fixed decoder, whatever the seeds
 
 
 DATA_KEYS = ("channels", "levels")          # config keys set from the data, left out of descriptions
@@ -33,6 +35,14 @@ def decoder_sections(preset: dict) -> dict[str, dict]:
     preset that compares several (paper Figure 7: conv and RealNVP rows), whose steps write
     ``decoder-<kind>-<label>/``, ``fid-<kind>-<label>/`` and so on: one report row ``<kind>-<label>`` each."""
     return dict(preset["decoders"]) if preset.get("decoders") else {"": preset.get("decoder") or {}}
+
+
+def latent_location(out: str, kind: str, section: dict) -> str:
+    """The model of a preset's ``latents.<kind>`` section: ``builtin:<builtin>`` unless ``train`` is true,
+    else ``OUT/<kind>-model``."""
+    if section.get("builtin") is not None and not section.get("train", True):
+        return f"builtin:{section['builtin']}"
+    return join(out, f"{kind}-model")
 
 
 def row_name(kind: str, decoder_label: str) -> str:
@@ -156,13 +166,16 @@ def _fid_results(out: str, row: str, suffixes) -> list[dict]:
 
 
 def _decoder_dirs(row: str, suffixes) -> list[str]:
-    return ["decoder-pixel"] if row == "pixel" else [f"decoder-{row}{sfx}" for sfx in suffixes]
+    return [f"decoder-{row}"] if row in FIXED_DECODER_KINDS else [f"decoder-{row}{sfx}" for sfx in suffixes]
 
 
 def _decoder_label(manifest: dict) -> str:
     """A decoder's name in a table: its registry name and, for a sampling decoder, its temperature."""
     config = manifest["config"]
     name = config.get("decoder", "?")
+    model = (config.get("decoder_config") or {}).get("model")
+    if name == "latent" and model:
+        return f"{PRIOR_LABELS.get(model, model)}'s own" + (" (f⁻¹, exact)" if model == "realnvp" else " (sampled)")
     temperature = (config.get("decoder_config") or {}).get("temperature")
     return name + (f" (T = {temperature:g})" if temperature is not None else "")
 
@@ -178,8 +191,9 @@ def _num(v, fmt=".4f", scale: float = 1.0) -> str:
 
 DECODER_NLL_NOTE = ("NLL: of each test image given its embedding, in bits per sub-pixel: exact for the conv and "
                     "PixelCNN decoders (a categorical over each sub-pixel's levels), the dequantized bound for the "
-                    "RealNVP (RealNVP sec. 4.1); WGAN-GP has none (–). MSE on [0, 1] values of the decoded image: "
-                    "the conv decoders' expected image, one sample for the others.")
+                    "RealNVP (RealNVP sec. 4.1); WGAN-GP has none (–), nor has the RealNVP latent's f⁻¹ (a point "
+                    "mass). MSE on [0, 1] values of the decoded image: the conv decoders' expected image, one sample "
+                    "for the others.")
 
 
 def _decoder_loss(binary: bool) -> tuple[str, float]:
@@ -211,6 +225,37 @@ def prior_section(out: str, preset: dict, prior: str, data: str | None = None) -
         refs = ", ".join(f"{k} {v:.2f}" for k, v in PAPER_MNIST_NLL["rows"].items())
         lines += [f"Reference test NLLs on binarized MNIST ({PAPER_MNIST_NLL['source']}, {PAPER_MNIST_NLL['unit']}): "
                   f"{refs}.", ""]
+    return lines
+
+
+def latent_section(out: str, preset: dict) -> list[str]:
+    """The seed papers' latent-variable baselines (preset ``latents``): each model's test NLL (its bound every
+    epoch, the importance-sampled estimate where it has one) next to its own paper's."""
+    from fisher.priors import prior_location
+    latents = preset.get("latents") or {}
+    found = {k: latent_location(out, k, s) for k, s in latents.items()
+             if exists(join(prior_location(latent_location(out, k, s)), "manifest.json"))}
+    if not found:
+        return []
+    lines = ["## Latent-variable baselines (the seed papers' models)", "",
+             "Their embedding is their own latent (PixelVAE: the posterior mean; RealNVP: f(x), all scales), decoded "
+             "by their own decoder, in the same protocol as Fisher scores and activations.", "",
+             "| model | architecture | epochs | test NLL bound | importance-sampled NLL | its paper |",
+             "|---|---|---|---|---|---|"]
+    for kind, uri in found.items():
+        manifest = read_manifest(prior_location(uri), "train-prior")
+        m, paper = manifest["metrics"], PAPER_LATENT_NLL.get(kind, {})
+        bits = paper.get("unit") == "bits/dim"
+        bound = f"{m['test_bits_per_dim']:.3f} bits/dim" if bits else f"{m['test_nll_nats']:.2f} nats/image"
+        sampled = (f"{m['test_is_nll_nats']:.2f} nats/image (K = {m['is_samples']}, {m['is_images']} images; its "
+                   f"bound there {m['is_bound_nll_nats']:.2f})" if "test_is_nll_nats" in m else "–")
+        lines.append(f"| {PRIOR_LABELS.get(kind, kind)} (`{uri}`) | {prior_description(manifest['config'])} | "
+                     f"{m['epoch']} | {bound} ({m.get('test_nll_bound', 'bound')}) | {sampled} | "
+                     f"{paper.get('text', '–')} {paper.get('unit', '')} |")
+    lines += ["", "; ".join(f"{PRIOR_LABELS.get(k, k)}: {PAPER_LATENT_NLL[k]['source']}" for k in found
+                            if k in PAPER_LATENT_NLL) + ". The RealNVP paper's number is for 64×64 8-bit images; "
+              "ours are smaller and have 5 bits, so the numbers are not comparable. A bound above the "
+              "independent-pixel line has learned nothing.", ""]
     return lines
 
 
@@ -269,7 +314,8 @@ def fid_section(out: str, preset: dict, kinds: dict, suffixes, paper: dict | Non
              f"N = {n} pairs per α (the paper uses 50 000); real statistics from {first['real']['count']} "
              f"{first['real']['split']} images: {reference}. Decoded images are the decoder's expected value on "
              f"[0, 1] (conv decoders) or one sample, seeded per image (RealNVP at its temperature, WGAN-GP, "
-             f"PixelCNN); the pixel row is the cross-fade (1 − α) x₁ + α x₂ itself. "
+             f"PixelCNN, PixelVAE's own decoder); the pixel row is the cross-fade (1 − α) x₁ + α x₂ itself, and the "
+             f"realnvp row decodes by RealNVP's exact f⁻¹, so its α = 0 cell is the floor's reconstruction. "
              + (f"Each cell: mean ± standard deviation over {seeds} seeds (decoder training and pair draw). "
                 if seeds > 1 else "One seed: FID cells have no spread; KID cells show KID's standard error. ")
              + "FID is biased upwards at small N (see the floor row: real images against the same statistics); "
@@ -313,6 +359,7 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
     prior_manifest = read_manifest(prior_location(prior), "train-prior")
     lines = [f"# Fisher-score run: preset `{preset['_name']}`", "", preset.get("description", ""), ""]
     lines += prior_section(out, preset, prior, data)
+    lines += latent_section(out, preset)
     binary = int(read_manifest(data, "prepare").get("levels", 2)) == 2
     base = mean_image_baseline(data)
     if exists(d("sweep", "grid.md")):
@@ -417,6 +464,7 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
                      f"{m['metrics']['epoch']} | {m['metrics']['test_bits_per_dim']:.3f} | "
                      + (f"{b['prior']['nll_nats']:.1f} | {b['independent_pixel']['nll_nats_per_image']:.1f}"
                         if b else "– | –") + f" | [{label}/report.md]({label}/report.md) |")
+    lines += [""] + latent_section(out, preset)
     lines += ["", "## Interpolation FID per prior (paper Figure 7)", ""]
     for label in priors:
         kinds = runs[label]

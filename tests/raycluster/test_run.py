@@ -25,9 +25,10 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not WEIGHTS.exists(), reason=f"{WEIGHTS} absent (set FISHER_SHARED_DATA)")]
 
 STEPS = ["prepare", "baselines", "sweep", "embed-pixel"]
-for _kind in ("fisher", "pixel"):
-    STEPS += [f"probe-{_kind}"] + ([f"decoder-{_kind}-s0", f"decoder-{_kind}-s1"] if _kind != "pixel" else
-                                   ["decoder-pixel"]) + [f"interpolate-{_kind}", f"fid-{_kind}-s0", f"fid-{_kind}-s1"]
+for _kind in ("fisher", "pixel", "pixelvae"):
+    STEPS += (["train-pixelvae", "embed-pixelvae"] if _kind == "pixelvae" else []) + [f"probe-{_kind}"] \
+        + ([f"decoder-{_kind}-s0", f"decoder-{_kind}-s1"] if _kind == "fisher" else [f"decoder-{_kind}"]) \
+        + [f"interpolate-{_kind}", f"fid-{_kind}-s0", f"fid-{_kind}-s1"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,8 @@ def run(tmp_path_factory, mnist_dir):
         "interpolate": {"pairs": 2},
         "evaluate": {"pairs": 4, "real_limit": 8, "alphas": [0.5], "batch_size": 4, "seeds": 2},
         "kinds": ["fisher", "pixel"],       # activations take the same path as pixels (embed, decoder, evaluate)
+        "latents": {"pixelvae": {"train": True, "epochs": 1, "batch_size": 32, "latent_dim": 4, "pixel_layers": 1,
+                                 "filters": 4, "is_samples": 3, "is_images": 8, "cpus_per_worker": 0.5}},
         "sweep": {"grid": str(grid), "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5},
     }
     (root / "toy.json").write_text(json.dumps(preset))
@@ -131,6 +134,15 @@ def test_every_step_and_the_report(run):
         assert f"| {kind} | {probe['linear_probe']['dim']} | {probe['linear_probe']['accuracy']:.3f} | " in report
     assert "seeds (decoder training and pair draw)" in report
     assert json.loads((out / "preset.json").read_text())["prior"]["builtin"] == "mnist-pixelcnn"
+    # the PixelVAE baseline: trained by the run, its latent embedded unprojected and decoded by its own decoder
+    vae = json.loads((out / "pixelvae-model" / "manifest.json").read_text())["metrics"]
+    assert vae["test_nll_bound"] == "ELBO" and vae["is_samples"] == 3 and vae["is_images"] == 8
+    emb = json.loads((out / "emb-pixelvae" / "manifest.json").read_text())
+    assert emb["config"]["kind"] == "pixelvae" and emb["columns"]["z"]["dim"] == 4
+    dec = json.loads((out / "decoder-pixelvae" / "manifest.json").read_text())
+    assert dec["config"]["decoder_config"]["model"] == "pixelvae" and dec["metrics"]["test_bce_nats_per_pixel"] > 0
+    assert "## Latent-variable baselines (the seed papers' models)" in report
+    assert "| pixelvae | `z` | PixelVAE's own (sampled) |" in report
 
 
 def test_rerun_reuses_every_step(run, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fisher.decoders import build_decoder, load_decoder, save_decoder
-from fisher.decoders.realnvp import LOGIT_ALPHA, _n_scales
+from fisher.flow import LOGIT_ALPHA, from_logit, n_scales as _n_scales
 from fisher.errors import FisherError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +93,7 @@ def test_decoding_is_seeded_per_image_and_tempered():
         cold.load_state_dict(dec.state_dict())
         cold.eval()
         mode = cold.inverse([torch.zeros(1, *s) for s in cold.shapes], cold.standardize(z[:1]))
-        assert torch.equal(cold.sample(z[:1]), cold._from_logit(mode))       # T = 0: f⁻¹(0)
+        assert torch.equal(cold.sample(z[:1]), from_logit(mode, 32))       # T = 0: f⁻¹(0)
     other = build_decoder("realnvp", 5, (8, 8, 3), 32, features=6, blocks=1, sample_seed=1)
     other.load_state_dict(dec.state_dict())
     with torch.no_grad():

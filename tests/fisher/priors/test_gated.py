@@ -94,3 +94,43 @@ def test_paper_size():
     m = build_prior("gated", channels=3, levels=32)
     assert (len(m.layers), m.config.filters, m.config.kernel_size) == (5, 120, 7)
     assert 3.5e6 < sum(p.numel() for p in m.parameters()) < 5.5e6
+
+
+def _spatial_model(channels, levels, layers, filters, kernel, d=3, hw=(5, 6), seed=0):
+    """A conditional model with weights far from the init (a wrong cache entry shows) and a map (1, d, H, W)."""
+    torch.manual_seed(seed)
+    m = build_prior("gated", channels=channels, levels=levels, n_layers=layers, filters=filters, kernel_size=kernel,
+                    condition_dim=d).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    return m, torch.randn(3, d, *hw)
+
+
+@pytest.mark.parametrize("channels, levels, layers, filters, kernel", [(1, 2, 3, 8, 3), (3, 4, 2, 12, 5)])
+def test_cached_sampler_with_a_conditioning_map_equals_the_full_network(channels, levels, layers, filters, kernel):
+    from fisher.priors.gated import inverse_cdf
+    m, cond = _spatial_model(channels, levels, layers, filters, kernel)
+    b, _, h, w = cond.shape
+    u = torch.rand(b, channels, h, w, generator=torch.Generator().manual_seed(1))
+    naive = torch.zeros(b, channels, h, w, dtype=torch.long)
+    with torch.no_grad():
+        for i, j, k in itertools.product(range(h), range(w), range(channels)):
+            naive[:, k, i, j] = inverse_cdf(m.likelihood, m(naive, cond), u)[:, k, i, j]
+    cached = m.sample_with(u, cond)
+    assert torch.equal(cached, naive) and len(cached.unique()) == levels
+    assert not torch.equal(cached, m.sample_with(u, cond.flip(-1)))        # the map's location matters
+
+
+@pytest.mark.parametrize("channels, levels", [(1, 2), (3, 4)])
+def test_a_conditioning_map_keeps_the_model_causal(channels, levels):
+    m, cond = _spatial_model(channels, levels, 2, 6, 3, hw=(4, 4))
+    cond, gen = cond[:1], torch.Generator().manual_seed(2)
+    x = torch.randint(0, levels, (1, channels, 4, 4), generator=gen)
+    order = [(c, y, xx) for y in range(4) for xx in range(4) for c in range(channels)]
+    base = m(x, cond)
+    for n, (c, y, xx) in enumerate(order):
+        later = x.clone()
+        for cc, yy, xxx in order[n:]:                                       # this sub-pixel and every later one
+            later[0, cc, yy, xxx] = torch.randint(0, levels, (1,), generator=gen)
+        assert torch.allclose(m(later, cond)[0, c, ..., y, xx], base[0, c, ..., y, xx], atol=1e-6), (c, y, xx)
