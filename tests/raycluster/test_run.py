@@ -166,10 +166,17 @@ def test_several_decoders_plan_one_row_per_kind_and_decoder(tmp_path):
     steps, runs = plan(args, load_preset(args.preset, args.set))
     names = [s.name for s in steps]
     assert list(runs["pixelcnn"]) == ["fisher-conv", "fisher-realnvp", "activation-conv", "activation-realnvp"]
-    assert list(runs[""]) == ["pixel"]
+    assert list(runs[""]) == ["pixel", "realnvp"]
     for step in ("decoder", "interpolate", "edit", "fid"):
         assert f"gated/{step}-fisher-realnvp" in names and f"gated/{step}-activation-conv" in names
     assert names.count("pyramid/probe-fisher") == 1 and "decoder-pixel" in names and "fid-pixel" in names
+    # the RealNVP latent (preset key "latents"): made once, at the top, its builtin model not retrained, decoded
+    # by its own inverse (one decoder), with strips, edits, probes and FID like every row
+    assert "train-realnvp" not in names and names.count("decoder-realnvp") == 1
+    assert {"embed-realnvp", "probe-realnvp", "interpolate-realnvp", "edit-realnvp", "fid-realnvp"} <= set(names)
+    latent = {s.name: s.options for s in steps}
+    assert latent["embed-realnvp"].prior == "builtin:celeba32-realnvp" and latent["embed-realnvp"].pca is None
+    assert latent["decoder-realnvp"].decoder == "latent" and runs[""]["realnvp"][1] == "z"
     by_name = {s.name: s.options for s in steps}
     nvp = by_name["pixelcnn/decoder-fisher-realnvp"]
     assert (nvp.decoder, nvp.epochs, nvp.decoder_config["features"]) == ("realnvp", 2, 16)
