@@ -27,7 +27,9 @@ def run(args: PriorsOptions) -> None:
     print("builtin priors (--prior NAME):")
     for r in rows:
         config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
-        print(f"  {r['name']}: {r['arch']} ({config}); {r['epochs']} epochs; test NLL {r['test_nll_nats']:.2f} "
-              f"nats/image ({r['test_bits_per_dim']:.4f} bits/dim)")
+        bound = PRIORS[r["arch"]].bound if r["arch"] in PRIORS else None
+        print(f"  {r['name']}: {r['arch']} ({config}); {r['epochs']} epochs; test NLL"
+              + (f" ({bound} bound)" if bound else "") + f" {r['test_nll_nats']:.2f} nats/image "
+              f"({r['test_bits_per_dim']:.4f} bits/dim)")
         if r["command"]:
             print(f"    made by: {r['command']}")

@@ -195,3 +195,50 @@ def test_every_shipped_preset_plans(name, tmp_path):
     preset = load_preset(name, [])
     steps, runs = plan(RunOptions(preset=name, data=str(tmp_path), out=str(tmp_path / "out")), preset)
     assert steps and all(runs.values())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("nan", r"emb-pixelvae/test-\d+\.parquet: column 'z' holds NaN or Inf in 1 of \d+ rows"),
+    ("kind", r"emb-pixelvae/test-\d+\.parquet: made with kind 'pixel', but .*emb-pixelvae with kind 'pixelvae'; "
+             r"a shard of another `fisher embed` run was mixed in"),
+    ("prior", r"not the prior .*emb-pixelvae was made with \(it was retrained or replaced\); rerun `fisher embed`"),
+])
+def test_latent_embeddings_pass_the_same_checks(run, tmp_path, capsys, bad, message):
+    """The PixelVAE row's shards are checked like every kind's: a NaN, a shard of another kind mixed in, and (for
+    its own decoder) a model replaced since ``fisher embed`` are refused with one line."""
+    import shutil
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from fisher.embedding import column_array, embedding_table
+    from fisher.io import atomic_write_table
+    root, _, _ = run
+    out = root / "out"
+    emb = shutil.copytree(out / "emb-pixelvae", tmp_path / "emb-pixelvae")
+    shard = next(emb.glob("test-*.parquet"))
+    t = pq.read_table(shard)
+    meta, z = json.loads(t.schema.metadata[b"fisher"]), column_array(t["z"]).copy()
+    prior = json.loads((emb / "manifest.json").read_text())["prior"]
+    if bad == "nan":
+        z[1, 0] = np.nan
+    elif bad == "kind":
+        meta["kind"] = "pixel"
+    else:                           # the model the embeddings name has been retrained since
+        model = shutil.copytree(prior, tmp_path / "model")
+        m = json.loads((model / "manifest.json").read_text())
+        m["config"]["epochs"] += 1
+        (model / "manifest.json").write_text(json.dumps(m))
+        manifest = json.loads((emb / "manifest.json").read_text())
+        manifest["prior"] = str(model)
+        (emb / "manifest.json").write_text(json.dumps(manifest))
+    atomic_write_table(str(shard), embedding_table(np.asarray(t["id"].to_pylist()), {"z": z}, meta))
+    argv = (["train-decoder", "--decoder", "latent", "--embeddings", str(emb), "--data", str(out / "data"),
+             "--out", str(tmp_path / "dec")] if bad == "prior" else
+            ["interpolate", "--decoder", str(out / "decoder-pixelvae"), "--embeddings", str(emb),
+             "--data", str(out / "data"), "--out", str(tmp_path / "strip")])
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]), err[-1]
+    assert not (tmp_path / "dec" / "manifest.json").exists() and not (tmp_path / "strip" / "interpolations.png").exists()

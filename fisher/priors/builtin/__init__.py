@@ -59,8 +59,15 @@ def package(checkpoint: str, data_dir: str, name: str, command: str, check_image
     from fisher.priors import load_prior, save_prior, to_model_input
     from fisher.training import nll_sum
 
-    files = checkpoints.read_files(checkpoint, (checkpoints.WEIGHTS, checkpoints.PROGRESS, "history.json", "metrics.json"))
-    state = checkpoints.read_train_state(files, checkpoint)
+    from fisher.io import exists, join
+    finished = exists(join(checkpoint, "manifest.json"))     # an output directory: its manifest's history and
+    if finished:                                             # final metrics (a latent model's importance-sampled NLL)
+        run = read_manifest(checkpoint, "train-prior")
+        state = {"history": run["history"], "epoch": run["metrics"]["epoch"]}
+    else:
+        files = checkpoints.read_files(checkpoint, (checkpoints.WEIGHTS, checkpoints.PROGRESS, "history.json",
+                                                    "metrics.json"))
+        state = checkpoints.read_train_state(files, checkpoint)
     model = load_prior(checkpoint)
     out = HERE / name
     save_prior(model, out)
@@ -70,7 +77,7 @@ def package(checkpoint: str, data_dir: str, name: str, command: str, check_image
     with torch.no_grad():
         check = nll_sum(model, to_model_input(test["image"])) / len(test["image"])
     history = state["history"]
-    last = history[-1]
+    last = {**history[-1], **(run["metrics"] if finished else {})}
     gain = history[-2]["test_nll_nats"] - last["test_nll_nats"] if len(history) > 1 else None
     import hashlib
     weights = (out / checkpoints.WEIGHTS).read_bytes()
