@@ -231,7 +231,7 @@ def prior_section(out: str, preset: dict, prior: str, data: str | None = None) -
 def latent_section(out: str, preset: dict) -> list[str]:
     """The seed papers' latent-variable baselines (preset ``latents``): each model's test NLL (its bound every
     epoch, the importance-sampled estimate where it has one) next to its own paper's."""
-    from fisher.priors import prior_location
+    from fisher.priors import PRIORS, prior_location
     latents = preset.get("latents") or {}
     found = {k: latent_location(out, k, s) for k, s in latents.items()
              if exists(join(prior_location(latent_location(out, k, s)), "manifest.json"))}
@@ -250,12 +250,15 @@ def latent_section(out: str, preset: dict) -> list[str]:
         sampled = (f"{m['test_is_nll_nats']:.2f} nats/image (K = {m['is_samples']}, {m['is_images']} images; its "
                    f"bound there {m['is_bound_nll_nats']:.2f})" if "test_is_nll_nats" in m else "–")
         lines.append(f"| {PRIOR_LABELS.get(kind, kind)} (`{uri}`) | {prior_description(manifest['config'])} | "
-                     f"{m['epoch']} | {bound} ({m.get('test_nll_bound', 'bound')}) | {sampled} | "
+                     f"{m['epoch']} | {bound} ({m.get('test_nll_bound') or PRIORS[kind].bound}) | {sampled} | "
                      f"{paper.get('text', '–')} {paper.get('unit', '')} |")
     lines += ["", "; ".join(f"{PRIOR_LABELS.get(k, k)}: {PAPER_LATENT_NLL[k]['source']}" for k in found
-                            if k in PAPER_LATENT_NLL) + ". The RealNVP paper's number is for 64×64 8-bit images; "
-              "ours are smaller and have 5 bits, so the numbers are not comparable. A bound above the "
-              "independent-pixel line has learned nothing.", ""]
+                            if k in PAPER_LATENT_NLL) + "."
+              + (" The RealNVP paper's number is for 64×64 8-bit images; ours have 5 bits (and another size), so the "
+                 "numbers are not comparable." if "realnvp" in found else "")
+              + (" PixelVAE decodes to binary samples, which FID compares with the grey originals like every row; "
+                 "the conv decoders' rows are expected (grey) images." if "pixelvae" in found else "")
+              + " A bound above the independent-pixel line has learned nothing.", ""]
     return lines
 
 
