@@ -2,7 +2,8 @@
 the log, and a rerun that reuses every step.
 
 The preset is the shape of ``mnist-small`` at toy scale (64 images per split, the builtin prior, a
-one-cell sweep, one-epoch decoders, two seeds, Fisher scores and pixels); FID runs the real Inception
+one-cell sweep, one-epoch decoders, two seeds, Fisher scores, pixels and the PixelVAE and RealNVP latents,
+both models trained by the run); FID runs the real Inception
 weights on 4 pairs × 1 α against 8 real images, so the test is skipped without the weights file.
 The run is the ``fisher`` executable in a process of its own (``python -m raycluster.cli``), so that its
 terminal is the pipes this test reads.
@@ -25,8 +26,8 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not WEIGHTS.exists(), reason=f"{WEIGHTS} absent (set FISHER_SHARED_DATA)")]
 
 STEPS = ["prepare", "baselines", "sweep", "embed-pixel"]
-for _kind in ("fisher", "pixel", "pixelvae"):
-    STEPS += (["train-pixelvae", "embed-pixelvae"] if _kind == "pixelvae" else []) + [f"probe-{_kind}"] \
+for _kind in ("fisher", "pixel", "pixelvae", "realnvp"):
+    STEPS += ([f"train-{_kind}", f"embed-{_kind}"] if _kind in ("pixelvae", "realnvp") else []) + [f"probe-{_kind}"] \
         + ([f"decoder-{_kind}-s0", f"decoder-{_kind}-s1"] if _kind == "fisher" else [f"decoder-{_kind}"]) \
         + [f"interpolate-{_kind}", f"fid-{_kind}-s0", f"fid-{_kind}-s1"]
 
@@ -47,7 +48,9 @@ def run(tmp_path_factory, mnist_dir):
         "evaluate": {"pairs": 4, "real_limit": 8, "alphas": [0.5], "batch_size": 4, "seeds": 2},
         "kinds": ["fisher", "pixel"],       # activations take the same path as pixels (embed, decoder, evaluate)
         "latents": {"pixelvae": {"train": True, "epochs": 1, "batch_size": 32, "latent_dim": 4, "pixel_layers": 1,
-                                 "filters": 4, "is_samples": 3, "is_images": 8, "cpus_per_worker": 0.5}},
+                                 "filters": 4, "is_samples": 3, "is_images": 8, "cpus_per_worker": 0.5},
+                    "realnvp": {"train": True, "epochs": 1, "batch_size": 32, "scales": 2, "blocks": 1, "features": 4,
+                                "cpus_per_worker": 0.5}},
         "sweep": {"grid": str(grid), "epochs": 1, "batch_size": 32, "cpus_per_trial": 0.5},
     }
     (root / "toy.json").write_text(json.dumps(preset))
@@ -143,6 +146,13 @@ def test_every_step_and_the_report(run):
     assert dec["config"]["decoder_config"]["model"] == "pixelvae" and dec["metrics"]["test_bce_nats_per_pixel"] > 0
     assert "## Latent-variable baselines (the seed papers' models)" in report
     assert "| pixelvae | `z` | PixelVAE's own (sampled) |" in report
+    # the RealNVP baseline on the same images: its exact latent (784 numbers) decodes to the images themselves
+    flow = json.loads((out / "realnvp-model" / "manifest.json").read_text())["metrics"]
+    assert flow["test_nll_bound"] == "dequantized" and "test_is_nll_nats" not in flow
+    assert json.loads((out / "emb-realnvp" / "manifest.json").read_text())["columns"]["z"]["dim"] == 28 * 28
+    dec = json.loads((out / "decoder-realnvp" / "manifest.json").read_text())
+    assert dec["metrics"]["test_mse"] == 0 and dec["metrics"]["test_bce_nats_per_pixel"] is None
+    assert "| realnvp | `z` | RealNVP's own (f⁻¹, exact) | – | 0.0000 |" in report
 
 
 def test_rerun_reuses_every_step(run, capsys):
