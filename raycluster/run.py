@@ -82,6 +82,7 @@ def load_preset(name: str, overrides: list[str]) -> dict:
             target[field] = json.loads(value)
         except json.JSONDecodeError:
             target[field] = value
+    _check_latents(preset, next((f"--set {o}" for o in overrides if o.startswith("latents.")), str(path)))
     preset["_name"], preset["_path"] = path.stem, str(path)
     return preset
 
@@ -93,10 +94,11 @@ RESERVED_LABELS = ("data", "logs")             # top-level directories of a run
 
 
 def _sections(preset: dict) -> list[str]:
-    """The names ``--set SECTION.KEY=VALUE`` accepts: top-level objects, ``priors.<label>`` and
-    ``decoders.<label>``."""
-    names = [k for k, v in preset.items() if isinstance(v, dict) and k not in ("priors", "decoders")]
-    return names + [f"{s}.{k}" for s in ("priors", "decoders") for k in (preset.get(s) or {})]
+    """The names ``--set SECTION.KEY=VALUE`` accepts: top-level objects, ``priors.<label>``,
+    ``decoders.<label>`` and ``latents.<kind>``."""
+    labelled = ("priors", "decoders", "latents")
+    names = [k for k, v in preset.items() if isinstance(v, dict) and k not in labelled]
+    return names + [f"{s}.{k}" for s in labelled for k in (preset.get(s) or {})]
 
 
 def prior_sections(preset: dict) -> dict[str, dict]:
@@ -120,12 +122,7 @@ def _read_preset(path: Path) -> dict:
     priors = _labelled(path, preset, "priors", "prior", '{"pixelcnn": {"builtin": "celeba32-pixelcnn", "train": false}}')
     decoders = _labelled(path, preset, "decoders", "decoder", '{"conv": {"decoder": "conv"}, "realnvp": {"decoder": '
                                                               '"realnvp"}}')
-    latents = preset.get("latents")
-    if latents is not None and (not isinstance(latents, dict) or not all(isinstance(v, dict) for v in latents.values())
-                                or set(latents) - set(LATENT_KINDS)):
-        raise FisherError(f"{path}: 'latents' is {latents!r:.60}; expected an object of latent-model sections named by "
-                          f"their embedding kind ({', '.join(LATENT_KINDS)}), e.g. "
-                          '{"pixelvae": {"builtin": "mnist-pixelvae", "train": false}}')
+    _check_latents(preset, str(path))
     for section in REQUIRED_SECTIONS + OPTIONAL_SECTIONS:
         if (section == "prior" and priors is not None) or (section == "decoder" and decoders is not None):
             continue
@@ -134,6 +131,16 @@ def _read_preset(path: Path) -> dict:
             raise FisherError(f"{path}: section '{section}' is {value!r:.40}, not a JSON object of options"
                               + ("" if section in REQUIRED_SECTIONS else " (or null to skip it)"))
     return preset
+
+
+def _check_latents(preset: dict, where: str) -> None:
+    """The ``latents`` object: {embedding kind: a latent model's section}, for known kinds only."""
+    latents = preset.get("latents")
+    if latents is not None and (not isinstance(latents, dict) or not all(isinstance(v, dict) for v in latents.values())
+                                or set(latents) - set(LATENT_KINDS)):
+        raise FisherError(f"{where}: 'latents' is {latents!r:.60}; expected an object of latent-model sections named by "
+                          f"their embedding kind ({', '.join(LATENT_KINDS)}), e.g. "
+                          '{"pixelvae": {"builtin": "mnist-pixelvae", "train": false}}')
 
 
 def _labelled(path: Path, preset: dict, several: str, one: str, example: str) -> dict | None:

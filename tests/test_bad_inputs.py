@@ -677,6 +677,9 @@ CASES = [
      r"--preset mnist-huge: no such preset \(have .*mnist-small.*, or pass a \.json file\)"),
     ("run-bad-set", None, ["run", "--set", "prior=5", "--out", "{out}"],
      r"--set prior=5: expected SECTION\.KEY=VALUE with SECTION one of .*prior"),
+    ("run-bad-latents", None, ["run", "--set", "latents.pixelvae=1", "--out", "{out}"],
+     r"--set latents\.pixelvae=1: 'latents' is \{'pixelvae': 1\}; expected an object of latent-model sections named "
+     r"by their embedding kind \(pixelvae, realnvp\)"),
     ("run-bad-set-section", None, ["run", "--set", "priors.epochs=5", "--out", "{out}"],
      r"--set priors\.epochs=5: expected SECTION\.KEY=VALUE"),
     ("probe-k-zero", None, ["probe", "--embeddings", "{emb}", "--data", "{data}", "--out", "{out}", "--k", "0"],
