@@ -43,7 +43,7 @@ def cached_seconds(dec, z: torch.Tensor, batch: int) -> float:
 @torch.no_grad()
 def naive_seconds_per_image(dec, z: torch.Tensor, steps: int) -> float:
     """The naive loop's first ``steps`` sub-pixel steps, extrapolated to all H·W·C of them, per image."""
-    from fisher.decoders.pixelcnn import inverse_cdf
+    from fisher.priors.gated import inverse_cdf
     h, w, c = dec.image_shape
     cond, u = dec.standardize(z), torch.rand(len(z), c, h, w)
     x = torch.zeros(len(z), c, h, w, dtype=torch.long)

@@ -39,14 +39,6 @@ class PixelCNNDecoderConfig:
                              "layers >= 1, filters >= 1 and an odd kernel >= 3")
 
 
-def __getattr__(name: str):
-    """``inverse_cdf`` lives in :mod:`fisher.priors.gated` now (imported lazily: see ``__init__``)."""
-    if name == "inverse_cdf":
-        from fisher.priors.gated import inverse_cdf
-        return inverse_cdf
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @DECODERS.register("pixelcnn", PixelCNNDecoderConfig)
 class PixelCNNDecoder(Decoder):
     """The paper's conditional Gated PixelCNN decoder (module docstring)."""

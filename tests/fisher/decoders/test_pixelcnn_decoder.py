@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fisher.decoders import build_decoder
-from fisher.decoders.pixelcnn import inverse_cdf
+from fisher.priors.gated import inverse_cdf
 from fisher.errors import FisherError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
