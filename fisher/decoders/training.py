@@ -6,7 +6,9 @@ Reconstruction error on the test split, from :meth:`Decoder.reconstruction_metri
 * ``bce_nats_per_pixel`` = nll_sum / n_subpixels: the mean per-sub-pixel NLL in nats (binary or
   categorical cross-entropy);
 * ``mse`` = se_sum / n_subpixels: the mean of (E[x̂] - x/(levels-1))² on the [0, 1] scale;
-* ``nll_nats_per_image`` = nll_sum / n_images.
+* ``nll_nats_per_image`` = nll_sum / n_images;
+* after the last epoch, ``nll_shuffled_z_nats_per_image``: the same with each image given another
+  image's z (:func:`shuffled_z_metrics`), what the embedding is worth to the decoder.
 
 Pure PyTorch: every trainer (Ray Train's ``train-decoder``, Ray Tune's sweep cells, a notebook)
 calls :func:`fit_decoder`; :func:`train_on_pairs` is the whole job from artifact directories.
@@ -97,6 +99,18 @@ def evaluate_decoder(decoder: Decoder, z: torch.Tensor, x: torch.Tensor, levels:
     return summarize_metrics(*parts)
 
 
+@torch.no_grad()
+def shuffled_z_metrics(decoder: Decoder, z: torch.Tensor, x: torch.Tensor) -> dict:
+    """How much a decoder with a likelihood uses its input: the test NLL with every image given the
+    embedding of the next test image (``z`` rolled by one row), ``test_nll_shuffled_z_nats_per_image``.
+    Its excess over the NLL given the image's own z is what z is worth to the decoder, in nats per
+    image; near 0, the decoder is a model of the images alone and its decodings, interpolations and
+    FIDs cannot tell embeddings apart. Empty for a decoder without a likelihood or a single image."""
+    if not decoder.has_likelihood or z.shape[0] < 2:
+        return {}
+    return {"test_nll_shuffled_z_nats_per_image": evaluate_decoder(decoder, z.roll(1, 0), x)["nll_nats_per_image"]}
+
+
 def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.Tensor, z_test: torch.Tensor,
                 x_test: torch.Tensor, levels: int, image_shape, on_epoch=None, start: dict | None = None,
                 prepare=None):
@@ -139,6 +153,8 @@ def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.T
         train_key = "train_nll_nats_per_image" if decoder.has_likelihood else "train_loss"   # a GAN: its critic's
         metrics = {"epoch": epoch + 1, train_key: float(np.mean(losses)),
                    **{f"test_{k}": v for k, v in evaluate_decoder(decoder, z_test, x_test).items()}}
+        if epoch + 1 == cfg.epochs:
+            metrics.update(shuffled_z_metrics(decoder, z_test, x_test))
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics, decoder, opt)
     return decoder, metrics

@@ -185,6 +185,16 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _z_gain(metrics: dict) -> float | None:
+    """What the embedding is worth to a decoder, per sub-pixel in nats: its test NLL with each image given
+    another image's z minus its NLL given its own (``shuffled_z_metrics``); None where not measured."""
+    shuffled, own, per = (metrics.get(k) for k in ("test_nll_shuffled_z_nats_per_image", "test_nll_nats_per_image",
+                                                    "test_bce_nats_per_pixel"))
+    if shuffled is None or own is None or not per:
+        return None
+    return (shuffled - own) * per / own          # nats per image / (sub-pixels per image)
+
+
 def _num(v, fmt=".4f", scale: float = 1.0) -> str:
     return "–" if v is None else format(v * scale, fmt)
 
@@ -193,7 +203,9 @@ DECODER_NLL_NOTE = ("NLL: of each test image given its embedding, in bits per su
                     "PixelCNN decoders (a categorical over each sub-pixel's levels), the dequantized bound for the "
                     "RealNVP (RealNVP sec. 4.1); WGAN-GP has none (–), nor has the RealNVP latent's f⁻¹ (a point "
                     "mass). MSE on [0, 1] values of the decoded image: the conv decoders' expected image, one sample "
-                    "for the others.")
+                    "for the others. Gain from z: how much worse the NLL gets when each test image is given another test "
+                    "image's embedding (same unit); near 0, the decoder models the images without using z, and its "
+                    "decodings and FIDs cannot tell embeddings apart.")
 
 
 def _decoder_loss(binary: bool) -> tuple[str, float]:
@@ -375,17 +387,18 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
     lines += ["## Decoders (test split)", ""]
     if not binary:
         lines += [DECODER_NLL_NOTE, ""]
-    lines += [f"| embedding | column | decoder | {loss} | MSE | seeds |", "|---|---|---|---|---|---|"]
+    lines += [f"| embedding | column | decoder | {loss} | gain from z | MSE | seeds |", "|---|---|---|---|---|---|---|"]
     for row, (_, col) in kinds.items():
         ms = [read_manifest(d(x), "train-decoder") for x in _decoder_dirs(row, suffixes) if exists(d(x, "manifest.json"))]
         if not ms:
             continue
         bce = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
         mse = _mean(m["metrics"].get("test_mse") for m in ms)
+        gain = _mean(_z_gain(m["metrics"]) for m in ms)
         lines.append(f"| {row_kind(row)} | `{col}` | {_decoder_label(ms[0])} | {_num(bce, scale=unit)} | "
-                     f"{_num(mse)} | {len(ms)} |")
+                     f"{_num(gain, scale=unit)} | {_num(mse)} | {len(ms)} |")
     if base:
-        lines.append(f"| none: the train split's mean image | – | – | {base['bce_nats_per_pixel'] * unit:.4f} | "
+        lines.append(f"| none: the train split's mean image | – | – | {base['bce_nats_per_pixel'] * unit:.4f} | – | "
                      f"{base['mse']:.4f} | – |")
         lines += ["", "The mean-image row is what a decoder that ignores its embedding can reach; a decoder is only "
                   "as useful as its distance below it. The pixel row decodes by the identity: its MSE is the distance "
@@ -481,7 +494,7 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
         if exists(join(out, "data", "manifest.json")) else False
     loss, unit = _decoder_loss(binary)
     lines += ["## Decoders (test split)", ""] + ([] if binary else [DECODER_NLL_NOTE, ""])
-    lines += [f"| prior | embedding | decoder | {loss} | MSE | seeds |", "|---|---|---|---|---|---|"]
+    lines += [f"| prior | embedding | decoder | {loss} | gain from z | MSE | seeds |", "|---|---|---|---|---|---|---|"]
     for label in [*priors, ""]:
         for kind in runs.get(label, {}):
             ms = [read_manifest(join(out, label, x), "train-decoder")
@@ -490,8 +503,9 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
             if ms:
                 nll = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
                 mse = _mean(m["metrics"].get("test_mse") for m in ms)
+                gain = _mean(_z_gain(m["metrics"]) for m in ms)
                 lines.append(f"| {label or 'none'} | {row_kind(kind)} | {_decoder_label(ms[0])} | {_num(nll, scale=unit)} | "
-                             f"{_num(mse)} | {len(ms)} |")
+                             f"{_num(gain, scale=unit)} | {_num(mse)} | {len(ms)} |")
     for label in [*priors, ""]:
         probes = _probe_results(join(out, label), row_kinds(runs.get(label, {})))
         if probes:

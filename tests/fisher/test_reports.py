@@ -252,7 +252,7 @@ def test_report_markdown(run_dir):
     # ours demoted under the report's heading, then the paper's Figure 3a in the same layout
     assert "### Grid" in md and "#### Test BCE (nats per pixel)" in md
     assert "| 256 | 0.653 | 0.456 | 0.170 | 0.155 |" in md
-    assert "| fisher | `z` | conv | 0.1250 | 0.0125 | 1 |" in md and "| activation | `z` | conv | 0.2500 | 0.0250 | 1 |" in md
+    assert "| fisher | `z` | conv | 0.1250 | – | 0.0125 | 1 |" in md and "| activation | `z` | conv | 0.2500 | – | 0.0250 | 1 |" in md
     assert "| none: the train split's mean image |" in md
     lines = md.splitlines()
     assert "| fisher/conv | 3.00 | 4.00 | 1 | 4 |" in lines and "| fisher/conv (paper) | 1.21 | 5.43 | 1 | 50000 |" in lines
@@ -332,7 +332,10 @@ def test_several_decoders_report(run_dir):
         for k, sfx in enumerate(("-s0", "-s1")):
             write_manifest(str(run_dir / f"decoder-{row}{sfx}"), "train-decoder",
                            {"column": "z", "decoder": dec, "decoder_config": {"temperature": 0.7} if dec == "realnvp"
-                            else {}}, metrics={"test_bce_nats_per_pixel": 2.0 + k, "test_mse": 0.1})
+                            else {}}, metrics={"test_bce_nats_per_pixel": 2.0 + k, "test_mse": 0.1,
+                                               **({"test_nll_nats_per_image": 100 * (2.0 + k),      # 100 pixels
+                                                   "test_nll_shuffled_z_nats_per_image": 100 * (2.0 + k) + 10 * (k + 1)}
+                                                  if dec == "realnvp" else {})})
             (run_dir / f"fid-{row}{sfx}").mkdir()
             (run_dir / f"fid-{row}{sfx}" / "fid.json").write_text(json.dumps(
                 {"label": f"{kind}/{dec}", "fid": {"0": a0 + k, "0.5": a5 + k}, "pairs": 4,
@@ -347,8 +350,8 @@ def test_several_decoders_report(run_dir):
     assert "| fisher/realnvp | 1.50 ± 0.71 | 2.50 ± 0.71 | 2 | 4 |" in lines
     assert "| fisher/conv (paper) | 132.47 | 134.43 | 1 | 50000 |" in lines       # PixelCNN prior, both decoders
     assert "| fisher/realnvp (paper) | 30.27 | 41.83 | 1 | 50000 |" in lines
-    assert "| fisher | `z` | realnvp (T = 0.7) | 2.5000 | 0.1000 | 2 |" in lines
-    assert "| fisher | `z` | conv | 2.5000 | 0.1000 | 2 |" in lines
+    assert "| fisher | `z` | realnvp (T = 0.7) | 2.5000 | 0.1500 | 0.1000 | 2 |" in lines   # gain from z: mean of 0.1, 0.2
+    assert "| fisher | `z` | conv | 2.5000 | – | 0.1000 | 2 |" in lines
     diffs = [line for line in lines if line.startswith("At α = 0.5 (") and "FID of" in line]
     assert [d.split(")")[0] for d in diffs] == ["At α = 0.5 (conv decoders", "At α = 0.5 (realnvp decoders"]
     assert "-1.00 ± 0.71" in diffs[0] and "-1.00 ± 0.71" in diffs[1]

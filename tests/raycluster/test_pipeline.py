@@ -156,6 +156,8 @@ def test_train_decoder_reports_and_continues(run, capsys):
     assert cli.main([*args, "--epochs", "1"]) == 0
     m = json.loads((run / "dec" / "manifest.json").read_text())["metrics"]
     assert math.isfinite(m["test_bce_nats_per_pixel"]) and m["test_bce_nats_per_pixel"] > 0 and 0 <= m["test_mse"] <= 1
+    assert m["test_nll_shuffled_z_nats_per_image"] > m["test_nll_nats_per_image"] * 0.5    # measured, and sane
+    assert "worse given another image's z" in capsys.readouterr().out
     from fisher.decoders import load_decoder
     decoder = load_decoder(str(run / "dec"))
     assert decoder(torch.zeros(2, 48)).shape == (2, 1, 28, 28)

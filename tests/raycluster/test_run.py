@@ -121,7 +121,9 @@ def test_every_step_and_the_report(run):
     assert f"ray {version('ray')}" in env and f"torch {version('torch')}" in env and f"{os.cpu_count()} CPUs" in env
     assert "| fisher | `z` | conv |" in report and "| activation |" not in report
     pixel_row = next(line for line in report.splitlines() if line.startswith("| pixel | `z` | pixels | – | "))
-    assert 0 < float(pixel_row.split("|")[5]) < 0.05       # grey originals vs their binarization: small, not 0
+    assert 0 < float(pixel_row.split("|")[6]) < 0.05       # grey originals vs their binarization: small, not 0
+    fisher_dec = json.loads((out / "decoder-fisher-s0" / "manifest.json").read_text())["metrics"]
+    assert fisher_dec["test_nll_shuffled_z_nats_per_image"] > 0          # measured after the last epoch, reported
     assert "the train split's mean image" in report and "builtin:mnist-pixelcnn" in report
     baselines = json.loads((out / "baselines" / "baselines.json").read_text())
     assert baselines["prior"]["nll_nats"] < baselines["independent_pixel"]["nll_nats_per_image"] - 50
@@ -152,7 +154,7 @@ def test_every_step_and_the_report(run):
     assert json.loads((out / "emb-realnvp" / "manifest.json").read_text())["columns"]["z"]["dim"] == 28 * 28
     dec = json.loads((out / "decoder-realnvp" / "manifest.json").read_text())
     assert dec["metrics"]["test_mse"] == 0 and dec["metrics"]["test_bce_nats_per_pixel"] is None
-    assert "| realnvp | `z` | RealNVP's own (f⁻¹, exact) | – | 0.0000 |" in report
+    assert "| realnvp | `z` | RealNVP's own (f⁻¹, exact) | – | – | 0.0000 |" in report
 
 
 def test_rerun_reuses_every_step(run, capsys):

@@ -252,3 +252,23 @@ def test_resumed_fit_matches_an_undisturbed_one():
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(states[1]["weights"]["linear.weight"], whole.state_dict()["linear.weight"])
+
+
+def test_shuffled_z_metric_measures_what_the_decoder_takes_from_z():
+    """After the last epoch fit_decoder reports the test NLL with each image given the next image's z. A
+    decoder trained on z = the image itself gets much worse with another image's z; one whose z is the same
+    for every image cannot, to the bit: the rolled z is the same z."""
+    from fisher.decoders.training import shuffled_z_metrics
+    torch.manual_seed(0)
+    own = torch.randn(256, 4)                                  # images determined by their z
+    x = (own @ torch.randn(4, 64) > 0).long().view(-1, 1, 8, 8)
+    cfg = DecoderTrainConfig(decoder_config={"base_channels": 4}, epochs=4, batch_size=16, lr=1e-2)
+    dec, m = fit_decoder(cfg, own[:192], x[:192], own[192:], x[192:], 2, (8, 8, 1))
+    gain = m["test_nll_shuffled_z_nats_per_image"] - m["test_nll_nats_per_image"]
+    assert gain > m["test_nll_nats_per_image"]
+    assert m["test_nll_shuffled_z_nats_per_image"] == pytest.approx(   # the definition: another image's z
+        summarize_metrics(dec.eval().reconstruction_metrics(own[192:].roll(1, 0), x[192:]))["nll_nats_per_image"])
+    same = torch.randn(1, 4).expand(256, 4).contiguous()
+    _, m0 = fit_decoder(cfg, same[:192], x[:192], same[192:], x[192:], 2, (8, 8, 1))
+    assert m0["test_nll_shuffled_z_nats_per_image"] == m0["test_nll_nats_per_image"]
+    assert shuffled_z_metrics(dec, own[:1], x[:1]) == {}

@@ -6,7 +6,7 @@ import torch
 
 from fisher.errors import FisherError
 from fisher.decoders import (DECODERS, build_decoder, decoder_files, decoder_from_files, evaluate_decoder,
-                             load_decoder, save_decoder)
+                             load_decoder, save_decoder, shuffled_z_metrics)
 
 # Every registered decoder needs a tiny config and an image format it supports (a new family adds its line).
 TINY = {
@@ -59,9 +59,12 @@ def test_contract(name):
         assert loss.shape == (4,) and torch.isfinite(loss).all() and (loss > 0).all()
         m = evaluate_decoder(dec, z, x)
         assert m["nll_nats_per_image"] == pytest.approx(float(loss.mean()), rel=1e-5)
+        shuffled = shuffled_z_metrics(dec, z, x)["test_nll_shuffled_z_nats_per_image"]
+        assert shuffled == pytest.approx(float(dec.loss(z.roll(1, 0), x).mean()), rel=1e-5)
     else:                                   # no likelihood: no NLL, the squared error of generate
         m = evaluate_decoder(dec, z, x)
         assert m["nll_nats_per_image"] is None and m["bce_nats_per_pixel"] is None and 0 <= m["mse"] <= 1
+        assert shuffled_z_metrics(dec, z, x) == {}
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
