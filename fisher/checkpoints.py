@@ -149,16 +149,32 @@ def load_weights(module: nn.Module, data: bytes | None, where: str, config_name:
     state = _plain_state(data, where)
     rebuilt = {f"{m}.{b}" if m else b for m, mod in module.named_modules() for b in mod._non_persistent_buffers_set}
     state = {k: v for k, v in state.items() if k not in rebuilt}      # masks: from the architecture, never a file
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise FisherError(f"{where}: does not match the architecture in {config_name} "
-                          f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from e
+    try:                      # not strict: the names that differ are listed below, a few, on one line
+        result = module.load_state_dict(state, strict=False)
+        mismatch = _mismatch(module, state, result.missing_keys, result.unexpected_keys)
+    except RuntimeError as e:  # shapes differ (raised whatever ``strict`` is)
+        mismatch = _mismatch(module, state, [], []) or str(e).splitlines()[-1].strip()[:200]
+    if mismatch:
+        raise FisherError(f"{where}: does not match the architecture in {config_name} ({mismatch}); {retrain}")
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FisherError(f"{where}: tensor '{name}' holds NaN or Inf; {retrain} or use an earlier checkpoint")
     return module.to(map_location).eval()
+
+
+def _mismatch(module: nn.Module, state: dict, missing: list, unexpected: list) -> str:
+    """What differs between ``state`` and ``module``'s own tensors, in a few words ('' when they match):
+    how many names are missing and unexpected, with the first of each, and the first shape that differs.
+    (``load_state_dict`` lists every key, hundreds for a flow: no line for a terminal.)"""
+    parts = [f"{len(keys)} {what} tensor(s), e.g. '{keys[0]}'"
+             for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    own = module.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+              if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        k, got, want = shapes[0]
+        parts.append(f"{len(shapes)} of another shape, e.g. '{k}' {list(got)} where the architecture has {list(want)}")
+    return "; ".join(parts)
 
 
 def _plain_state(data: bytes, where: str) -> dict:

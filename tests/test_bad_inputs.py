@@ -603,7 +603,8 @@ CASES = [
     ("prior-inf", _poisoned("prior", float("inf")), ["embed", *PRIOR, "--dim", "16"],
      r"prior-copy/weights\.pt: tensor '.+' holds NaN or Inf; rerun `fisher train-prior`"),
     ("prior-wrong-architecture", prior_wrong_arch, ["embed", *PRIOR, "--dim", "16"],
-     r"prior-copy/weights\.pt: does not match the architecture in module\.json \(Missing key"),
+     r"prior-copy/weights\.pt: does not match the architecture in module\.json \(\d+ missing tensor\(s\), e\.g\. '[^']+'.*\); "
+     r"rerun `fisher train-prior`"),
     ("prior-pickle-with-code", _pickled("prior"), ["embed", *PRIOR, "--dim", "16"],
      r"prior-copy/weights\.pt: not a plain weights file \(.*GLOBAL (posix|os)\.system.*\); nothing in it was run"),
     ("prior-weights-is-a-dir", prior_weights_is_dir, ["embed", *PRIOR, "--dim", "16"],
@@ -633,7 +634,8 @@ CASES = [
     ("evaluate-decoder-z-dim", dec_zdim, ["evaluate", *INPUTS, "--pairs", "2"],
      r"dec8: decodes 8-dim embeddings, but column 'z' of .* has dim 16; pass the decoder trained on these"),
     ("interpolate-decoder-weights-z-dim", dec_weights_zdim, ["interpolate", *INPUTS],
-     r"dec-copy/weights\.pt: does not match the architecture in module\.json \(size mismatch"),
+     r"dec-copy/weights\.pt: does not match the architecture in module\.json \(3 of another shape, e\.g\. "
+     r"'z_mean' \[8\] where the architecture has \[16\]\); retrain the decoder"),
     ("decoder-option-of-another-decoder", None, [*DECODE, "--channels", "8"],
      r"--channels: not an option of decoder 'conv' \(passed with --decoder conv\); its options: --base-channels"),
     ("decoder-realnvp-temperature", None, [*DECODE, "--decoder", "realnvp", "--temperature", "-1"],
@@ -646,7 +648,8 @@ CASES = [
     ("interpolate-wgan-critic-nan", dec_wgan_nan_critic, ["interpolate", *INPUTS],
      r"wgan16/weights\.pt: tensor 'critic\.layers\.1\.0\.weight' holds NaN or Inf; retrain the decoder"),
     ("interpolate-decoder-weights-of-another-kind", dec_weights_of_another_kind, ["interpolate", *INPUTS],
-     r"dec-copy/weights\.pt: does not match the architecture in module\.json \(.*(Missing|Unexpected) key"),
+     r"dec-copy/weights\.pt: does not match the architecture in module\.json \(\d+ (missing|unexpected) tensor\(s\), "
+     r"e\.g\. '[^']+'.*\); retrain the decoder"),
     ("evaluate-wgan-z-dim", lambda c: {"dec": _wgan(c, 8)}, ["evaluate", *INPUTS, "--pairs", "2"],
      r"wgan8: decodes 8-dim embeddings, but column 'z' of .* has dim 16; pass the decoder trained on these"),
     ("decoder-wgan-n-critic", None, [*DECODE, "--decoder", "wgan", "--n-critic", "0"],

@@ -50,6 +50,13 @@ class RealNVPConfig:
             raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0")
 
 
+def _flow_under_net(module, state_dict, prefix, *_):
+    """Decoders saved before the flow moved to :mod:`fisher.flow` (2026-12-07) keep its layers at
+    ``scales.*``; they are ``net.scales.*`` now. Same tensors, so old checkpoints load unchanged."""
+    for key in [k for k in state_dict if k.startswith(prefix + "scales.")]:
+        state_dict[prefix + "net." + key[len(prefix):]] = state_dict.pop(key)
+
+
 @DECODERS.register("realnvp", RealNVPConfig)
 class RealNVPDecoder(Decoder):
     """The paper's conditional multiscale RealNVP (module docstring)."""
@@ -62,6 +69,8 @@ class RealNVPDecoder(Decoder):
         h, w, c = image_shape
         self.net = MultiscaleFlow(c, n_scales(h, w, scales, "decoder 'realnvp'"), blocks, features, z_dim)
         self.shapes = self.net.shapes(h, w)     # (C, H, W) of the factored-out parts, then of the last scale
+        self.register_load_state_dict_pre_hook(_flow_under_net)
+
 
     def flow(self, v: torch.Tensor, h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """v → the base variables and log|det ∂f/∂v| per image, given the standardized embedding ``h``."""

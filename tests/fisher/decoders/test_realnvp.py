@@ -122,3 +122,24 @@ def test_training_lowers_the_nll():
         dec.train_step(opt, z, x)
     after = float(dec.eval().nll(z, x).mean())
     assert after < before - 10, (before, after)
+
+
+def test_a_checkpoint_saved_before_the_flow_moved_loads(tmp_path):
+    """Decoders written before fisher/flow.py existed keep the flow's tensors at ``scales.*`` (now
+    ``net.scales.*``): they load and decode as before. A checkpoint of another architecture is refused
+    in one short line, not with the hundreds of names load_state_dict lists."""
+    dec = _flow()
+    save_decoder(dec, tmp_path / "new")
+    old = {(k[len("net."):] if k.startswith("net.") else k): v for k, v in dec.state_dict().items()}
+    assert any(k.startswith("scales.") for k in old) and not any(k.startswith("net.") for k in old)
+    save_decoder(dec, tmp_path / "old")
+    torch.save(old, tmp_path / "old" / "weights.pt")
+    loaded = load_decoder(tmp_path / "old")
+    z, x = torch.randn(3, 5), torch.randint(0, 32, (3, 3, 8, 8))
+    assert torch.equal(loaded.loss(z, x), dec.loss(z, x))
+    other = _flow(features=4)                     # same names, other shapes
+    save_decoder(other, tmp_path / "other")
+    torch.save(dec.state_dict(), tmp_path / "other" / "weights.pt")
+    with pytest.raises(FisherError) as e:
+        load_decoder(tmp_path / "other")
+    assert "of another shape, e.g. '" in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 400
