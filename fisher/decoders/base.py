@@ -28,7 +28,6 @@ Likelihood decoders implement ``decode(z_standardized)`` returning the parameter
 """
 from __future__ import annotations
 
-import hashlib
 
 import torch
 import torch.nn as nn
@@ -127,15 +126,3 @@ class Decoder(nn.Module):
         se = (gen - x.to(gen.dtype) / (self.levels - 1)).square()
         return {"nll_sum": float(nll.double().sum()), "se_sum": float(se.double().sum()),
                 "n_subpixels": x.numel(), "n_images": x.shape[0]}
-
-
-def row_generators(z: torch.Tensor, seed: int, salt: int = 0) -> list[torch.Generator]:
-    """One CPU generator per row of ``z``, seeded by ``seed``, ``salt`` and the row's float32 bytes: a decoder
-    that samples draws each image's noise from its own generator, so the same z decodes to the same image
-    whatever batch it is in, and a run's strips and FID repeat."""
-    rows = z.detach().to("cpu", torch.float32).contiguous().numpy()
-    gens = []
-    for row in rows:
-        digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=f"{seed}:{salt}".encode()).digest()
-        gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
-    return gens

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fisher.decoders.base import Decoder, row_generators
+from fisher.decoders.base import Decoder
+from fisher.noise import row_generators
 from fisher.decoders.registry import DECODERS
 from fisher.errors import FisherError
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fisher.flow import MultiscaleFlow, discrete_nll, from_logit, n_scales, to_logit
+from fisher.noise import row_generators
 from fisher.priors.base import Prior
 from fisher.priors.registry import PRIORS
 
@@ -67,7 +68,6 @@ class RealNVP(Prior):
         if self.training:
             u = torch.rand(x.shape, device=x.device)
         else:
-            from fisher.decoders.base import row_generators
             u = torch.stack([torch.rand(x.shape[1:], generator=g)
                              for g in row_generators(x.flatten(1).float(), 0, 1)]).to(x.device)
         return discrete_nll(self.flow, x, u, self.levels)
