@@ -28,7 +28,6 @@ Likelihood decoders implement ``decode(z_standardized)`` returning the parameter
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fisher.decoders.base import Decoder
-from fisher.noise import row_generators
 from fisher.decoders.registry import DECODERS
 from fisher.errors import FisherError
+from fisher.noise import row_generators
 
 
 @dataclass

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from fisher.decoders.base import Decoder
-from fisher.noise import row_generators
 from fisher.decoders.registry import DECODERS
 from fisher.errors import FisherError
 from fisher.flow import MultiscaleFlow, discrete_nll, from_logit, n_scales
+from fisher.noise import row_generators
 
 
 @dataclass
@@ -71,7 +71,6 @@ class RealNVPDecoder(Decoder):
         self.net = MultiscaleFlow(c, n_scales(h, w, scales, "decoder 'realnvp'"), blocks, features, z_dim)
         self.shapes = self.net.shapes(h, w)     # (C, H, W) of the factored-out parts, then of the last scale
         self.register_load_state_dict_pre_hook(_flow_under_net)
-
 
     def flow(self, v: torch.Tensor, h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """v → the base variables and log|det ∂f/∂v| per image, given the standardized embedding ``h``."""

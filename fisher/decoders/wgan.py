@@ -41,9 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fisher.decoders.base import Decoder
-from fisher.noise import row_generators
 from fisher.decoders.registry import DECODERS
 from fisher.errors import FisherError
+from fisher.noise import row_generators
 
 
 @dataclass
