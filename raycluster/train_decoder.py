@@ -151,9 +151,9 @@ def _result_text(m: dict, levels: int = 2) -> str:
         loss = f"test BCE {nll:.4f} nats/pixel, "
     else:
         loss = f"test NLL {nll / math.log(2):.3f} bits/dim ({nll:.4f} nats/sub-pixel), "
-    shuffled = m.get("test_nll_shuffled_z_nats_per_image")
-    if nll is not None and shuffled is not None and m.get("test_nll_nats_per_image"):
-        gain = (shuffled - m["test_nll_nats_per_image"]) * nll / m["test_nll_nats_per_image"]
+    from fisher.decoders.training import z_gain
+    gain = z_gain(m)
+    if gain is not None:
         loss += (f"{gain:.4f} nats/pixel" if levels == 2 else f"{gain / math.log(2):.3f} bits/dim") + \
             " worse given another image's z, "
     return loss + f"MSE {m['test_mse']:.4f}"

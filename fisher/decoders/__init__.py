@@ -23,7 +23,8 @@ from fisher.decoders import latent as _latent  # noqa: F401  (registers "latent"
 from fisher.decoders.conv import CelebAConvDecoder, ConvDecoder, ResBlock  # noqa: F401
 from fisher.decoders.training import (DecoderTrainConfig, decode_mean, decode_mode, decoder_train_step,  # noqa: F401
                                       evaluate_decoder, fit_decoder, load_split_tensors, reconstruction_loss,
-                                      reconstruction_metrics, shuffled_z_metrics, summarize_metrics)
+                                      reconstruction_metrics, shuffled_z_metrics, summarize_metrics,
+                                      z_gain)
 from fisher.errors import FisherError
 
 

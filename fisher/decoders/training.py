@@ -111,6 +111,16 @@ def shuffled_z_metrics(decoder: Decoder, z: torch.Tensor, x: torch.Tensor) -> di
     return {"test_nll_shuffled_z_nats_per_image": evaluate_decoder(decoder, z.roll(1, 0), x)["nll_nats_per_image"]}
 
 
+def z_gain(metrics: dict) -> float | None:
+    """What the embedding is worth to a decoder, in nats per sub-pixel, from its test metrics: the NLL given
+    another image's z (:func:`shuffled_z_metrics`) minus the NLL given its own; None where not measured."""
+    shuffled, own, per = (metrics.get(k) for k in ("test_nll_shuffled_z_nats_per_image", "test_nll_nats_per_image",
+                                                    "test_bce_nats_per_pixel"))
+    if shuffled is None or own is None or not per:
+        return None
+    return (shuffled - own) * per / own          # nats per image / (sub-pixels per image)
+
+
 def fit_decoder(cfg: DecoderTrainConfig, z_train: torch.Tensor, x_train: torch.Tensor, z_test: torch.Tensor,
                 x_test: torch.Tensor, levels: int, image_shape, on_epoch=None, start: dict | None = None,
                 prepare=None):

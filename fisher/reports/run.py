@@ -185,16 +185,6 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _z_gain(metrics: dict) -> float | None:
-    """What the embedding is worth to a decoder, per sub-pixel in nats: its test NLL with each image given
-    another image's z minus its NLL given its own (``shuffled_z_metrics``); None where not measured."""
-    shuffled, own, per = (metrics.get(k) for k in ("test_nll_shuffled_z_nats_per_image", "test_nll_nats_per_image",
-                                                    "test_bce_nats_per_pixel"))
-    if shuffled is None or own is None or not per:
-        return None
-    return (shuffled - own) * per / own          # nats per image / (sub-pixels per image)
-
-
 def _num(v, fmt=".4f", scale: float = 1.0) -> str:
     return "–" if v is None else format(v * scale, fmt)
 
@@ -394,7 +384,8 @@ def report_markdown(out: str, preset: dict, kinds: dict, timings: dict, paper_pr
             continue
         bce = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
         mse = _mean(m["metrics"].get("test_mse") for m in ms)
-        gain = _mean(_z_gain(m["metrics"]) for m in ms)
+        from fisher.decoders import z_gain
+        gain = _mean(z_gain(m["metrics"]) for m in ms)
         lines.append(f"| {row_kind(row)} | `{col}` | {_decoder_label(ms[0])} | {_num(bce, scale=unit)} | "
                      f"{_num(gain, scale=unit)} | {_num(mse)} | {len(ms)} |")
     if base:
@@ -503,7 +494,8 @@ def priors_report_markdown(out: str, preset: dict, runs: dict, priors: dict, tim
             if ms:
                 nll = _mean(m["metrics"].get("test_bce_nats_per_pixel") for m in ms)
                 mse = _mean(m["metrics"].get("test_mse") for m in ms)
-                gain = _mean(_z_gain(m["metrics"]) for m in ms)
+                from fisher.decoders import z_gain
+                gain = _mean(z_gain(m["metrics"]) for m in ms)
                 lines.append(f"| {label or 'none'} | {row_kind(kind)} | {_decoder_label(ms[0])} | {_num(nll, scale=unit)} | "
                              f"{_num(gain, scale=unit)} | {_num(mse)} | {len(ms)} |")
     for label in [*priors, ""]:
