@@ -25,7 +25,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -236,12 +236,15 @@ class _RowMajor:
     indptr: np.ndarray
     cols: np.ndarray
     signs: np.ndarray
+    _splits: dict = field(default_factory=dict, compare=False, repr=False)
 
     def split(self, parts: int) -> list[tuple[int, int]]:
-        """``parts`` ranges of ``rows`` with about equal non-zeros."""
-        cuts = np.searchsorted(self.indptr, np.linspace(0, self.indptr[-1], parts + 1)[1:-1])
-        edges = [0, *(int(c) for c in cuts), len(self.rows)]
-        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        """``parts`` ranges of ``rows`` with about equal non-zeros (kept: a prior's layers ask every chunk)."""
+        if parts not in self._splits:
+            cuts = np.searchsorted(self.indptr, np.linspace(0, self.indptr[-1], parts + 1)[1:-1])
+            edges = [0, *(int(c) for c in cuts), len(self.rows)]
+            self._splits[parts] = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        return self._splits[parts]
 
 
 def _row_bands(indptr: np.ndarray, rows: np.ndarray, signs: np.ndarray, dim: int) -> list[_Band]:
@@ -287,6 +290,10 @@ def _kernels():
     * ``by_columns(indptr, rows, signs, scale, x, acc, sums)`` walks the column-compressed storage (one
       band of rows): each column's ``x`` row is scattered into the ``sums`` of the rows it touches, then
       ``acc += sums``. Best when ``sums`` is the small operand (layers at least ``dim`` wide).
+    * ``by_columns_gathered(indptr, rows, signs, scale, x0, x1, acc, sums, tmp)`` is ``by_columns`` reading
+      the images' rows ``x0`` and ``x1`` (B × columns each, ``x1`` possibly empty: one or two chunks side by
+      side) as they come: each column's values are gathered into ``tmp`` first, so the layer's block is
+      never transposed (a copy that took about as long as the product for the 20 M-feature Pyramid).
     * ``by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi)`` walks a :class:`_RowMajor` (its rows
       ``[lo, hi)``): each row gathers the ``x`` rows of its columns into a sum kept in registers, then adds
       it to ``acc`` once. Best when ``x`` is the small operand (layers narrower than ``dim``): no scattered
@@ -315,6 +322,25 @@ def _kernels():
             acc += sums
 
         @numba.njit(nogil=True, boundscheck=False)
+        def by_columns_gathered(indptr, rows, signs, scale, x0, x1, acc, sums, tmp):
+            n0, m = x0.shape
+            b = n0 + x1.shape[0]
+            sums[:, :] = 0.0
+            for j in range(m):
+                if indptr[j] == indptr[j + 1]:
+                    continue
+                for k in range(n0):
+                    tmp[k] = x0[k, j]
+                for k in range(n0, b):
+                    tmp[k] = x1[k - n0, j]
+                for p in range(indptr[j], indptr[j + 1]):
+                    r = rows[p]
+                    value = np.float32(signs[p]) * scale
+                    for k in range(b):
+                        sums[r, k] += value * tmp[k]
+            acc += sums
+
+        @numba.njit(nogil=True, boundscheck=False)
         def by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi):
             b = x.shape[1]
             s = np.empty(b, np.float32)
@@ -330,7 +356,7 @@ def _kernels():
                 for k in range(b):
                     acc[r, k] += s[k]
 
-        _KERNELS.update(by_columns=by_columns, by_rows=by_rows)
+        _KERNELS.update(by_columns=by_columns, by_columns_gathered=by_columns_gathered, by_rows=by_rows)
     return _KERNELS
 
 
@@ -442,6 +468,15 @@ class ProjectionStack:
                                  np.float32(self.projections[i].scale), x, acc,
                                  _scratch("sums", rows * b).view(rows, b).numpy())
 
+    def _gathered_task(self, i: int, band: _Band, xs: tuple, offset: int, acc: np.ndarray):
+        """:meth:`_band_task` reading the chunks' (B × m) blocks ``xs`` (one or two) as they are."""
+        rows, m, b = band.row1 - band.row0, xs[0].shape[1], acc.shape[1]
+        x1 = xs[1] if len(xs) > 1 else xs[0][:0]
+        _kernels()["by_columns_gathered"](band.indptr[offset:offset + m + 1], band.rows, band.signs,
+                                          np.float32(self.projections[i].scale), xs[0], x1, acc,
+                                          _scratch("sums", rows * b).view(rows, b).numpy(),
+                                          _scratch("gathered", b).numpy())
+
     def _rows_task(self, i: int, rm: _RowMajor, lo: int, hi: int, x: np.ndarray, acc: np.ndarray):
         """Add the rows ``rm.rows[lo:hi]`` of member ``i``'s contribution to ``acc`` (its running sum)."""
         _kernels()["by_rows"](rm.rows, rm.indptr, rm.cols, rm.signs, np.float32(self.projections[i].scale), x, acc,
@@ -468,15 +503,21 @@ class ProjectionStack:
         (b, m), n_chunks = gs[0].shape, len(gs)
         n_blocks = -(-m // self.WIDTH) if self._dense else 0
         height = n_blocks * self.WIDTH if self._dense else m
-        features = _scratch("features", height * n_chunks * b).view(height, n_chunks, b)
-        for c, g in enumerate(gs):                # the chunks side by side, transposed: (m × C × B); for dense
-            features[:m, c].copy_(g.t())          # members zero rows up to the block width
-        features[m:] = 0
+        # Wide sparse members read the blocks as they are (up to two chunks); the rest need them transposed.
+        gather = n_chunks <= 2 and not self._dense
+        transposed = not gather or any(m < self.projections[i].dim for i in self._sparse)
+        features = _scratch("features", height * n_chunks * b if transposed else 0).view(-1, n_chunks, b)
+        if transposed:
+            for c, g in enumerate(gs):            # the chunks side by side, transposed: (m × C × B); for dense
+                features[:m, c].copy_(g.t())      # members zero rows up to the block width
+            features[m:] = 0
+        if gather:
+            xs = tuple(g.contiguous().numpy() for g in gs)
         fresh = [a is None for a in acc]          # sparse sums start at +0.0; dense ones are set below
         acc = [torch.zeros(p.dim, n_chunks * b) if fresh[i] and i in self._sparse else acc[i]
                for i, p in enumerate(self.projections)]
         tasks, split = [], False
-        x = features[:m].view(m, n_chunks * b).numpy()
+        x = features[:m].view(m, n_chunks * b).numpy() if transposed else None
         for i in self._sparse:
             p = self.projections[i]
             if m < p.dim:                         # narrow layer: by rows, in parts of about equal work
@@ -484,6 +525,9 @@ class ProjectionStack:
                 parts = rm.split(workers if rm.indptr[-1] * n_chunks >= self.PARALLEL_NNZ else 1)
                 split |= len(parts) > 1
                 tasks += [(self._rows_task, (i, rm, lo, hi, x, acc[i].numpy())) for lo, hi in parts]
+            elif gather:
+                tasks += [(self._gathered_task, (i, band, xs, offset, acc[i][band.row0:band.row1].numpy()))
+                          for band in p._bands]
             else:
                 tasks += [(self._band_task, (i, band, x, offset, acc[i][band.row0:band.row1].numpy()))
                           for band in p._bands]

@@ -183,3 +183,41 @@ def test_density_one_stores_one_bit_per_entry():
     p = SparseProjection(n, dim, 1.0)
     assert p.stored_bytes() == dim * -(-n // 8)
     assert SparseProjection(n, dim, 0.01).stored_bytes() < 5 * n * dim * 0.01 * 1.1 + 2 * 4 * (n + 1)
+
+
+def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
+    """A sparse-only stack reads a block at least a member's ``dim`` wide as it comes, (images × features) for
+    one or two chunks, gathering each column's values in the kernel instead of transposing the block; three
+    chunks, and narrower members, take the transposed walks. Every way gives the bits of the whole-matrix
+    product, chunk by chunk, for single blocks and for a running sum over a model's blocks."""
+    n = 3 * BLOCK // 2 + 5
+    members = [SparseProjection(n, 24, 0.01, seed=3), SparseProjection(n, 100, 0.001, seed=4),
+               SparseProjection(n, 12_000, 0.002, seed=5)]
+    g = torch.randn(48, 9003, generator=torch.Generator().manual_seed(2))
+    g[:, ::7] = 0.0
+    g[:, 3::11] = -0.0
+    g[5] = -0.0
+    walks = []
+    for name in ("_band_task", "_gathered_task", "_rows_task"):
+        real = getattr(ProjectionStack, name)
+        monkeypatch.setattr(ProjectionStack, name, lambda self, *a, _real=real, _name=name: (walks.append(_name),
+                                                                                              _real(self, *a)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for stack in (ProjectionStack(members[:2]), ProjectionStack(members)):
+            for n_chunks in (1, 2, 3):
+                acc, want = None, None
+                for offset, width in ((0, 9003), (9003, 40), (BLOCK - 4000, 5000)):
+                    gs = [g[c * 16:(c + 1) * 16, :width] for c in range(n_chunks)]     # rows 9003 apart: not contiguous
+                    walks.clear()
+                    acc = stack.accumulate_chunks(acc, gs, offset)
+                    wide = {i for i, p in enumerate(stack.projections) if width >= p.dim}
+                    assert ("_gathered_task" in walks) == (n_chunks <= 2 and bool(wide))
+                    assert ("_band_task" in walks) == (n_chunks > 2 and bool(wide))
+                    per_chunk = [_old_stack_product(stack.projections, gc, offset) for gc in gs]
+                    parts = [torch.cat([z[i].t() for z in per_chunk], 1) for i in range(len(stack.projections))]
+                    want = [z.clone() for z in parts] if want is None else [w.add_(z) for w, z in zip(want, parts)]
+                    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(acc, want))
+    finally:
+        torch.set_num_threads(before)
