@@ -15,7 +15,7 @@ without touching the zeros. It is stored column-compressed (int32 rows and
 int8 signs, in two bands of rows) or, at density 1, as one sign bit per entry;
 never as a float array. Products slice it into per-layer column blocks, so
 per-layer gradients are projected as they are produced, multiply sparse blocks
-with two small compiled kernels (Numba) whose float32 operations are those of a
+with small compiled kernels (Numba) whose float32 operations are those of a
 sparse matrix product, in its order, and expand only the 4096-column float32
 blocks a dense product needs (:class:`ProjectionStack`).
 """
@@ -398,8 +398,10 @@ class ProjectionStack:
     """Several projections applied to one block of features.
 
     On the CPU sparse members are multiplied by the compiled kernels of :func:`_kernels`: a block at
-    least ``dim`` features wide walks the stored columns band of rows by band of rows, a narrower one a
-    row-major copy of its columns (:meth:`SparseProjection.row_major`, the only thing cached), in parts
+    least ``dim`` features wide walks the stored columns band of rows by band of rows (reading the
+    block as it comes, images × features, when the stack is sparse-only and holds one or two chunks;
+    otherwise from one transposed copy), a narrower one a row-major copy of its columns
+    (:meth:`SparseProjection.row_major`, the only thing cached, with its splits), in parts
     of about equal work; dense members (density above ``DENSE_ABOVE``) are expanded ``WIDTH`` columns at
     a time into float32 blocks multiplied by one single-threaded GEMM each (per chunk of images, so
     :meth:`accumulate_chunks` expands each block once for all its chunks); the blocks' products are
