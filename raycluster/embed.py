@@ -44,7 +44,8 @@ from fisher.io import (
 )
 from raycluster import console
 from raycluster.options import add_options, at_least, at_most, option, positive, ray_quantities, seeds
-from raycluster.runtime import RayOptions, check_fits, check_memory, init_ray, read_shards, worker_threads
+from raycluster.runtime import (RayOptions, check_fits, check_memory, init_ray, lost_to_the_cluster, read_shards,
+                                worker_threads)
 from raycluster.runtime import device as runtime_device
 
 _NODE = "_node"         # per-row Ray node id from the actors; not written to the shards
@@ -277,14 +278,37 @@ def _check_done(args, done: list[dict], plan: dict) -> None:
         check_shard_meta(uri, meta.schema.to_arrow_schema(), plan, args.out)
 
 
+POOL_ATTEMPTS = 3    # passes of the actor pool over the shards not yet written, when the cluster loses an actor
+
+
 def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
     """:func:`_embed_shards`; a failure inside Ray becomes one line, naming the input shard when one is unreadable
-    (corrupt pages pass the footer check and only fail when a worker decodes them)."""
+    (corrupt pages pass the footer check and only fail when a worker decodes them). When the cluster loses an
+    actor in a way Ray Data does not recover from (a node killed while the pool's replacement actor was still
+    pending: "the actor never ran"), the pool runs again over the shards not written yet, up to
+    ``POOL_ATTEMPTS`` passes: written shards are whole (written atomically) and every row is a pure function
+    of its image, so the result is the same."""
     try:
         resources = init_ray(args)
         check_fits(args, {"CPU": args.cpus_per_actor, "GPU": int(args.gpu)},
                    {"CPU": f"--cpus-per-actor {args.cpus_per_actor:g}", "GPU": "--gpu"})
-        return _embed_shards(args, todo, shape, plan, resources)
+        started, nodes, images = time.time(), {}, sum(_rows(args.data, s) for s in todo)
+        for attempt in range(1, POOL_ATTEMPTS + 1):
+            try:
+                timing = _embed_shards(args, todo, shape, plan, resources, nodes)
+                break
+            except Exception as e:
+                if attempt == POOL_ATTEMPTS or not lost_to_the_cluster(e):
+                    raise
+                todo = [s for s in todo if not exists(join(args.out, s["file"]))]
+                if not todo:                          # lost after the last shard was written
+                    timing = {"nodes": {n: sorted(v) for n, v in sorted(nodes.items())}}
+                    break
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                console.say(f"embed: the cluster lost an actor ({lines[-1] if lines else type(e).__name__}); "
+                            f"running the pool again over the {len(todo)} shards not written yet "
+                            f"(pass {attempt + 1} of {POOL_ATTEMPTS})")
+        return {**timing, "images": images, "seconds": round(time.time() - started, 3), "passes": attempt}
     except FisherError:
         raise
     except Exception as e:      # ray.exceptions.RayTaskError, ...
@@ -297,8 +321,9 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
                           "shards are kept: fix the cause (see the Ray log above) and rerun the same command") from e
 
 
-def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) -> dict:
-    """Run the actor pool over ``todo`` shards; returns timings (seconds, images)."""
+def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict, nodes: dict) -> dict:
+    """Run the actor pool over ``todo`` shards; returns timings (seconds, images). ``nodes`` (Ray node id ->
+    shards it computed rows of) is filled in place, so it keeps what earlier passes did."""
     from ray.data import ActorPoolStrategy
 
     files = [join(args.data, s["file"]) for s in todo]
@@ -318,7 +343,6 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict) ->
     # bursts, late. 3/4 of a batch's vectors: every full batch exceeds it, and none is sliced (that takes 1.5x).
     ds.context.target_max_block_size = 3 * args.batch_size * 4 * sum(s["dim"] for s in plan["specs"]) // 4
     pending: dict[str, list] = {}
-    nodes: dict[str, set] = {}          # Ray node id -> shards it computed rows of
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
     bar = console.progress(sum(expected.values()), "embed")
     started, first, first_rows, largest = time.time(), None, 0, 0

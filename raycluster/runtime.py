@@ -426,3 +426,20 @@ def publish_checkpoint(checkpoint, out: str, names) -> dict[str, str]:
         atomic_write_bytes(join(out, name), files[name])
         digests[name] = hashlib.sha256(files[name]).hexdigest()
     return digests
+
+
+def lost_to_the_cluster(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it wraps) says the cluster lost an actor, a worker, a node or an object
+    (a node killed or preempted under a running job) rather than that the work itself failed: an actor
+    whose constructor raised is not lost, it would fail again."""
+    import ray.exceptions as rex
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, rex.RayActorError):
+            return not e.actor_init_failed
+        if isinstance(e, (rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError)):
+            return True
+        e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else (
+            e.__cause__ or e.__context__)
+    return False

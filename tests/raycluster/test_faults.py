@@ -140,6 +140,58 @@ def test_embed_survives_a_killed_actor(inputs, local_ray, tmp_path):
           f"{timing['seconds']} s for {timing['images']} images")
 
 
+def test_lost_to_the_cluster_tells_lost_actors_from_failed_work():
+    import ray.exceptions as rex
+
+    from raycluster.runtime import lost_to_the_cluster
+    assert lost_to_the_cluster(rex.ActorDiedError())                           # a node died under it
+    assert lost_to_the_cluster(rex.NodeDiedError("node"))
+    try:                                                                       # wrapped, as Ray Data raises it
+        try:
+            raise rex.ActorDiedError()
+        except Exception as e:
+            raise RuntimeError("map_batches failed") from e
+    except RuntimeError as wrapped:
+        assert lost_to_the_cluster(wrapped)
+    assert not lost_to_the_cluster(rex.RayActorError(actor_init_failed=True))  # its constructor raised
+    assert not lost_to_the_cluster(ValueError("bad batch"))
+
+
+def test_embed_runs_the_pool_again_when_the_cluster_loses_an_actor(inputs, local_ray, tmp_path, monkeypatch, capsys):
+    """The loss Ray Data does not recover from (the autoscaling test met it: a node killed while the pool's
+    replacement actor was pending, "the actor never ran"): the pool runs again over the shards not written
+    yet, and the embeddings are those of an undisturbed run. Failed work is not rerun."""
+    import ray.exceptions as rex
+
+    import raycluster.embed as embed
+    real, calls = embed._embed_shards, []
+
+    def lose_an_actor(args, todo, *rest):
+        calls.append([s["file"] for s in todo])
+        if len(calls) == 1:                        # half the shards written, then the actor is gone
+            real(args, todo[:len(todo) // 2], *rest)
+            raise rex.ActorDiedError()
+        return real(args, todo, *rest)
+    monkeypatch.setattr(embed, "_embed_shards", lose_an_actor)
+    out = tmp_path / "emb"
+    assert cli.main(_embed_args(inputs, out)) == 0
+    assert len(calls) == 2 and len(calls[1]) == len(calls[0]) - len(calls[0]) // 2
+    assert set(calls[1]).isdisjoint(calls[0][:len(calls[0]) // 2])
+    assert "the cluster lost an actor" in capsys.readouterr().out
+    _ids_once(out, inputs / "data")
+    assert digests(out) == digests(inputs / "ref")
+    timing = json.loads((out / "manifest.json").read_text())["timing"]
+    assert timing["passes"] == 2 and timing["images"] == 2 * N
+
+    def fail_in_constructor(args, todo, *rest):
+        calls.append(todo)
+        raise rex.RayActorError(actor_init_failed=True)
+    calls.clear()
+    monkeypatch.setattr(embed, "_embed_shards", fail_in_constructor)
+    assert cli.main(_embed_args(inputs, tmp_path / "never")) == 2
+    assert len(calls) == 1
+
+
 # ----------------------------------------------------------------- b. a Ray Train worker dies
 
 def _train(root, out, *extra):
