@@ -300,6 +300,8 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
             except Exception as e:
                 if attempt == POOL_ATTEMPTS or not lost_to_the_cluster(e):
                     raise
+                import traceback
+                traceback.clear_frames(e.__traceback__)      # closes the failed pass's progress bar now
                 todo = [s for s in todo if not exists(join(args.out, s["file"]))]
                 if not todo:                          # lost after the last shard was written
                     timing = {"nodes": {n: sorted(v) for n, v in sorted(nodes.items())}}
