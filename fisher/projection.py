@@ -287,13 +287,12 @@ def _kernels():
     """The CPU products of a sparse member, compiled on first use (Numba, about 1 s per process); both add
     ``P[:, columns] @ x`` to ``acc`` (dim × B) for ``x`` (columns × B), with values ±``scale``:
 
-    * ``by_columns(indptr, rows, signs, scale, x, acc, sums)`` walks the column-compressed storage (one
-      band of rows): each column's ``x`` row is scattered into the ``sums`` of the rows it touches, then
-      ``acc += sums``. Best when ``sums`` is the small operand (layers at least ``dim`` wide).
-    * ``by_columns_gathered(indptr, rows, signs, scale, x0, x1, acc, sums, tmp)`` is ``by_columns`` reading
-      the images' rows ``x0`` and ``x1`` (B × columns each, ``x1`` possibly empty: one or two chunks side by
-      side) as they come: each column's values are gathered into ``tmp`` first, so the layer's block is
-      never transposed (a copy that took about as long as the product for the 20 M-feature Pyramid).
+    * ``by_columns(indptr, rows, signs, scale, x0, x1, acc, sums, tmp)`` walks the column-compressed
+      storage (one band of rows) over the images' rows ``x0`` and ``x1`` (images × columns each, any
+      strides; ``x1`` possibly empty): each column's values are gathered into ``tmp``, scattered into the
+      ``sums`` of the rows it touches, then ``acc += sums``. Best when ``sums`` is the small operand (layers
+      at least ``dim`` wide). Reading the blocks as they come (one or two chunks) spares transposing them,
+      a copy that took about as long as the product for the 20 M-feature Pyramid.
     * ``by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi)`` walks a :class:`_RowMajor` (its rows
       ``[lo, hi)``): each row gathers the ``x`` rows of its columns into a sum kept in registers, then adds
       it to ``acc`` once. Best when ``x`` is the small operand (layers narrower than ``dim``): no scattered
@@ -310,19 +309,7 @@ def _kernels():
         import numba
 
         @numba.njit(nogil=True, boundscheck=False)
-        def by_columns(indptr, rows, signs, scale, x, acc, sums):
-            m, b = x.shape
-            sums[:, :] = 0.0
-            for j in range(m):
-                for p in range(indptr[j], indptr[j + 1]):
-                    r = rows[p]
-                    value = np.float32(signs[p]) * scale
-                    for k in range(b):
-                        sums[r, k] += value * x[j, k]
-            acc += sums
-
-        @numba.njit(nogil=True, boundscheck=False)
-        def by_columns_gathered(indptr, rows, signs, scale, x0, x1, acc, sums, tmp):
+        def by_columns(indptr, rows, signs, scale, x0, x1, acc, sums, tmp):
             n0, m = x0.shape
             b = n0 + x1.shape[0]
             sums[:, :] = 0.0
@@ -356,7 +343,7 @@ def _kernels():
                 for k in range(b):
                     acc[r, k] += s[k]
 
-        _KERNELS.update(by_columns=by_columns, by_columns_gathered=by_columns_gathered, by_rows=by_rows)
+        _KERNELS.update(by_columns=by_columns, by_rows=by_rows)
     return _KERNELS
 
 
@@ -462,22 +449,14 @@ class ProjectionStack:
         return _on_one_thread(lambda: self._accumulate_cpu(acc, gs, offset, workers))
 
     # ------------------------------------------------------------------ CPU
-    def _band_task(self, i: int, band: _Band, x: np.ndarray, offset: int, acc: np.ndarray):
+    def _band_task(self, i: int, band: _Band, xs: tuple, offset: int, acc: np.ndarray):
         """Add rows ``[band.row0, band.row1)`` of member ``i``'s contribution to ``acc`` (those rows of its
-        running sum), walking its columns."""
-        rows, b = band.row1 - band.row0, x.shape[1]
-        _kernels()["by_columns"](band.indptr[offset:offset + x.shape[0] + 1], band.rows, band.signs,
-                                 np.float32(self.projections[i].scale), x, acc,
-                                 _scratch("sums", rows * b).view(rows, b).numpy())
-
-    def _gathered_task(self, i: int, band: _Band, xs: tuple, offset: int, acc: np.ndarray):
-        """:meth:`_band_task` reading the chunks' (B × m) blocks ``xs`` (one or two) as they are."""
+        running sum), walking its columns over ``xs``: one or two (images × m) arrays, side by side."""
         rows, m, b = band.row1 - band.row0, xs[0].shape[1], acc.shape[1]
         x1 = xs[1] if len(xs) > 1 else xs[0][:0]
-        _kernels()["by_columns_gathered"](band.indptr[offset:offset + m + 1], band.rows, band.signs,
-                                          np.float32(self.projections[i].scale), xs[0], x1, acc,
-                                          _scratch("sums", rows * b).view(rows, b).numpy(),
-                                          _scratch("gathered", b).numpy())
+        _kernels()["by_columns"](band.indptr[offset:offset + m + 1], band.rows, band.signs,
+                                 np.float32(self.projections[i].scale), xs[0], x1, acc,
+                                 _scratch("sums", rows * b).view(rows, b).numpy(), _scratch("gathered", b).numpy())
 
     def _rows_task(self, i: int, rm: _RowMajor, lo: int, hi: int, x: np.ndarray, acc: np.ndarray):
         """Add the rows ``rm.rows[lo:hi]`` of member ``i``'s contribution to ``acc`` (its running sum)."""
@@ -513,13 +492,12 @@ class ProjectionStack:
             for c, g in enumerate(gs):            # the chunks side by side, transposed: (m × C × B); for dense
                 features[:m, c].copy_(g.t())      # members zero rows up to the block width
             features[m:] = 0
-        if gather:
-            xs = tuple(g.contiguous().numpy() for g in gs)
         fresh = [a is None for a in acc]          # sparse sums start at +0.0; dense ones are set below
         acc = [torch.zeros(p.dim, n_chunks * b) if fresh[i] and i in self._sparse else acc[i]
                for i, p in enumerate(self.projections)]
         tasks, split = [], False
         x = features[:m].view(m, n_chunks * b).numpy() if transposed else None
+        xs = tuple(g.contiguous().numpy() for g in gs) if gather else (x.T,)      # (images × m) each
         for i in self._sparse:
             p = self.projections[i]
             if m < p.dim:                         # narrow layer: by rows, in parts of about equal work
@@ -527,11 +505,8 @@ class ProjectionStack:
                 parts = rm.split(workers if rm.indptr[-1] * n_chunks >= self.PARALLEL_NNZ else 1)
                 split |= len(parts) > 1
                 tasks += [(self._rows_task, (i, rm, lo, hi, x, acc[i].numpy())) for lo, hi in parts]
-            elif gather:
-                tasks += [(self._gathered_task, (i, band, xs, offset, acc[i][band.row0:band.row1].numpy()))
-                          for band in p._bands]
             else:
-                tasks += [(self._band_task, (i, band, x, offset, acc[i][band.row0:band.row1].numpy()))
+                tasks += [(self._band_task, (i, band, xs, offset, acc[i][band.row0:band.row1].numpy()))
                           for band in p._bands]
         if self._dense:
             prod = _scratch("products", n_chunks * n_blocks * self._dense_rows * b).view(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,7 +301,6 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
             except Exception as e:
                 if attempt == POOL_ATTEMPTS or not lost_to_the_cluster(e):
                     raise
-                import traceback
                 traceback.clear_frames(e.__traceback__)      # closes the failed pass's progress bar now
                 todo = [s for s in todo if not exists(join(args.out, s["file"]))]
                 if not todo:                          # lost after the last shard was written
@@ -314,7 +314,6 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
     except FisherError:
         raise
     except Exception as e:      # ray.exceptions.RayTaskError, ...
-        import traceback
         traceback.clear_frames(e.__traceback__)     # closes the pool's progress bar now, not after the error line
         for s in todo:
             read_table(join(args.data, s["file"]))          # FisherError naming a corrupt shard

@@ -198,10 +198,13 @@ def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
     g[:, 3::11] = -0.0
     g[5] = -0.0
     walks = []
-    for name in ("_band_task", "_gathered_task", "_rows_task"):
-        real = getattr(ProjectionStack, name)
-        monkeypatch.setattr(ProjectionStack, name, lambda self, *a, _real=real, _name=name: (walks.append(_name),
-                                                                                              _real(self, *a)))
+    real_band, real_rows = ProjectionStack._band_task, ProjectionStack._rows_task
+
+    def band(self, i, b, xs, *rest):                  # which layout the column walk reads
+        walks.append("untransposed" if xs[0].flags.c_contiguous else "transposed")
+        return real_band(self, i, b, xs, *rest)
+    monkeypatch.setattr(ProjectionStack, "_band_task", band)
+    monkeypatch.setattr(ProjectionStack, "_rows_task", lambda self, *a: (walks.append("rows"), real_rows(self, *a)))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -213,8 +216,8 @@ def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
                     walks.clear()
                     acc = stack.accumulate_chunks(acc, gs, offset)
                     wide = {i for i, p in enumerate(stack.projections) if width >= p.dim}
-                    assert ("_gathered_task" in walks) == (n_chunks <= 2 and bool(wide))
-                    assert ("_band_task" in walks) == (n_chunks > 2 and bool(wide))
+                    assert ("untransposed" in walks) == (n_chunks <= 2 and bool(wide))
+                    assert ("transposed" in walks) == (n_chunks > 2 and bool(wide))
                     per_chunk = [_old_stack_product(stack.projections, gc, offset) for gc in gs]
                     parts = [torch.cat([z[i].t() for z in per_chunk], 1) for i in range(len(stack.projections))]
                     want = [z.clone() for z in parts] if want is None else [w.add_(z) for w, z in zip(want, parts)]
