@@ -185,9 +185,25 @@ def paired(methods, src, batch, threads, device, rounds, prior, config, levels) 
     p = ctx.Process(target=_paired_child, args=(methods, src, batch, threads, device, rounds, q, prior, config,
                                                 levels))
     p.start()
-    res = q.get()
-    p.join()
-    return res
+    return _result(p, q, "the paired timing")
+
+
+def _result(p, q, what: str):
+    """The child's result, or a dict {"failed": why} when it died first (out of memory: the kernel kills it
+    with SIGKILL, and a bare ``q.get()`` would wait forever)."""
+    import queue
+    while True:
+        try:
+            res = q.get(timeout=2)
+            p.join()
+            return res
+        except queue.Empty:
+            if not p.is_alive():
+                code = p.exitcode
+                why = ("killed by SIGKILL, most likely out of memory" if code == -9 else
+                       f"killed by signal {-code}" if code < 0 else f"exited with code {code}")
+                print(f"{what}: its process {why}", file=sys.stderr, flush=True)
+                return {"failed": why}
 
 
 def measure(method: str, src: str, batch: int, threads: int, device: str, reps: int, prior: str = "pixelcnn",
@@ -196,9 +212,8 @@ def measure(method: str, src: str, batch: int, threads: int, device: str, reps: 
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(method, src, batch, threads, device, reps, q, prior, config, levels))
     p.start()
-    res = q.get()
-    p.join()
-    return res
+    res = _result(p, q, method)
+    return {"method": method, "batch": batch, **res} if "failed" in res else res
 
 
 def _embed_job(prior: str, data: str, out: str, dim: int, batch: int, threads: int) -> None:
@@ -297,19 +312,29 @@ def method_table(args, prior: str, config: dict, src: str, levels: int, reps: in
         methods.remove("naive loop")
     if args.skip_grid:
         methods.remove("grid (12)")
+    methods = [m for m in methods if m not in args.skip]
     rows = [measure(m, src, args.batch, args.threads, args.device, reps, prior, config, levels) for m in methods]
     rows.append(measure("memory check", src, 4 * args.batch, args.threads, args.device, reps, prior, config, levels))
-    base = rows[0]["seconds"]
-    naive = next((r["seconds"] for r in rows if r["method"] == "naive loop"), None)
-    pairs = paired(methods, src, args.batch, args.threads, args.device, args.rounds, prior, config, levels) \
+    if "failed" in rows[0]:
+        raise SystemExit(f"{prior}: the training step itself failed ({rows[0]['failed']}); nothing to compare with")
+    base, n = rows[0]["seconds"], rows[0]["n_features"]
+    naive = next((r["seconds"] for r in rows if r["method"] == "naive loop" and "failed" not in r), None)
+    ok = [m for m, r in zip(methods, rows) if "failed" not in r]       # a method that died alone dies paired too
+    pairs = paired(ok, src, args.batch, args.threads, args.device, args.rounds, prior, config, levels) \
         if args.rounds else {}
+    if "failed" in pairs:
+        pairs = {}
     where = f"{args.threads} threads" if args.device == "cpu" else args.device
-    print(f"\n{prior} {config or ''}, n_features={rows[0]['n_features']}, batch {args.batch}, {where}, "
+    print(f"\n{prior} {config or ''}, n_features={n}, batch {args.batch}, {where}, "
           f"median of {reps} warm run(s) per process; paired: median [min, max] over {args.rounds} rounds of all "
           f"methods in one process, real {args.dataset}\n")
     print(f"{'method':<14}{'batch':>6}{'seconds':>10}{'x train step':>14}{'paired x step':>22}{'naive / this':>14}"
           f"{'peak MB':>10}")
     for r in rows:
+        if "failed" in r:
+            r["paired"] = None
+            print(f"{r['method']:<14}{r['batch']:>6}  failed: {r['failed']}")
+            continue
         speed = f"{naive / r['seconds'] * r['batch'] / args.batch:>14.1f}" if naive else f"{'-':>14}"
         r["x_train_step"] = r["seconds"] / base * args.batch / r["batch"]
         pr = pairs.get(r["method"])
@@ -317,10 +342,11 @@ def method_table(args, prior: str, config: dict, src: str, levels: int, reps: in
         cell = f"{pr['median']:.2f} [{pr['min']:.2f}, {pr['max']:.2f}]" if pr else "-"
         print(f"{r['method']:<14}{r['batch']:>6}{r['seconds']:>10.4f}{r['x_train_step']:>14.2f}{cell:>22}{speed}"
               f"{r['peak_mb']:>10.0f}")
-    proj = next(r for r in rows if r["method"] == "scores+proj")
-    print(f"\nprojection setup (16384 x n, density 1/sqrt(n)): {proj['setup_seconds']:.2f} s, once per actor")
-    print(f"peak memory, scores+proj: batch {args.batch}: {proj['peak_mb']:.0f} MB; "
-          f"batch {4 * args.batch}: {rows[-1]['peak_mb']:.0f} MB", flush=True)
+    proj = next((r for r in rows if r["method"] == "scores+proj" and "failed" not in r), None)
+    if proj is not None:
+        print(f"\nprojection setup (16384 x n, density 1/sqrt(n)): {proj['setup_seconds']:.2f} s, once per actor")
+        print(f"peak memory, scores+proj: batch {args.batch}: {proj['peak_mb']:.0f} MB; "
+              f"batch {4 * args.batch}: {_mb(rows[-1])}" + ("" if "failed" in rows[-1] else " MB"), flush=True)
     return rows
 
 
@@ -330,13 +356,21 @@ def _summary(tables: dict) -> None:
           f"{'MB +proj':>9}{'MB grid':>9}{'MB 4x':>8}")
     for prior, rows in tables.items():
         by = {r["method"]: r for r in rows}
-        x = lambda m: (f"{(by[m]['paired'] or {}).get('median', by[m]['x_train_step']):>7.2f}"   # noqa: E731
-                       if m in by else f"{'-':>7}")
+
+        def x(m):
+            if m not in by:
+                return f"{'-':>7}"
+            if "failed" in by[m]:
+                return f"{'died':>7}"
+            return f"{(by[m]['paired'] or {}).get('median', by[m]['x_train_step']):>7.2f}"
         print(f"{prior:<28}{rows[0]['n_features']:>10}{by['train step']['seconds']:>8.2f}{x('naive loop')}"
               f"{x('torch.func')}{x('scores'):>8}{x('scores+proj')}{x('grid (12)')}"
-              f"{by['scores+proj']['peak_mb']:>9.0f}"
-              + (f"{by['grid (12)']['peak_mb']:>9.0f}" if "grid (12)" in by else f"{'-':>9}")
-              + f"{by['memory check']['peak_mb']:>8.0f}")
+              f"{_mb(by.get('scores+proj')):>9}{_mb(by.get('grid (12)')):>9}{_mb(by['memory check']):>8}")
+
+
+def _mb(row: dict | None) -> str:
+    """A row's peak memory for the tables: MB, or why there is none."""
+    return "-" if row is None else "died" if "failed" in row else f"{row['peak_mb']:.0f}"
 
 
 def main() -> None:
@@ -359,6 +393,9 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true", help="skip the slow per-image loop")
     ap.add_argument("--skip-ray", action="store_true", help="skip the Ray Data throughput comparison")
     ap.add_argument("--skip-grid", action="store_true", help="skip the 12-cell grid")
+    ap.add_argument("--skip", default="", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                    help="comma-separated methods to skip, by their names in the table (e.g. 'torch.func'); a "
+                    "method whose process dies (out of memory) is reported as 'died' and left out of the pairing")
     ap.add_argument("--only-ray", action="store_true", help="only the Ray Data throughput comparison")
     ap.add_argument("--ray-images", type=int, default=2048, help="test images for the Ray comparison")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -368,6 +405,10 @@ def main() -> None:
     ap.add_argument("--config", default="{}", help="options as JSON: of the one family given, or {family: options}")
     args = ap.parse_args()
     priors = [p for p in args.prior.split(",") if p]
+    known = ("naive loop", "torch.func", "scores", "scores+proj", "grid (12)")
+    for m in args.skip:
+        if m not in known:
+            ap.error(f"--skip {m!r}: not a method that can be skipped; choose from {', '.join(known)}")
     config = json.loads(args.config)
 
     if args.only_ray:
