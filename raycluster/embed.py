@@ -17,6 +17,7 @@ and PCA are fitted on the train split afterwards and stored as
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import time
 import traceback
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from fisher.data import check_shards
 from fisher.embedding import column_array, embedding_table, vector_column
+from fisher.footprint import scores_bytes
 from fisher.projection import MIN_DENSITY, estimated_bytes
 from fisher.io import (
     FisherError,
@@ -206,8 +208,14 @@ def run(args: EmbedOptions) -> None:
     specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)] if kind.projected \
         else [EmbedSpec(n, None)]
     if kind.projected:
-        check_memory(args, args.actors * sum(estimated_bytes(n, s.dim, s.density or n ** -0.5) for s in specs),
-                     f"--dim {','.join(map(str, args.dim))} x --density with {n} features, in {args.actors} actor(s)")
+        need = sum(estimated_bytes(n, s.dim, s.density or n ** -0.5) for s in specs)
+        if args.kind == "fisher":               # and the gradient pass itself, one chunk at a time
+            import torch
+            h, w, c = (int(v) for v in shape)
+            need += scores_bytes(lambda: copy.deepcopy(model).to("meta"),
+                                 lambda m, k: m.log_prob(torch.zeros(k, c, h, w)), args.chunk_size)
+        check_memory(args, args.actors * need, f"--dim {','.join(map(str, args.dim))} x --density with {n} features, "
+                     f"--chunk-size {args.chunk_size}, in {args.actors} actor(s)")
     have = sorted({s["split"] for s in data_manifest["shards"]})
     splits = args.splits or have
     missing = [s for s in splits if s not in have]

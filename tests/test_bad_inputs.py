@@ -738,7 +738,11 @@ CASES = [
     ("density-1e-30", None, ["embed", *PRIOR, "--density", "1e-30"],
      r"--density 1e-30: below 2\^-40 = 9\.09e-13, the smallest density a projection resolves"),
     ("embed-projection-too-big", None, ["embed", *PRIOR, "--dim", "1000000000", "--density", "1"],
-     r"--dim 1000000000 x --density with \d+ features, in 1 actor\(s\): needs about [\d.]+ GiB, more than 80%"),
+     r"--dim 1000000000 x --density with \d+ features, --chunk-size 32, in 1 actor\(s\): needs about [\d.]+ GiB, "
+     r"more than 80%"),
+    ("embed-chunk-above-memory", None, ["embed", *PRIOR, "--dim", "16", "--chunk-size", "1000000"],
+     r"--dim 16 x --density with \d+ features, --chunk-size 1000000, in 1 actor\(s\): needs about [\d.]+ GiB, "
+     r"more than 80%"),
     ("embed-densities-same-column", None, ["embed", *PRIOR, "--dim", "16", "--density", "0.1234561,0.1234562"],
      r"two projections share the column name z_d16_p0\.123456 .*pass distinct values"),
     ("embed-negative-pca", None, ["embed", *PRIOR, "--dim", "16", "--pca", "-5"], r"--pca -5: must be >= 1"),

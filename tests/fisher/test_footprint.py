@@ -1,8 +1,8 @@
-"""fisher.footprint: training memory counted on the meta device, before anything is allocated."""
+"""fisher.footprint: training and score memory counted on the meta device, before anything is allocated."""
 import torch
 from torch import nn
 
-from fisher.footprint import OPTIMIZER_COPIES, training_bytes
+from fisher.footprint import OPTIMIZER_COPIES, scores_bytes, training_bytes
 
 
 def test_weights_four_times_and_every_layer_output_per_image():
@@ -33,3 +33,10 @@ def test_the_paper_priors_at_their_defaults_fit_a_laptop():
         need = training_bytes(lambda: build_prior(name, **kw), lambda m, n: m.log_prob(torch.zeros(n, c, size, size)),
                               128)
         assert 10 * 2**20 < need < 4 * 2**30, (name, need)
+
+
+def test_scores_count_weights_once_activations_and_the_largest_block_twice_per_image():
+    need = scores_bytes(lambda: nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3)),
+                        lambda m, n: m(torch.zeros(n, 10)), chunk_size=32)
+    weights, largest, outputs = (10 * 20 + 20) + (20 * 3 + 3), 10 * 20, 20 + 20 + 3
+    assert need == 4 * weights + 32 * 4 * (outputs + 2 * largest)
