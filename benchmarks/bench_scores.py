@@ -333,7 +333,7 @@ def method_table(args, prior: str, config: dict, src: str, levels: int, reps: in
     for r in rows:
         if "failed" in r:
             r["paired"] = None
-            print(f"{r['method']:<14}{r['batch']:>6}  failed: {r['failed']}")
+            print(f"{r['method']:<14}{r['batch']:>6}  died: {r['failed']}")
             continue
         speed = f"{naive / r['seconds'] * r['batch'] / args.batch:>14.1f}" if naive else f"{'-':>14}"
         r["x_train_step"] = r["seconds"] / base * args.batch / r["batch"]

@@ -207,15 +207,6 @@ def run(args: EmbedOptions) -> None:
     n = feature_count(model, args.kind, shape)
     specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)] if kind.projected \
         else [EmbedSpec(n, None)]
-    if kind.projected:
-        need = sum(estimated_bytes(n, s.dim, s.density or n ** -0.5) for s in specs)
-        if args.kind == "fisher":               # and the gradient pass itself, one chunk at a time
-            import torch
-            h, w, c = (int(v) for v in shape)
-            need += scores_bytes(lambda: copy.deepcopy(model).to("meta"),
-                                 lambda m, k: m.log_prob(torch.zeros(k, c, h, w)), args.chunk_size)
-        check_memory(args, args.actors * need, f"--dim {','.join(map(str, args.dim))} x --density with {n} features, "
-                     f"--chunk-size {args.chunk_size}, in {args.actors} actor(s)")
     have = sorted({s["split"] for s in data_manifest["shards"]})
     splits = args.splits or have
     missing = [s for s in splits if s not in have]
@@ -232,6 +223,15 @@ def run(args: EmbedOptions) -> None:
             raise FisherError(f"--prior {args.prior}: models images with {', '.join(f'{k}={got[k]}' for k in bad)}, "
                               f"but {args.data} holds {', '.join(f'{k}={want[k]}' for k in bad)}; pass a prior "
                               "trained on this kind of data")
+    if kind.projected:
+        need = sum(estimated_bytes(n, s.dim, s.density or n ** -0.5) for s in specs)
+        if args.kind == "fisher":   # and the gradient pass, one chunk at a time (the prior fits the data)
+            import torch
+            h, w, c = (int(v) for v in shape)
+            need += scores_bytes(lambda: copy.deepcopy(model).to("meta"),
+                                 lambda m, k: m.log_prob(torch.zeros(k, c, h, w)), args.chunk_size)
+        check_memory(args, args.actors * need, f"--dim {','.join(map(str, args.dim))} x --density with {n} features, "
+                     f"--chunk-size {args.chunk_size}, in {args.actors} actor(s)")
     if args.standardize or args.pca:    # fitted on train after the embedding pass: checked before it
         if "train" not in splits:
             raise FisherError("--standardize/--pca need the train split among --splits")
