@@ -347,10 +347,13 @@ def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor) -> 
     b, c_in, h_in, w_in = inp.shape
     h, w = delta.shape[2:]
     wp = w_in + 2 * pw
-    xp = inp.new_zeros(b, h_in + 2 * ph + 1, wp, c_in)                        # padded, channels-last, one copy
-    xp[:, ph:ph + h_in, pw:pw + w_in].copy_(inp.permute(0, 2, 3, 1))
-    xp = xp.view(b, -1, c_in)
-    dp = (delta if wp == w and delta.is_contiguous() else F.pad(delta, (0, wp - w))).flatten(2)   # (B, Cout, H*Wp)
+    if c_in == 1:       # channels-last is the padded buffer itself (a view: its strides pick the GEMM's path)
+        xp = F.pad(inp, (pw, pw, ph, ph + 1)).permute(0, 2, 3, 1).contiguous().view(b, -1, c_in)
+    else:               # padded and channels-last in one copy
+        xp = inp.new_zeros(b, h_in + 2 * ph + 1, wp, c_in)
+        xp[:, ph:ph + h_in, pw:pw + w_in].copy_(inp.permute(0, 2, 3, 1))
+        xp = xp.view(b, -1, c_in)
+    dp = (_standard_strides(delta) if wp == w else F.pad(delta, (0, wp - w))).flatten(2)      # (B, Cout, H*Wp)
     out = torch.empty(len(block.offsets), b, delta.shape[1], c_in, dtype=delta.dtype, device=delta.device)
     for k, (i, j) in enumerate(block.offsets):
         s = i * wp + j
