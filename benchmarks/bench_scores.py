@@ -43,6 +43,7 @@ import numpy as np
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 GRID_DIMS, GRID_DENSITIES = (64, 256, 1024), (0.001, 0.01, 0.1, 1.0)
+SKIPPABLE = ("naive loop", "torch.func", "scores", "scores+proj", "grid (12)")   # the methods beside the step
 
 
 def _images(src: str, n: int):
@@ -307,7 +308,7 @@ def _ray_line(r: dict) -> str:
 
 def method_table(args, prior: str, config: dict, src: str, levels: int, reps: int) -> list[dict]:
     """Every method for one prior, each in its own process; prints the table and returns its rows."""
-    methods = ["train step", "naive loop", "torch.func", "scores", "scores+proj", "grid (12)"]
+    methods = ["train step", *SKIPPABLE]
     if args.skip_naive:
         methods.remove("naive loop")
     if args.skip_grid:
@@ -405,10 +406,9 @@ def main() -> None:
     ap.add_argument("--config", default="{}", help="options as JSON: of the one family given, or {family: options}")
     args = ap.parse_args()
     priors = [p for p in args.prior.split(",") if p]
-    known = ("naive loop", "torch.func", "scores", "scores+proj", "grid (12)")
     for m in args.skip:
-        if m not in known:
-            ap.error(f"--skip {m!r}: not a method that can be skipped; choose from {', '.join(known)}")
+        if m not in SKIPPABLE:
+            ap.error(f"--skip {m!r}: not a method that can be skipped; choose from {', '.join(SKIPPABLE)}")
     config = json.loads(args.config)
 
     if args.only_ray:
