@@ -288,13 +288,14 @@ def _check_done(args, done: list[dict], plan: dict) -> None:
 
 
 POOL_ATTEMPTS = 3    # passes of the actor pool over the shards not yet written, when the cluster loses an actor
+ACTOR_INIT_DEATHS = 2    # pool actors in a row that may die before they run, each replaced by Ray Data
 
 
 def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
     """:func:`_embed_shards`; a failure inside Ray becomes one line, naming the input shard when one is unreadable
     (corrupt pages pass the footer check and only fail when a worker decodes them). When the cluster loses an
-    actor in a way Ray Data does not recover from (a node killed while the pool's replacement actor was still
-    pending: "the actor never ran"), the pool runs again over the shards not written yet, up to
+    actor in a way Ray Data does not recover from (an actor that dies before it ran is replaced by Ray Data
+    itself, see ``ACTOR_INIT_DEATHS``), the pool runs again over the shards not written yet, up to
     ``POOL_ATTEMPTS`` passes: written shards are whole (written atomically) and every row is a pure function
     of its image, so the result is the same."""
     try:
@@ -326,7 +327,7 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
         for s in todo:
             read_table(join(args.data, s["file"]))          # FisherError naming a corrupt shard
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise FisherError(f"{args.out}: embedding failed ({lines[-1] if lines else type(e).__name__}); finished "
+        raise FisherError(f"{args.out}: embedding failed ({type(e).__name__}: {lines[-1] if lines else ''}); finished "
                           "shards are kept: fix the cause (see the Ray log above) and rerun the same command") from e
 
 
@@ -351,6 +352,10 @@ def _embed_shards(args, todo: list[dict], shape, plan: dict, resources: dict, no
     # (128 MiB: 2048 rows at 16384 dims) or its input bundle ends, so shards would reach the driver in
     # bursts, late. 3/4 of a batch's vectors: every full batch exceeds it, and none is sliced (that takes 1.5x).
     ds.context.target_max_block_size = 3 * args.batch_size * 4 * sum(s["dim"] for s in plan["specs"]) // 4
+    # Ray Data's default (0) fails the whole pass when one pool actor dies before it ran: what a node lost
+    # while the actor was pending on it does (the autoscaling test met it, "the actor never ran"). A
+    # replacement is started instead; a constructor that always fails still fails after this many.
+    ds.context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
     pending: dict[str, list] = {}
     meta = {k: plan[k] for k in ("kind", "seed", "prior", "chunk_size")}
     bar = console.progress(sum(expected.values()), "embed")

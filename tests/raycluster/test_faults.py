@@ -158,8 +158,7 @@ def test_lost_to_the_cluster_tells_lost_actors_from_failed_work():
 
 
 def test_embed_runs_the_pool_again_when_the_cluster_loses_an_actor(inputs, local_ray, tmp_path, monkeypatch, capsys):
-    """The loss Ray Data does not recover from (the autoscaling test met it: a node killed while the pool's
-    replacement actor was pending, "the actor never ran"): the pool runs again over the shards not written
+    """A loss Ray Data does not recover from (an actor error that ends the pass): the pool runs again over the shards not written
     yet, and the embeddings are those of an undisturbed run. Failed work is not rerun."""
     import ray.exceptions as rex
 
@@ -190,6 +189,37 @@ def test_embed_runs_the_pool_again_when_the_cluster_loses_an_actor(inputs, local
     monkeypatch.setattr(embed, "_embed_shards", fail_in_constructor)
     assert cli.main(_embed_args(inputs, tmp_path / "never")) == 2
     assert len(calls) == 1
+
+
+def test_embed_replaces_a_pool_actor_that_dies_before_it_runs(inputs, local_ray, tmp_path, monkeypatch, capsys):
+    """An actor that dies in its constructor (as one pending on a node that is killed does: "the actor never
+    ran") is replaced by Ray Data within the pass, up to ``ACTOR_INIT_DEATHS`` in a row; one that always
+    dies fails the command in one line."""
+    import raycluster.embed as embed
+    marker = tmp_path / "deaths"
+
+    class DiesFirst(embed._ScoreActor):
+        def __init__(self, *a, **kw):
+            with open(marker, "a") as f:
+                f.write("x")
+            if marker.stat().st_size <= limit:
+                raise RuntimeError("lost before it ran")
+            super().__init__(*a, **kw)
+    monkeypatch.setattr(embed, "_ScoreActor", DiesFirst)
+    limit = embed.ACTOR_INIT_DEATHS
+    out = tmp_path / "emb"
+    assert cli.main(_embed_args(inputs, out)) == 0
+    assert marker.stat().st_size == limit + 1
+    assert json.loads((out / "manifest.json").read_text())["timing"]["passes"] == 1
+    assert digests(out) == digests(inputs / "ref")
+
+    marker.unlink()
+    limit = 10 ** 6
+    capsys.readouterr()
+    assert cli.main(_embed_args(inputs, tmp_path / "never")) == 2
+    assert marker.stat().st_size == embed.ACTOR_INIT_DEATHS + 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]   # after the progress bar
+    assert len(errors) == 1 and "embedding failed" in errors[0] and "lost before it ran" in errors[0], errors
 
 
 # ----------------------------------------------------------------- b. a Ray Train worker dies
