@@ -5,7 +5,9 @@ paper's MNIST PixelCNN, 32 binarized test images) and projects every block at le
 wide (the layers that carry almost all features) with the 16384-dim matrix at density 1/sqrt(n), four
 ways, in turn, in one process:
 
-  fisher        ProjectionStack.accumulate, what fisher_scores runs (compiled kernels, 2 threads)
+  fisher        ProjectionStack.accumulate, what fisher_scores runs (compiled kernels, 2 threads; the
+                column walk in C where a compiler exists, fisher.native)
+  fisher, Numba the same with the Numba kernel only (FISHER_NATIVE=0, or no compiler)
   torch (MKL)   torch.sparse.mm of the block's CSR columns with the block already transposed
   scipy         SciPy's CSR product, likewise
   transpose     the (images x features) -> (features x images) copy the library calls need, alone
@@ -59,7 +61,7 @@ def main() -> None:
     x = torch.from_numpy(_images(src, args.images)).permute(0, 3, 1, 2).float()
     n = S.n_features(model)
     proj = SparseProjection(n, args.dim)
-    stack = ProjectionStack([proj])
+    stack, numba_only = ProjectionStack([proj]), ProjectionStack([proj], c_kernel=False)
     blocks = [(o, g) for o, g in S._blocks(model, S._make_plan(model), S._standard_strides(x)) if g.shape[1] >= args.dim]
     if not blocks:
         raise SystemExit(f"no score block of {args.prior} is {args.dim} features wide; pass a smaller --dim")
@@ -69,12 +71,14 @@ def main() -> None:
     gts = [g.t().contiguous() for _, g in blocks]
     ways = {
         "fisher": lambda: [stack.accumulate(None, g, o) for o, g in blocks],
+        "fisher, Numba": lambda: [numba_only.accumulate(None, g, o) for o, g in blocks],
         "torch (MKL)": lambda: [torch.sparse.mm(m, gt) for m, gt in zip(mkl, gts)],
         "scipy": lambda: [c @ gt.numpy() for c, gt in zip(csr, gts)],
         "transpose": lambda: [g.t().contiguous() for _, g in blocks],
     }
     ours = [z[0] for z in ways["fisher"]()]
-    bits = all(torch.equal(a.view(torch.int32), torch.from_numpy(sp.csc_matrix(c) @ gt.numpy()).view(torch.int32))
+    bits = all(torch.equal(a.view(torch.int32), z[0].view(torch.int32)) for a, z in zip(ours, ways["fisher, Numba"]()))
+    bits &= all(torch.equal(a.view(torch.int32), torch.from_numpy(sp.csc_matrix(c) @ gt.numpy()).view(torch.int32))
                for a, c, gt in zip(ours, csr, gts))
     close = all(torch.allclose(a, m, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
                 for a, m in zip(ours, ways["torch (MKL)"]()))
@@ -90,8 +94,8 @@ def main() -> None:
     base = statistics.median(times["fisher"])
     for k, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {k:12s} {med * 1e3:8.1f} ms   x fisher {med / base:5.2f}")
-    print(f"fisher bitwise = SciPy's CSC product: {bits}; MKL agrees to round-off: {close}")
+        print(f"  {k:13s} {med * 1e3:8.1f} ms   x fisher {med / base:5.2f}")
+    print(f"fisher bitwise = its Numba kernel = SciPy's CSC product: {bits}; MKL agrees to round-off: {close}")
     if not (bits and close):
         raise SystemExit(1)
 

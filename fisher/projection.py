@@ -15,9 +15,10 @@ without touching the zeros. It is stored column-compressed (int32 rows and
 int8 signs, in two bands of rows) or, at density 1, as one sign bit per entry;
 never as a float array. Products slice it into per-layer column blocks, so
 per-layer gradients are projected as they are produced, multiply sparse blocks
-with small compiled kernels (Numba) whose float32 operations are those of a
-sparse matrix product, in its order, and expand only the 4096-column float32
-blocks a dense product needs (:class:`ProjectionStack`).
+with small compiled kernels (Numba; the column walk in C where a compiler
+exists, :mod:`fisher.native`) whose float32 operations are those of a sparse
+matrix product, in its order, and expand only the 4096-column float32 blocks a
+dense product needs (:class:`ProjectionStack`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from fisher import native
 
 BLOCK = 1 << 16          # features per generation block (part of the matrix's definition)
 DENSE_ABOVE = 0.25       # densities above this are applied as dense matrices (same values)
@@ -292,7 +295,8 @@ def _kernels():
       strides; ``x1`` possibly empty): each column's values are gathered into ``tmp``, scattered into the
       ``sums`` of the rows it touches, then ``acc += sums``. Best when ``sums`` is the small operand (layers
       at least ``dim`` wide). Reading the blocks as they come (one or two chunks) spares transposing them,
-      a copy that took about as long as the product for the 20 M-feature Pyramid.
+      a copy that took about as long as the product for the 20 M-feature Pyramid. Where a C compiler
+      exists the same walk runs as C (:mod:`fisher.native`, same bits), and this one only as the fallback.
     * ``by_rows(rows, indptr, cols, signs, scale, x, acc, lo, hi)`` walks a :class:`_RowMajor` (its rows
       ``[lo, hi)``): each row gathers the ``x`` rows of its columns into a sum kept in registers, then adds
       it to ``acc`` once. Best when ``x`` is the small operand (layers narrower than ``dim``): no scattered
@@ -402,8 +406,9 @@ class ProjectionStack:
     PARALLEL_FROM = 4096     # feature blocks narrower than this are multiplied on the calling thread ...
     PARALLEL_NNZ = 1 << 15   # ... unless a member's non-zeros there, walked by rows, are at least this many
 
-    def __init__(self, projections: list[SparseProjection]):
+    def __init__(self, projections: list[SparseProjection], c_kernel: bool = True):
         self.projections = list(projections)
+        self.c_kernel = c_kernel      # the column walk in C (fisher.native) where it is available: same bits
         self._cache: dict = {}
         self._dense = [i for i, p in enumerate(self.projections) if p.density > DENSE_ABOVE]
         self._sparse = [i for i, p in enumerate(self.projections) if p.density <= DENSE_ABOVE]
@@ -454,9 +459,11 @@ class ProjectionStack:
         running sum), walking its columns over ``xs``: one or two (images × m) arrays, side by side."""
         rows, m, b = band.row1 - band.row0, xs[0].shape[1], acc.shape[1]
         x1 = xs[1] if len(xs) > 1 else xs[0][:0]
-        _kernels()["by_columns"](band.indptr[offset:offset + m + 1], band.rows, band.signs,
-                                 np.float32(self.projections[i].scale), xs[0], x1, acc,
-                                 _scratch("sums", rows * b).view(rows, b).numpy(), _scratch("gathered", b).numpy())
+        args = (band.indptr[offset:offset + m + 1], band.rows, band.signs, np.float32(self.projections[i].scale),
+                xs[0], x1, acc, _scratch("sums", rows * b).view(rows, b).numpy())
+        lib = native.kernels() if self.c_kernel else None
+        if lib is None or not native.by_columns(lib, *args):
+            _kernels()["by_columns"](*args, _scratch("gathered", b).numpy())
 
     def _rows_task(self, i: int, rm: _RowMajor, lo: int, hi: int, x: np.ndarray, acc: np.ndarray):
         """Add the rows ``rm.rows[lo:hi]`` of member ``i``'s contribution to ``acc`` (its running sum)."""

@@ -1,5 +1,7 @@
 """Paper eq. 1 (Li et al. 2006): values, density, sign balance, norms, determinism."""
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -224,3 +226,40 @@ def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
                     assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(acc, want))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler on this machine")
+def test_c_column_walk_is_bitwise_the_numba_kernel():
+    """The C kernel (fisher.native) against the Numba one it replaces, on the same arrays: chunk sizes with an
+    unrolled loop (16, 32, 64) and without (8, 48 = 32 + 16 in two blocks), blocks read as they come and
+    transposed, values and running sums holding zeros of both signs. Where a C compiler exists the library
+    must build (a broken build would otherwise only be slower)."""
+    from fisher import native
+    from fisher.projection import _kernels
+    lib = native.kernels()
+    assert lib is not None
+    p = SparseProjection(3 * BLOCK // 2 + 5, 1000, 0.01, seed=7)
+    band = p._bands[1]
+    rows, (offset, m) = band.row1 - band.row0, (13, 9003)
+    rng = np.random.default_rng(3)
+    for n0, n1 in ((8, 0), (16, 0), (32, 0), (64, 0), (32, 16), (16, 16)):
+        for transposed in (False, True):
+            xs = []
+            for n in (n0, n1):
+                x = rng.standard_normal((n, m)).astype(np.float32)
+                x[:, ::7], x[:, 3::11] = 0.0, -0.0
+                xs.append(np.ascontiguousarray(x.T).T if transposed else x)
+            start = rng.standard_normal((rows, n0 + n1)).astype(np.float32)
+            start[::5] = -0.0
+            got, want = start.copy(), start.copy()
+            args = (band.indptr[offset:offset + m + 1], band.rows, band.signs, np.float32(p.scale), xs[0], xs[1])
+            assert native.by_columns(lib, *args, got, np.empty_like(got))
+            _kernels()["by_columns"](*args, want, np.empty_like(want), np.empty(n0 + n1, np.float32))
+            assert np.array_equal(got.view(np.int32), want.view(np.int32)), (n0, n1, transposed)
+
+
+def test_c_kernel_can_be_turned_off(monkeypatch):
+    from fisher import native
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("FISHER_NATIVE", "0")
+    assert native.kernels() is None

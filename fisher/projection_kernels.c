@@ -1,0 +1,78 @@
+/* The column walk of a sparse projection (fisher/projection.py, ProjectionStack), in C.
+ *
+ * by_columns adds P[:, columns] @ x to acc for one band of rows of P, stored column-compressed
+ * (indptr, rows, signs; values +-scale). It computes every element with the operations, in the
+ * order, of the Numba kernel `by_columns` in fisher/projection.py (and so of SciPy's csc_matvecs
+ * into zeros followed by acc += result): sums = +0.0, then for each column j, for each of its
+ * non-zeros in storage order, sums[r] += value * x[j] (a float32 product, then a float32 sum), then
+ * acc += sums. Compiled without fused multiply-adds (-ffp-contract=off) and without fast-math, its
+ * results are bitwise the Numba kernel's; it is faster because a column's B values stay in
+ * registers and `restrict` spares the per-non-zero alias checks (tests/fisher/test_projection.py).
+ *
+ * x is given as one or two blocks of images (x0: n0 images, x1: n1 images), each element
+ * (image k, column j) at x[k * sk + j * sj], so a block can be read as fisher_scores yields it
+ * (images x features) or transposed. acc has nrows rows of B = n0 + n1 contiguous floats,
+ * acc_stride floats apart; sums is scratch of nrows * B floats.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define WALK(B)                                                                                     \
+    memset(sums, 0, sizeof(float) * (size_t)nrows * (size_t)(B));                                   \
+    for (int64_t j = 0; j < m; j++) {                                                               \
+        const int32_t p0 = indptr[j], p1 = indptr[j + 1];                                           \
+        if (p0 == p1) continue;                                                                     \
+        for (int64_t k = 0; k < n0; k++) tmp[k] = x0[k * s0k + j * s0j];                            \
+        for (int64_t k = 0; k < n1; k++) tmp[n0 + k] = x1[k * s1k + j * s1j];                       \
+        for (int32_t p = p0; p < p1; p++) {                                                         \
+            const float value = (float)signs[p] * scale;                                            \
+            float *restrict s = sums + (int64_t)rows[p] * (B);                                      \
+            for (int64_t k = 0; k < (B); k++) s[k] += value * tmp[k];                               \
+        }                                                                                           \
+    }                                                                                               \
+    for (int64_t r = 0; r < nrows; r++) {                                                           \
+        float *restrict a = acc + r * acc_stride;                                                   \
+        const float *restrict s = sums + r * (B);                                                   \
+        for (int64_t k = 0; k < (B); k++) a[k] += s[k];                                             \
+    }
+
+#define FIXED(B)                                                                                    \
+    static void by_columns_##B(const int32_t *restrict indptr, const int32_t *restrict rows,        \
+                               const int8_t *restrict signs, const float scale,                     \
+                               const float *restrict x0, const int64_t n0, const int64_t s0k,       \
+                               const int64_t s0j, const float *restrict x1, const int64_t n1,       \
+                               const int64_t s1k, const int64_t s1j, const int64_t m,               \
+                               float *restrict acc, const int64_t acc_stride, const int64_t nrows,  \
+                               float *restrict sums) {                                              \
+        float tmp[B] __attribute__((aligned(64)));                                                  \
+        WALK(B)                                                                                     \
+    }
+
+FIXED(16)
+FIXED(32)
+FIXED(64)
+
+static void by_columns_any(const int32_t *restrict indptr, const int32_t *restrict rows,
+                           const int8_t *restrict signs, const float scale,
+                           const float *restrict x0, const int64_t n0, const int64_t s0k,
+                           const int64_t s0j, const float *restrict x1, const int64_t n1,
+                           const int64_t s1k, const int64_t s1j, const int64_t m,
+                           float *restrict acc, const int64_t acc_stride, const int64_t nrows,
+                           float *restrict sums) {
+    const int64_t b = n0 + n1;
+    float tmp[b];
+    WALK(b)
+}
+
+/* The entry point: the B = n0 + n1 of the usual chunk sizes get a loop the compiler unrolls. */
+void by_columns(const int32_t *indptr, const int32_t *rows, const int8_t *signs, float scale,
+                const float *x0, int64_t n0, int64_t s0k, int64_t s0j,
+                const float *x1, int64_t n1, int64_t s1k, int64_t s1j,
+                int64_t m, float *acc, int64_t acc_stride, int64_t nrows, float *sums) {
+    switch (n0 + n1) {
+    case 16: by_columns_16(indptr, rows, signs, scale, x0, n0, s0k, s0j, x1, n1, s1k, s1j, m, acc, acc_stride, nrows, sums); break;
+    case 32: by_columns_32(indptr, rows, signs, scale, x0, n0, s0k, s0j, x1, n1, s1k, s1j, m, acc, acc_stride, nrows, sums); break;
+    case 64: by_columns_64(indptr, rows, signs, scale, x0, n0, s0k, s0j, x1, n1, s1k, s1j, m, acc, acc_stride, nrows, sums); break;
+    default: by_columns_any(indptr, rows, signs, scale, x0, n0, s0k, s0j, x1, n1, s1k, s1j, m, acc, acc_stride, nrows, sums);
+    }
+}
