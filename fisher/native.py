@@ -86,16 +86,18 @@ def _build() -> ctypes.CDLL:
 def kernels() -> ctypes.CDLL | None:
     """The compiled library, or None (no compiler, a failed build, or ``FISHER_NATIVE=0``); built once per
     process, the reason for a None warned about once."""
+    if "lib" in _STATE:                  # every band of every block asks: no lock once it is decided
+        return _STATE["lib"]
     with _LOCK:
         if "lib" not in _STATE:
-            _STATE["lib"] = None
-            if os.environ.get("FISHER_NATIVE", "1") == "0":
-                return None
-            try:
-                _STATE["lib"] = _build()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                warnings.warn(f"fisher: the projection's C kernel is not available ({e}); using its Numba kernel "
-                              "(same results, slower)", RuntimeWarning, stacklevel=2)
+            lib = None
+            if os.environ.get("FISHER_NATIVE", "1") != "0":
+                try:
+                    lib = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    warnings.warn(f"fisher: the projection's C kernel is not available ({e}); using its Numba "
+                                  "kernel (same results, slower)", RuntimeWarning, stacklevel=2)
+            _STATE["lib"] = lib              # set once decided: the unlocked check above never sees it half-made
         return _STATE["lib"]
 
 

@@ -327,7 +327,7 @@ def _run_pool(args, todo: list[dict], shape, plan: dict) -> dict:
         for s in todo:
             read_table(join(args.data, s["file"]))          # FisherError naming a corrupt shard
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise FisherError(f"{args.out}: embedding failed ({type(e).__name__}: {lines[-1] if lines else ''}); finished "
+        raise FisherError(f"{args.out}: embedding failed ({': '.join([type(e).__name__, *lines[-1:]])}); finished "
                           "shards are kept: fix the cause (see the Ray log above) and rerun the same command") from e
 
 
