@@ -4,8 +4,8 @@ Small random models with strided / dilated / padded / grouped / masked convs, tr
 Linear layers on (B, in) and (B, ..., in), weight-normed layers (both APIs), a bare Parameter,
 norm-layer affines, shared modules and in-place ops; each checked for (a) exactness, (b) the rule
 every parameter takes (no covered layer on the vmap fallback), (c) projection of layer blocks,
-(d) bitwise batch-size invariance with a projection; and the PixelCNN / Gated PixelCNN scores
-against a verbatim copy of the original stride-1 algorithm, bitwise.
+(d) bitwise batch-size invariance with a projection; and each method of the stride-1 rule forced on
+every layer.
 """
 import warnings
 
@@ -81,6 +81,35 @@ class ConvZoo(Toy):
         a = torch.tanh(self.masked(a))
         a = torch.tanh(self.valid(a))
         return self.out(torch.tanh(self.up(a)))
+
+
+class Stride1Zoo(Toy):
+    """Stride-1 convs taking each method of their rule: im2col (1 channel, few inputs), one bmm per
+    offset over rows that share their padding (with a pinned kernel row), no padding, padding at least
+    the kernel (the W + 2p grid), a 2 × 2 map under a 7 × 7 kernel (offsets reading only padding),
+    a 1 × 3 kernel, and 1 × 1 convs with and without padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1 = MaskedConv(1, 8, 5, padding=2, seed=1)                           # 8x8
+        self.wide = MaskedConv(8, 16, 5, padding=2, seed=2)                        # 8x8
+        self.valid = nn.Conv2d(16, 16, 3, padding=0)                               # 8x8 -> 6x6
+        self.big_pad = nn.Conv2d(16, 16, 3, padding=3)                             # 6x6 -> 10x10
+        self.down = nn.Conv2d(16, 16, 4, stride=4)                                 # 10x10 -> 2x2
+        self.tiny = nn.Conv2d(16, 16, 7, padding=3)                                # 2x2
+        self.rect = nn.Conv2d(16, 16, (1, 3), padding=(0, 1))                      # 2x2
+        self.one = nn.Conv2d(16, 16, 1)                                            # 2x2
+        self.one_pad = nn.Conv2d(16, 16, 1, padding=1, bias=False)                 # 2x2 -> 4x4
+        self.out = nn.Conv2d(16, 1, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a1(x.float() * 2 - 1))
+        w = torch.tanh(self.wide(h))
+        a = torch.tanh(self.big_pad(torch.tanh(self.valid(w))))
+        a = torch.tanh(self.tiny(torch.tanh(self.down(a))))
+        a = torch.tanh(self.one(torch.tanh(self.rect(a))))
+        a = F.interpolate(torch.tanh(self.one_pad(a)), size=(8, 8))
+        return self.out(a + w)
 
 
 class TransposeZoo(Toy):
@@ -194,6 +223,8 @@ MODELS = {
     "convs": (ConvZoo, {"s2": "conv2d", "one_s2": "conv2d", "dil": "conv2d", "same": "conv2d",
                         "refl": "conv2d", "grp": "conv2d", "masked": "conv2d", "valid": "conv2d",
                         "up": "conv_transpose2d", "out": "conv2d/stride1"}),
+    "stride1": (Stride1Zoo, {"down": "conv2d", **{n: "conv2d/stride1" for n in (
+        "a1", "wide", "valid", "big_pad", "tiny", "rect", "one", "one_pad", "out")}}),
     "transposed": (TransposeZoo, {"down": "conv2d", "t1": "conv_transpose2d", "t2": "conv_transpose2d",
                                   "t3": "conv_transpose2d", "t4": "conv_transpose2d"}),
     "linear": (LinearZoo, {"conv": "conv2d/stride1", "cond": "linear", "rows": "linear", "cells": "linear",
@@ -337,111 +368,22 @@ def test_weight_norm_chain_rule_by_finite_differences():
     assert float(fast[k]) == pytest.approx(float(g[k]), rel=1e-4)
 
 
-# ------------------------------------------------ the original stride-1 algorithm, verbatim
-def _legacy_conv_plan(model):
-    masks = free_masks(model)
-    convs = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d) and list(mod.parameters(recurse=False)):
-            assert mod.stride == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1
-            convs[name] = mod
-    plan, offset, by_name = [], 0, {}
-    for pname, p in model.named_parameters():
-        mod_name, _, kind = pname.rpartition(".")
-        mod, mask = convs[mod_name], masks[pname]
-        if kind == "weight":
-            kh, kw = mod.kernel_size
-            used = mask.any(0).any(0)
-            offsets = [(i, j) for i in range(kh) for j in range(kw) if used[i, j]]
-            idx = torch.tensor([i * kw + j for i, j in offsets])
-            sub = mask.flatten(2)[:, :, idx].flatten()
-            select = None if bool(sub.all()) else sub.nonzero().squeeze(1)
-            block = dict(module=mod, offsets=offsets, select=select, w_offset=offset, b_offset=None)
-            by_name[mod_name] = block
-            plan.append(block)
-        else:
-            by_name[mod_name]["b_offset"] = offset
-        offset += int(mask.sum())
-    return plan
-
-
-def _legacy_weight_grads(block, inp, delta):
-    mod = block["module"]
-    ph, pw = mod.padding
-    b, c_in, h_in, w_in = inp.shape
-    h, w = delta.shape[2:]
-    wp = w_in + 2 * pw
-    xp = F.pad(inp, (pw, pw, ph, ph + 1)).permute(0, 2, 3, 1).contiguous().view(b, -1, c_in)
-    dp = F.pad(delta, (0, wp - w)).flatten(2)
-    out = torch.empty(len(block["offsets"]), b, delta.shape[1], c_in, dtype=delta.dtype, device=delta.device)
-    for k, (i, j) in enumerate(block["offsets"]):
-        s = i * wp + j
-        torch.bmm(dp, xp[:, s:s + h * wp], out=out[k])
-    g = out.permute(1, 2, 3, 0).reshape(b, -1)
-    return g if block["select"] is None else g[:, block["select"]]
-
-
-def _legacy_blocks(model, plan, x):
-    saved = {}
-
-    def hook(mod, args, out):
-        saved[mod] = (args[0].detach(), out)
-
-    handles = [b["module"].register_forward_hook(hook) for b in plan]
-    try:
-        logp = model.log_prob(x)
-    finally:
-        for h in handles:
-            h.remove()
-    outs = [saved[b["module"]][1] for b in plan]
-    deltas = torch.autograd.grad(logp.sum(), outs)
-    del outs
-    for block, delta in zip(plan, deltas):
-        inp = saved.pop(block["module"])[0]
-        yield block["w_offset"], _legacy_weight_grads(block, inp, delta)
-        if block["b_offset"] is not None:
-            yield block["b_offset"], delta.sum((2, 3))
-
-
-def _legacy_fisher_scores(model, x, projs=None, chunk_size=32):
-    model.eval()
-    plan = _legacy_conv_plan(model)
-    stack = ProjectionStack(projs) if projs else None
-    results = []
-    for start in range(0, x.shape[0], chunk_size):
-        xc = x[start:start + chunk_size]
-        rows = xc.shape[0]
-        if stack is not None and rows < chunk_size:
-            xc = torch.cat([xc, xc[:1].expand(chunk_size - rows, *xc.shape[1:])])
-        blocks = _legacy_blocks(model, plan, xc)
-        if stack is None:
-            parts = dict(blocks)
-            results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1))
-            continue
-        zs = None
-        for offset, g in blocks:
-            contrib = stack.project(g, offset)
-            zs = contrib if zs is None else [a + b for a, b in zip(zs, contrib)]
-        results.append([z[:rows] for z in zs])
-    if stack is None:
-        return torch.cat(results)
-    return [torch.cat([r[i] for r in results]) for i in range(len(projs))]
-
-
-@pytest.mark.parametrize("name, config", [("pixelcnn", {"n_layers": 2, "filters": 6, "kernel_size": 5}),
-                                          ("gated", {"n_layers": 2, "filters": 6, "kernel_size": 3})])
-@pytest.mark.parametrize("channels, levels", [(1, 2), (3, 4)])
-def test_priors_bitwise_as_the_original_algorithm(name, config, channels, levels):
-    """(e) PixelCNN and Gated PixelCNN scores are bitwise what the original stride-1 path gave."""
-    torch.manual_seed(0)
-    m = build_prior(name, channels=channels, levels=levels, **config).eval()
-    assert {r for _, r in score_plan(m)} == {"conv2d/stride1"}
-    x = torch.randint(0, levels, (7, channels, 8, 8), generator=torch.Generator().manual_seed(5))
-    n = n_features(m)
-    projs = [SparseProjection(n, 40, seed=1), SparseProjection(n, 8, 1.0, seed=2)]
-    assert torch.equal(fisher_scores(m, x, chunk_size=3), _legacy_fisher_scores(m, x, chunk_size=3))
-    for z, want in zip(fisher_scores(m, x, projs, chunk_size=4), _legacy_fisher_scores(m, x, projs, chunk_size=4)):
-        assert torch.equal(z, want)
+@pytest.mark.parametrize("unfold_up_to", [0, None, 10**9])
+def test_stride1_methods_match_reference(unfold_up_to, monkeypatch):
+    """Each method of the stride-1 rule, forced on every layer it can take (0: one bmm per kernel
+    offset except for unpadded 1 × 1 convs; 10**9: im2col everywhere; None: the default choice), is
+    exact against one backward pass per image."""
+    if unfold_up_to is not None:
+        monkeypatch.setattr(fisher.scores, "UNFOLD_UP_TO", unfold_up_to)
+    m = _model(Stride1Zoo)
+    plan = fisher.scores._make_plan(m)
+    by_cols = {layer.params[0][0].split(".")[0] for layer in plan.layers if layer.block and layer.block.cols is not None}
+    assert by_cols == {0: {"one", "out"}, None: {"a1", "rect", "one", "one_pad", "out"}}.get(
+        unfold_up_to, {"a1", "wide", "valid", "big_pad", "tiny", "rect", "one", "one_pad", "out"})
+    x = _images(5)
+    ref = fisher_scores_reference(m, x)
+    for chunk in (2, 5):
+        _close(fisher_scores(m, x, chunk_size=chunk), ref)
 
 
 def test_no_grad_context_and_frozen_layers():
