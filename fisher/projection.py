@@ -385,6 +385,30 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[key]
 
 
+def _run_tasks(tasks: list, workers: int) -> None:
+    """Run ``tasks`` ((function, args) pairs that release the GIL and write disjoint memory) on the calling
+    thread and ``workers - 1`` pool threads, each taking the next task until none is left. The calling
+    thread works rather than waits: a pool thread can be slow to get a core right after torch's own
+    threads ran (they spin a while before sleeping), and the caller already has one."""
+    pending = iter(tasks)
+    lock = threading.Lock()
+
+    def drain():
+        while True:
+            with lock:
+                task = next(pending, None)
+            if task is None:
+                return
+            task[0](*task[1])
+
+    helpers = [_pool(workers - 1).submit(drain) for _ in range(min(workers, len(tasks)) - 1)]
+    try:
+        drain()
+    finally:
+        for h in helpers:
+            h.result()
+
+
 class ProjectionStack:
     """Several projections applied to one block of features.
 
@@ -398,7 +422,9 @@ class ProjectionStack:
     :meth:`accumulate_chunks` expands each block once for all its chunks); the blocks' products are
     summed in a fixed order. So the result does not depend on the thread count (and so on how many
     actors share a node) while the products run on all of torch's threads at once, one per task, and
-    memory stays at the stored matrices plus one block per thread. (A GEMM run on several threads may split its long inner dimension among them,
+    memory stays at the stored matrices plus one block per thread. The column walks of one block run as one
+    call of the C library on OpenMP threads where it has them (:mod:`fisher.native`), the other tasks on the
+    calling thread and a pool of Python threads. (A GEMM run on several threads may split its long inner dimension among them,
     which changes its round-off.) On GPUs the stacked members are built once per (offset, width) and
     cached as a torch CSR matrix (cuSPARSE) and a dense matrix.
     """
@@ -465,6 +491,21 @@ class ProjectionStack:
         if lib is None or not native.by_columns(lib, *args):
             _kernels()["by_columns"](*args, _scratch("gathered", b).numpy())
 
+    def _walk_together(self, walks: list, xs: tuple, b: int, workers: int) -> bool:
+        """The ``_band_task`` s ``walks`` as one call of the C library on ``workers`` OpenMP threads (torch's
+        pool, awake after its last operation); False, with nothing done, where that is not available."""
+        lib = native.kernels() if self.c_kernel else None
+        if lib is None or not lib.openmp:
+            return False
+        total = sum(band.row1 - band.row0 for _, (_, band, _, _, _) in walks)
+        sums, at, args = _scratch("walk sums", total * b).numpy(), 0, []
+        for _, (i, band, _, offset, acc) in walks:
+            rows, m = band.row1 - band.row0, xs[0].shape[1]
+            args.append((band.indptr[offset:offset + m + 1], band.rows, band.signs,
+                         np.float32(self.projections[i].scale), acc, sums[at:at + rows * b].reshape(rows, b)))
+            at += rows * b
+        return native.by_columns_tasks(lib, args, xs[0], xs[1] if len(xs) > 1 else xs[0][:0], workers)
+
     def _rows_task(self, i: int, rm: _RowMajor, lo: int, hi: int, x: np.ndarray, acc: np.ndarray):
         """Add the rows ``rm.rows[lo:hi]`` of member ``i``'s contribution to ``acc`` (its running sum)."""
         _kernels()["by_rows"](rm.rows, rm.indptr, rm.cols, rm.signs, np.float32(self.projections[i].scale), x, acc,
@@ -520,10 +561,12 @@ class ProjectionStack:
                 n_chunks, n_blocks, self._dense_rows, b)
             rhs = features.view(n_blocks, self.WIDTH, n_chunks, b)
             tasks += [(self._dense_task, (k, rhs, prod, offset, m)) for k in range(n_blocks)]
-        if workers > 1 and len(tasks) > 1 and (m >= self.PARALLEL_FROM or split):
-            pool = _pool(workers)
-            for t in [pool.submit(fn, *args) for fn, args in tasks]:
-                t.result()
+        parallel = workers > 1 and len(tasks) > 1 and (m >= self.PARALLEL_FROM or split)
+        walks = [t for t in tasks if t[0] == self._band_task]
+        if parallel and len(walks) > 1 and self._walk_together(walks, xs, b * n_chunks, workers):
+            tasks = [t for t in tasks if t[0] != self._band_task]
+        if parallel:
+            _run_tasks(tasks, workers)
         else:                                     # small blocks: a task costs more than it saves
             for fn, args in tasks:
                 fn(*args)

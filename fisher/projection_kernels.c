@@ -76,3 +76,28 @@ void by_columns(const int32_t *indptr, const int32_t *rows, const int8_t *signs,
     default: by_columns_any(indptr, rows, signs, scale, x0, n0, s0k, s0j, x1, n1, s1k, s1j, m, acc, acc_stride, nrows, sums);
     }
 }
+
+/* Several walks over the same x (the bands of rows of one or more projections), run side by side on
+ * nthreads threads of OpenMP: where the library is built with -fopenmp, the pool torch's own
+ * operations run on (the same libgomp), so the walks start on threads that are already awake instead
+ * of waiting for cores those threads spin on. Each walk writes only its own acc rows and sums. */
+int has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void by_columns_tasks(int64_t ntasks, const int32_t *const *indptr, const int32_t *const *rows,
+                      const int8_t *const *signs, const float *scale,
+                      const float *x0, int64_t n0, int64_t s0k, int64_t s0j,
+                      const float *x1, int64_t n1, int64_t s1k, int64_t s1j, int64_t m,
+                      float *const *acc, const int64_t *acc_stride, const int64_t *nrows,
+                      float *const *sums, int nthreads) {
+    (void)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntasks; t++)
+        by_columns(indptr[t], rows[t], signs[t], scale[t], x0, n0, s0k, s0j, x1, n1, s1k, s1j, m,
+                   acc[t], acc_stride[t], nrows[t], sums[t]);
+}

@@ -376,8 +376,11 @@ def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor) -> 
         return g if block.select is None else g[:, block.select]
     wq = w_in + pw      # row stride: W = W_in + 2p − kw + 1, so Δ gains kw − 1 − p zero columns, or, where
     # p ≥ kw, loses its last p − kw + 1 columns, whose windows read only padding (their gradient terms are 0)
-    xp = inp.new_zeros(b, h_in + 2 * ph + 1, wq, c_in)                       # padded and channels-last in one copy
-    xp[:, ph:ph + h_in, pw:pw + w_in].copy_(inp.permute(0, 2, 3, 1))
+    xp = inp.new_empty(b, h_in + 2 * ph + 1, wq, c_in)                       # padded and channels-last in one copy,
+    xp[:, :ph].zero_()                                                       # each element written once
+    xp[:, ph + h_in:].zero_()
+    xp[:, ph:ph + h_in, :pw].zero_()
+    xp[:, ph:ph + h_in, pw:].copy_(inp.permute(0, 2, 3, 1))
     xp = xp.view(b, -1, c_in)
     if wq == w:
         dp = _standard_strides(delta)

@@ -2,6 +2,7 @@
 import math
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -200,12 +201,18 @@ def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
     g[:, 3::11] = -0.0
     g[5] = -0.0
     walks = []
-    real_band, real_rows = ProjectionStack._band_task, ProjectionStack._rows_task
+    real_band, real_rows, real_together = (ProjectionStack._band_task, ProjectionStack._rows_task,
+                                           ProjectionStack._walk_together)
 
     def band(self, i, b, xs, *rest):                  # which layout the column walk reads
         walks.append("untransposed" if xs[0].flags.c_contiguous else "transposed")
         return real_band(self, i, b, xs, *rest)
+
+    def together(self, tasks, xs, *rest):             # the same, for the walks run as one call
+        walks.append("untransposed" if xs[0].flags.c_contiguous else "transposed")
+        return real_together(self, tasks, xs, *rest)
     monkeypatch.setattr(ProjectionStack, "_band_task", band)
+    monkeypatch.setattr(ProjectionStack, "_walk_together", together)
     monkeypatch.setattr(ProjectionStack, "_rows_task", lambda self, *a: (walks.append("rows"), real_rows(self, *a)))
     before = torch.get_num_threads()
     try:
@@ -256,6 +263,35 @@ def test_c_column_walk_is_bitwise_the_numba_kernel():
             assert native.by_columns(lib, *args, got, np.empty_like(got))
             _kernels()["by_columns"](*args, want, np.empty_like(want), np.empty(n0 + n1, np.float32))
             assert np.array_equal(got.view(np.int32), want.view(np.int32)), (n0, n1, transposed)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler on this machine")
+def test_column_walks_on_openmp_threads_are_bitwise_the_pool(monkeypatch):
+    """The bands of every wide member walked in one C call on OpenMP threads (where the compiler has OpenMP,
+    as gcc here does) give the bits of the same walks run one per thread-pool task, for one and two chunks."""
+    from fisher import native
+    assert native.kernels().openmp == (subprocess.run([os.environ.get("CC") or "cc", "-fopenmp", "-x", "c", "-",
+                                                       "-o", os.devnull], input="int main(void){return 0;}",
+                                                      text=True, capture_output=True).returncode == 0)
+    members = [SparseProjection(3 * BLOCK // 2 + 5, d, 0.01, seed=d) for d in (900, 4000)]
+    g = torch.randn(64, 9003, generator=torch.Generator().manual_seed(4))
+    g[:, ::7] = -0.0
+    real = ProjectionStack._walk_together
+    calls = []
+    monkeypatch.setattr(ProjectionStack, "_walk_together", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for gs in ([g[:32]], [g[:32], g[32:]]):
+            calls.clear()
+            together = ProjectionStack(members).accumulate_chunks(None, gs, 100)
+            assert calls == [native.kernels().openmp]
+            monkeypatch.setattr(ProjectionStack, "_walk_together", lambda self, *a: False)
+            pool = ProjectionStack(members).accumulate_chunks(None, gs, 100)
+            monkeypatch.setattr(ProjectionStack, "_walk_together", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(together, pool))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_c_kernel_can_be_turned_off(monkeypatch):
