@@ -31,6 +31,7 @@ from fisher.data import check_shards
 from fisher.embedding import column_array, embedding_table, vector_column
 from fisher.footprint import scores_bytes
 from fisher.projection import MIN_DENSITY, estimated_bytes
+from fisher.scores import DEFAULT_CHUNK
 from fisher.io import (
     FisherError,
     atomic_write_bytes,
@@ -121,8 +122,8 @@ class EmbedOptions(RayOptions):
     gpu: bool = option(False, help="one GPU per actor")
     cpus_per_actor: float = option(0.5, help="CPUs reserved per actor (fractional allowed)")
     batch_size: int = option(256, help="images per Ray Data batch")
-    chunk_size: int = option(32, help="images per gradient pass inside a batch (memory bound; part of the bitwise "
-                                      "result)")
+    chunk_size: int = option(DEFAULT_CHUNK, help="images per gradient pass inside a batch (memory bound; part of "
+                                                 "the bitwise result)")
 
     def __post_init__(self):
         super().__post_init__()

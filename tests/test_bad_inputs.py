@@ -738,7 +738,7 @@ CASES = [
     ("density-1e-30", None, ["embed", *PRIOR, "--density", "1e-30"],
      r"--density 1e-30: below 2\^-40 = 9\.09e-13, the smallest density a projection resolves"),
     ("embed-projection-too-big", None, ["embed", *PRIOR, "--dim", "1000000000", "--density", "1"],
-     r"--dim 1000000000 x --density with \d+ features, --chunk-size 32, in 1 actor\(s\): needs about [\d.]+ GiB, "
+     r"--dim 1000000000 x --density with \d+ features, --chunk-size 64, in 1 actor\(s\): needs about [\d.]+ GiB, "
      r"more than 80%"),
     ("embed-chunk-above-memory", None, ["embed", *PRIOR, "--dim", "16", "--chunk-size", "1000000"],
      r"--dim 16 x --density with \d+ features, --chunk-size 1000000, in 1 actor\(s\): needs about [\d.]+ GiB, "

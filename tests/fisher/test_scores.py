@@ -152,3 +152,28 @@ def test_chunks_whose_blocks_differ_are_projected_one_by_one(binary_model, monke
     assert len(calls) == 3
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6) and not torch.equal(g, w)
+
+
+def test_runs_join_adjacent_narrow_blocks(binary_model, monkeypatch):
+    """Adjacent blocks narrower than the run width are joined until a run reaches it; a gap in the features or
+    a block at least that wide ends a run, and a wide block goes alone, uncopied. Whatever the width, the
+    projected scores stay batch-size invariant, grouped chunks keep each image's bits, and the embedding is the
+    projection of the scores."""
+    import fisher.scores as scores
+    g = {k: torch.randn(2, w) for k, w in (("a", 3), ("b", 4), ("c", 9), ("d", 2), ("e", 1), ("f", 5))}
+    seq = [(0, g["a"]), (3, g["b"]), (7, g["c"]), (16, g["d"]), (20, g["e"]), (21, g["f"])]   # a gap before 20
+    runs = list(scores._runs(iter(seq), width=6))
+    assert [(o, b.shape[1]) for o, b in runs] == [(0, 7), (7, 9), (16, 2), (20, 6)]
+    assert runs[1][1] is g["c"]
+    assert torch.equal(runs[0][1], torch.cat([g["a"], g["b"]], 1)) and torch.equal(runs[3][1], torch.cat([g["e"], g["f"]], 1))
+    n = n_features(binary_model)
+    projs = [SparseProjection(n, 48, seed=2), SparseProjection(n, 40, 1.0, seed=4)]
+    x = torch.randint(0, 2, (37, 1, 12, 12))
+    g_all = fisher_scores(binary_model, x)
+    for width in (50, 700, 1 << 16):
+        monkeypatch.setattr(scores, "RUN_FEATURES", width)
+        full = fisher_scores(binary_model, x, projs, chunk_size=16)
+        alone = fisher_scores(binary_model, x[5:9], projs, chunk_size=16)
+        for z, a, p in zip(full, alone, projs):
+            assert torch.equal(z[5:9].view(torch.int32), a.view(torch.int32))
+            assert torch.allclose(z, g_all @ p.dense().t(), rtol=1e-4, atol=1e-4)
