@@ -24,7 +24,7 @@ from fisher.errors import FisherError
 from fisher.priors import Prior, to_model_input
 from fisher.projection import ProjectionStack, SparseProjection
 from fisher.registry import Registry
-from fisher.scores import DEFAULT_CHUNK, activations, fisher_scores, n_features
+from fisher.scores import activations, default_chunk, fisher_scores, n_features
 
 
 class EmbeddingKind:
@@ -164,7 +164,7 @@ class Embedder:
     """
 
     def __init__(self, model: Prior, kind: str, specs: list[EmbedSpec], image_shape,
-                 seed: int = 0, chunk_size: int = DEFAULT_CHUNK, device: str = "cpu", levels: int | None = None):
+                 seed: int = 0, chunk_size: int | None = None, device: str = "cpu", levels: int | None = None):
         if kind not in EMBEDDINGS:
             raise ValueError(f"kind must be one of {KINDS}")
         self._kind = EMBEDDINGS.build(kind)
@@ -177,6 +177,7 @@ class Embedder:
         self.levels = levels
         n = self._kind.n_features(model, image_shape)
         self.n_features = n
+        self.chunk = chunk_size or default_chunk(n)
         if not self._kind.projected:
             specs = [EmbedSpec(n, None)]
         self.projections = [SparseProjection(n, s.dim, s.density, seed) for s in specs] if self._kind.projected \

@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from fisher.projection import ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 64
+SMALL_PRIOR_FEATURES = 1 << 21   # priors up to this many features take DEFAULT_CHUNK images per pass by default, larger ones half
 GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (CPU, dense projections)
 FALLBACK = "vmap"
 # A strided / transposed conv with fewer (in × out channels per group) than this, and no kernel
@@ -731,9 +732,18 @@ def _chunks_per_group(stack: ProjectionStack | None, x: torch.Tensor, chunk_size
     return int(max(1, min(-(-x.shape[0] // chunk_size), GROUP_BYTES // max(1, 4 * chunk_size * n))))
 
 
+def default_chunk(n_features: int) -> int:
+    """Images per gradient pass when none is given: ``DEFAULT_CHUNK`` (64) for a prior of up to
+    ``SMALL_PRIOR_FEATURES`` (2 M) features, half that above. A small prior's pass is many small operations,
+    cheaper per image in bigger chunks (the builtin CelebA Pyramid, 290 k features: scores + projection
+    1.53x -> 1.35x a training step at 64 rather than 32); a large one's is bound by memory traffic, which
+    bigger chunks make worse (the paper-size Pyramid, 20.7 M features: 1.28x at 32, 1.46x at 64)."""
+    return DEFAULT_CHUNK if n_features <= SMALL_PRIOR_FEATURES else DEFAULT_CHUNK // 2
+
+
 def fisher_scores(model: nn.Module, x: torch.Tensor,
                   projection: SparseProjection | list[SparseProjection] | ProjectionStack | None = None,
-                  chunk_size: int = DEFAULT_CHUNK):
+                  chunk_size: int | None = None):
     """Exact per-image Fisher scores ∇_θ log p_θ(x).
 
     Returns ``Tensor[B, n_features]`` without a projection, ``Tensor[B, dim]``
@@ -742,7 +752,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     gradient pass; pass the same stack for every batch, so that what it caches
     on a GPU is built once).
 
-    Images are processed ``chunk_size`` at a time; with a projection the last
+    Images are processed ``chunk_size`` at a time (default :func:`default_chunk`); with a projection the last
     chunk is padded to full size, so every product has the same shapes and an
     image's embedding is bitwise identical whatever the batch it came in
     (for a given ``chunk_size``; keep it a multiple of 16 so SIMD lanes align).
@@ -761,6 +771,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     projs = stack.projections if stack is not None else []
     plan = _make_plan(model)
     n = sum(int(m.sum()) for m in plan.masks.values())
+    chunk_size = chunk_size or default_chunk(n)
     for p in projs:
         if p.n_features != n:
             from fisher.io import FisherError

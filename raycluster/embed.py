@@ -31,7 +31,7 @@ from fisher.data import check_shards
 from fisher.embedding import column_array, embedding_table, vector_column
 from fisher.footprint import scores_bytes
 from fisher.projection import MIN_DENSITY, estimated_bytes
-from fisher.scores import DEFAULT_CHUNK
+from fisher.scores import default_chunk
 from fisher.io import (
     FisherError,
     atomic_write_bytes,
@@ -122,8 +122,8 @@ class EmbedOptions(RayOptions):
     gpu: bool = option(False, help="one GPU per actor")
     cpus_per_actor: float = option(0.5, help="CPUs reserved per actor (fractional allowed)")
     batch_size: int = option(256, help="images per Ray Data batch")
-    chunk_size: int = option(DEFAULT_CHUNK, help="images per gradient pass inside a batch (memory bound; part of "
-                                                 "the bitwise result)")
+    chunk_size: int | None = option(None, help="images per gradient pass inside a batch (memory bound; part of the "
+                                               "bitwise result; default 64 for priors of up to 2M features, 32 above)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -206,6 +206,7 @@ def run(args: EmbedOptions) -> None:
         raise FisherError(f"--reference {args.reference}: only for --kind pixel (the other kinds embed what the "
                           "prior models: the image column)")
     n = feature_count(model, args.kind, shape)
+    args.chunk_size = args.chunk_size or default_chunk(n)
     specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)] if kind.projected \
         else [EmbedSpec(n, None)]
     have = sorted({s["split"] for s in data_manifest["shards"]})

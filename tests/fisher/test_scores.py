@@ -177,3 +177,22 @@ def test_runs_join_adjacent_narrow_blocks(binary_model, monkeypatch):
         for z, a, p in zip(full, alone, projs):
             assert torch.equal(z[5:9].view(torch.int32), a.view(torch.int32))
             assert torch.allclose(z, g_all @ p.dense().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_default_chunk_by_prior_size(binary_model, monkeypatch):
+    """Without a chunk size, a prior of up to SMALL_PRIOR_FEATURES features is run 64 images per gradient pass
+    and a larger one 32."""
+    import fisher.scores as scores
+    n = n_features(binary_model)
+    p = SparseProjection(n, 48, seed=2)
+    x = torch.randint(0, 2, (70, 1, 12, 12))
+    real, sizes = scores._blocks, []
+    monkeypatch.setattr(scores, "_blocks", lambda model, plan, xc: sizes.append(xc.shape[0]) or real(model, plan, xc))
+    want = fisher_scores(binary_model, x, p, chunk_size=64)
+    sizes.clear()
+    assert torch.equal(fisher_scores(binary_model, x, p), want) and sizes == [64, 64]
+    monkeypatch.setattr(scores, "SMALL_PRIOR_FEATURES", n - 1)
+    assert scores.default_chunk(n) == 32 and scores.default_chunk(n - 1) == 64
+    sizes.clear()
+    fisher_scores(binary_model, x, p)
+    assert sizes == [32, 32, 32]
