@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from fisher.projection import ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 64
-SMALL_PRIOR_FEATURES = 1 << 21   # priors up to this many features take DEFAULT_CHUNK images per pass by default, larger ones half
+SMALL_PRIOR_FEATURES = 1 << 21   # priors up to this many features: DEFAULT_CHUNK images per pass; larger: half
 GROUP_BYTES = 256 << 20      # scores held at once to project several chunks together (CPU, dense projections)
 FALLBACK = "vmap"
 # A strided / transposed conv with fewer (in × out channels per group) than this, and no kernel

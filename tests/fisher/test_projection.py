@@ -278,7 +278,11 @@ def test_column_walks_on_openmp_threads_are_bitwise_the_pool(monkeypatch):
     g[:, ::7] = -0.0
     real = ProjectionStack._walk_together
     calls = []
-    monkeypatch.setattr(ProjectionStack, "_walk_together", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+
+    def spy(self, *a):
+        calls.append(real(self, *a))
+        return calls[-1]
+    monkeypatch.setattr(ProjectionStack, "_walk_together", spy)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -288,7 +292,7 @@ def test_column_walks_on_openmp_threads_are_bitwise_the_pool(monkeypatch):
             assert calls == [native.kernels().openmp]
             monkeypatch.setattr(ProjectionStack, "_walk_together", lambda self, *a: False)
             pool = ProjectionStack(members).accumulate_chunks(None, gs, 100)
-            monkeypatch.setattr(ProjectionStack, "_walk_together", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+            monkeypatch.setattr(ProjectionStack, "_walk_together", spy)
             assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(together, pool))
     finally:
         torch.set_num_threads(before)

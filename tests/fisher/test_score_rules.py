@@ -377,7 +377,8 @@ def test_stride1_methods_match_reference(unfold_up_to, monkeypatch):
         monkeypatch.setattr(fisher.scores, "UNFOLD_UP_TO", unfold_up_to)
     m = _model(Stride1Zoo)
     plan = fisher.scores._make_plan(m)
-    by_cols = {layer.params[0][0].split(".")[0] for layer in plan.layers if layer.block and layer.block.cols is not None}
+    by_cols = {layer.params[0][0].split(".")[0] for layer in plan.layers
+               if layer.block and layer.block.cols is not None}
     assert by_cols == {0: {"one", "out"}, None: {"a1", "rect", "one", "one_pad", "out"}}.get(
         unfold_up_to, {"a1", "wide", "valid", "big_pad", "tiny", "rect", "one", "one_pad", "out"})
     x = _images(5)

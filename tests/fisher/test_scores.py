@@ -165,7 +165,8 @@ def test_runs_join_adjacent_narrow_blocks(binary_model, monkeypatch):
     runs = list(scores._runs(iter(seq), width=6))
     assert [(o, b.shape[1]) for o, b in runs] == [(0, 7), (7, 9), (16, 2), (20, 6)]
     assert runs[1][1] is g["c"]
-    assert torch.equal(runs[0][1], torch.cat([g["a"], g["b"]], 1)) and torch.equal(runs[3][1], torch.cat([g["e"], g["f"]], 1))
+    assert torch.equal(runs[0][1], torch.cat([g["a"], g["b"]], 1))
+    assert torch.equal(runs[3][1], torch.cat([g["e"], g["f"]], 1))
     n = n_features(binary_model)
     projs = [SparseProjection(n, 48, seed=2), SparseProjection(n, 40, 1.0, seed=4)]
     x = torch.randint(0, 2, (37, 1, 12, 12))
