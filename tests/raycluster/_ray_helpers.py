@@ -124,7 +124,7 @@ def tiny_prior(out: Path, layers: int = 2, filters: int = 8, seed: int = 0) -> P
 
 
 def reference_embeddings(prior: Path, data: Path, out: Path, dims, densities, seed: int = 0,
-                         chunk: int = 32, kind: str = "fisher") -> Path:
+                         chunk: int | None = None, kind: str = "fisher") -> Path:
     """Write the shards ``fisher embed --prior --data --dim --density --seed --chunk-size`` must
     write, byte for byte, computed here in one process without Ray."""
     import torch
@@ -145,7 +145,8 @@ def _reference(prior, data, out, dims, densities, seed, chunk, kind):
     shape = data_manifest["image_shape"]
     specs = [EmbedSpec(d, p) for d, p in itertools.product(dims, densities)]
     embedder = Embedder(load_prior(str(prior)), kind, specs, shape, seed=seed, chunk_size=chunk)
-    meta = {"kind": kind, "seed": seed, "prior": manifest_hash(read_manifest(str(prior))), "chunk_size": chunk}
+    meta = {"kind": kind, "seed": seed, "prior": manifest_hash(read_manifest(str(prior))),
+            "chunk_size": embedder.chunk}                  # the default (None) resolved as `fisher embed` does
     out.mkdir(parents=True, exist_ok=True)
     for shard in data_manifest["shards"]:
         table = read_table(str(data / shard["file"]), ["id", "image"])
