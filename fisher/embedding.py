@@ -171,13 +171,13 @@ class Embedder:
         if model is None and self._kind.needs_prior:
             raise ValueError(f"embedding kind {kind!r} needs a prior")
         self.model = model.to(device).eval() if model is not None else None
-        self.kind, self.device, self.chunk = kind, device, chunk_size
+        self.kind, self.device = kind, device
         if self._kind.needs_levels and not (isinstance(levels, int) and levels >= 2):
             raise ValueError(f"embedding kind {kind!r} needs the images' levels (>= 2), got {levels!r}")
         self.levels = levels
         n = self._kind.n_features(model, image_shape)
         self.n_features = n
-        self.chunk = chunk_size or default_chunk(n)
+        self.chunk = default_chunk(n) if chunk_size is None else chunk_size
         if not self._kind.projected:
             specs = [EmbedSpec(n, None)]
         self.projections = [SparseProjection(n, s.dim, s.density, seed) for s in specs] if self._kind.projected \

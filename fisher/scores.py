@@ -771,7 +771,10 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     projs = stack.projections if stack is not None else []
     plan = _make_plan(model)
     n = sum(int(m.sum()) for m in plan.masks.values())
-    chunk_size = chunk_size or default_chunk(n)
+    if chunk_size is None:
+        chunk_size = default_chunk(n)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (or None for default_chunk)")
     for p in projs:
         if p.n_features != n:
             from fisher.io import FisherError

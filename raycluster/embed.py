@@ -206,7 +206,8 @@ def run(args: EmbedOptions) -> None:
         raise FisherError(f"--reference {args.reference}: only for --kind pixel (the other kinds embed what the "
                           "prior models: the image column)")
     n = feature_count(model, args.kind, shape)
-    args.chunk_size = args.chunk_size or default_chunk(n)
+    if args.chunk_size is None:
+        args.chunk_size = default_chunk(n)
     specs = [EmbedSpec(d, p) for d, p in itertools.product(args.dim, args.density)] if kind.projected \
         else [EmbedSpec(n, None)]
     have = sorted({s["split"] for s in data_manifest["shards"]})

@@ -197,3 +197,8 @@ def test_default_chunk_by_prior_size(binary_model, monkeypatch):
     sizes.clear()
     fisher_scores(binary_model, x, p)
     assert sizes == [32, 32, 32]
+
+
+def test_chunk_size_below_one_is_refused(binary_model):
+    with pytest.raises(ValueError, match="chunk_size=0: must be >= 1"):
+        fisher_scores(binary_model, torch.zeros(2, 1, 12, 12), chunk_size=0)
