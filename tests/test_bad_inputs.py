@@ -746,6 +746,7 @@ CASES = [
     ("embed-densities-same-column", None, ["embed", *PRIOR, "--dim", "16", "--density", "0.1234561,0.1234562"],
      r"two projections share the column name z_d16_p0\.123456 .*pass distinct values"),
     ("embed-negative-pca", None, ["embed", *PRIOR, "--dim", "16", "--pca", "-5"], r"--pca -5: must be >= 1"),
+    ("embed-chunk-0", None, ["embed", *PRIOR, "--dim", "16", "--chunk-size", "0"], r"--chunk-size 0: must be >= 1"),
     ("evaluate-fid-weights-text", fid_weights_text, ["evaluate", *INPUTS, "--pairs", "2", "--fid-weights", "{fid}"],
      r"inception\.pth: not a plain tensor state dict \(.*\); pass pytorch-fid's"),
     ("evaluate-fid-weights-nan", fid_weights_nan, ["evaluate", *INPUTS, "--pairs", "2", "--fid-weights", "{fid}"],
