@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -425,10 +426,14 @@ class ProjectionStack:
     memory stays at the stored matrices plus one block per thread. The column walks of one block run as one
     call of the C library on OpenMP threads where it has them (:mod:`fisher.native`), the other tasks on the
     calling thread and a pool of Python threads. (A GEMM run on several threads may split its long inner dimension among them,
-    which changes its round-off.) On GPUs the stacked members are built once per (offset, width) and
-    cached as a torch CSR matrix (cuSPARSE) and a dense matrix.
+    which changes its round-off.) On GPUs the members below density 1 are built once per (offset, width)
+    and cached as one torch CSR matrix (cuSPARSE); the density-1 members are kept there as their sign bits
+    and expanded piece by piece into float32 for GEMMs, so device memory stays at the stored matrices plus
+    ``DEVICE_BYTES`` (the MNIST grid's three density-1 members would take 2.2 GB as floats, a 20 M-feature
+    prior's 111 GB).
     """
     WIDTH = 4096
+    DEVICE_BYTES = 256 << 20  # float32 bytes of density-1 columns expanded at once on a GPU
     PARALLEL_FROM = 4096     # feature blocks narrower than this are multiplied on the calling thread ...
     PARALLEL_NNZ = 1 << 15   # ... unless a member's non-zeros there, walked by rows, are at least this many
 
@@ -463,7 +468,7 @@ class ProjectionStack:
         b = gs[0].shape[0]
         if acc is None:
             acc = [None] * len(self.projections)
-        if gs[0].device.type != "cpu":
+        if not self.uses_cpu_kernels(gs[0]):
             fresh = [a is None for a in acc]
             for c, g in enumerate(gs):
                 for i, z in enumerate(self._project_device(g.t().contiguous().float(), offset)):
@@ -582,26 +587,67 @@ class ProjectionStack:
                         acc[i][:, c * b:(c + 1) * b] += piece
         return acc
 
-    # ------------------------------------------------------------------ GPU
-    def _parts(self, offset: int, m: int, device):
-        key = (offset, m, str(device))
+    # ------------------------------------------------------------------ other devices (GPUs)
+    @staticmethod
+    def uses_cpu_kernels(t: torch.Tensor) -> bool:
+        """Whether products with ``t`` run on this module's CPU kernels; elsewhere (a GPU) they are torch's
+        own operations on ``t``'s device (:meth:`_project_device`)."""
+        return t.device.type == "cpu"
+
+    def _device_csr(self, offset: int, m: int, device) -> torch.Tensor | None:
+        """The members not at density 1, columns ``[offset, offset + m)``, stacked as one torch CSR matrix
+        on ``device``: built once per (offset, width) and kept (together they are the stored matrices)."""
+        idx = [i for i, p in enumerate(self.projections) if not p._dense]
+        if not idx:
+            return None
+        key = ("csr", offset, m, str(device))
         if key not in self._cache:
-            parts = []
-            if self._sparse:
-                mat = sp.vstack([self.projections[i].columns(offset, offset + m) for i in self._sparse]).tocsr()
-                parts.append((self._sparse, torch.sparse_csr_tensor(
-                    torch.from_numpy(mat.indptr.astype(np.int64)), torch.from_numpy(mat.indices.astype(np.int64)),
-                    torch.from_numpy(mat.data), size=mat.shape).to(device)))
-            if self._dense:
-                parts.append((self._dense, torch.from_numpy(np.vstack(
-                    [self.projections[i].columns(offset, offset + m) for i in self._dense])).to(device)))
-            self._cache[key] = parts
+            mat = sp.vstack([self.projections[i].columns(offset, offset + m) for i in idx]).tocsr()
+            itype = torch.int32 if mat.nnz < 2**31 else torch.int64
+            with warnings.catch_warnings():           # torch calls its CSR support "beta" on every build
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+                self._cache[key] = torch.sparse_csr_tensor(
+                    torch.from_numpy(mat.indptr).to(itype), torch.from_numpy(mat.indices).to(itype),
+                    torch.from_numpy(mat.data), size=mat.shape, check_invariants=False).to(device)
+        return self._cache[key]
+
+    def _device_bits(self, i: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member ``i`` (density 1) on ``device``: its packed sign bits (dim × n/8 bytes, 1/32 of the float
+        matrix) and its (256 × 8) byte-to-values table."""
+        key = ("bits", i, str(device))
+        if key not in self._cache:
+            p = self.projections[i]
+            self._cache[key] = (torch.from_numpy(p._bits).to(device), _sign_table(p.scale).to(device))
         return self._cache[key]
 
     def _project_device(self, gt: torch.Tensor, offset: int) -> list[torch.Tensor]:
+        """Every member's (dim × B) contribution of ``gt`` (m × B, features ``[offset, offset + m)``) on
+        ``gt``'s device: the other members by one CSR product (cuSPARSE), the density-1 members stacked and
+        expanded from their bits ``DEVICE_BYTES`` of float32 at a time, each piece multiplied by one GEMM."""
+        m, b = gt.shape
         out: list = [None] * len(self.projections)
-        for idx, mat in self._parts(offset, gt.shape[0], gt.device):
-            z = mat @ gt
+        csr = self._device_csr(offset, m, gt.device)
+        if csr is not None:
+            idx = [i for i, p in enumerate(self.projections) if not p._dense]
+            for i, piece in zip(idx, torch.split(csr @ gt, [self.projections[i].dim for i in idx])):
+                out[i] = piece
+        idx = [i for i, p in enumerate(self.projections) if p._dense]
+        if idx:
+            rows = sum(self.projections[i].dim for i in idx)
+            width = max(8, self.DEVICE_BYTES // (4 * rows) // 8 * 8)
+            z = torch.zeros(rows, b, dtype=gt.dtype, device=gt.device)
+            for start in range(0, m, width):
+                stop = min(m, start + width)
+                lo, hi, shift = (offset + start) // 8, -(-(offset + stop) // 8), (offset + start) % 8
+                a = torch.empty(rows, stop - start, dtype=gt.dtype, device=gt.device)
+                row = 0
+                for i in idx:
+                    bits, table = self._device_bits(i, gt.device)
+                    dim = self.projections[i].dim
+                    vals = table.index_select(0, bits[:, lo:hi].flatten().int()).view(dim, 8 * (hi - lo))
+                    a[row:row + dim] = vals[:, shift:shift + stop - start]
+                    row += dim
+                z.addmm_(a, gt[start:stop])
             for i, piece in zip(idx, torch.split(z, [self.projections[i].dim for i in idx])):
                 out[i] = piece
         return out

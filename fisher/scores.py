@@ -727,7 +727,7 @@ def _chunks_per_group(stack: ProjectionStack | None, x: torch.Tensor, chunk_size
     blocks once per group (the expansion costs about what the block's product does; each non-zero of its
     sparse members is applied to the whole group in one pass too), so several chunks' scores are held at
     once, up to ``GROUP_BYTES``. Sparse-only stacks gain little from it and keep one chunk's memory."""
-    if stack is None or x.device.type != "cpu" or not stack._dense:
+    if stack is None or not stack.uses_cpu_kernels(x) or not stack._dense:
         return 1
     return int(max(1, min(-(-x.shape[0] // chunk_size), GROUP_BYTES // max(1, 4 * chunk_size * n))))
 
@@ -792,7 +792,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
         if stack is None:
             for xc, rows in chunks:
                 parts = dict(_blocks(model, plan, xc))
-                results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1) if parts else torch.zeros(rows, 0))
+                results.append(torch.cat([parts[k] for k in sorted(parts)], dim=1) if parts else torch.zeros(rows, 0, device=x.device))
             continue
         if len(chunks) == 1:                      # blocks projected as they are produced
             zs = _project(stack, _blocks(model, plan, chunks[0][0]))
@@ -807,6 +807,6 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
             del blocks
         results += [[z[:, c * chunk_size:c * chunk_size + rows].t() for z in zs] for c, (_, rows) in enumerate(chunks)]
     if stack is None:
-        return torch.cat(results) if results else torch.zeros(0, n)
+        return torch.cat(results) if results else torch.zeros(0, n, device=x.device)
     out = [torch.cat([r[i] for r in results]) for i in range(len(projs))]
     return out[0] if single else out

@@ -303,3 +303,49 @@ def test_c_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(native, "_STATE", {})
     monkeypatch.setenv("FISHER_NATIVE", "0")
     assert native.kernels() is None
+
+
+def _off_the_cpu_kernels(monkeypatch):
+    """Run the products a GPU runs (torch's CSR and GEMM, density-1 members expanded from their bits on the
+    device) on CPU tensors, so CI checks the code a GPU executes."""
+    monkeypatch.setattr(ProjectionStack, "uses_cpu_kernels", staticmethod(lambda t: False))
+
+
+def test_device_path_matches_the_cpu_kernels_and_holds_only_the_bits(monkeypatch):
+    """The GPU path gives the same projections as the CPU kernels (round-off aside) for members of every
+    kind, feature ranges that start off a byte, and density-1 columns expanded in many pieces; what it keeps
+    on the device for density-1 members is their sign bits and value table, never a float matrix."""
+    n = BLOCK + 3001
+    members = [SparseProjection(n, d, dens, seed=5) for d in (24, 100) for dens in (0.001, 0.5, 1.0)]
+    members.append(SparseProjection(n, 40, None, seed=5))
+    g = torch.randn(9, 7001, generator=torch.Generator().manual_seed(2))
+    cpu = ProjectionStack(members)
+    want = {offset: cpu.project(g, offset) for offset in (0, 13, BLOCK - 4000)}
+    _off_the_cpu_kernels(monkeypatch)
+    monkeypatch.setattr(ProjectionStack, "DEVICE_BYTES", 4 * 124 * 1000)        # pieces of 1000 columns
+    dev = ProjectionStack(members)
+    for offset, w in want.items():
+        got = dev.project(g, offset)
+        for a, b, p in zip(got, w, members):
+            exact = g.double() @ p.dense()[:, offset:offset + g.shape[1]].double().t()
+            assert torch.allclose(a.double(), exact, rtol=1e-5, atol=1e-4 * float(exact.abs().max()))
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-4 * float(b.abs().max()))
+    held = [t for key, v in dev._cache.items() if key[0] == "bits" for t in v]
+    assert sum(t.numel() * t.element_size() for t in held) == sum(
+        p._bits.nbytes + 256 * 8 * 4 for p in members if p.density == 1.0)
+    assert all(t.dtype == torch.uint8 for t in held[::2])
+
+
+def test_device_path_sums_layers_like_the_cpu(monkeypatch):
+    """accumulate_chunks on the GPU path: running sums over a model's layers, several chunks at once."""
+    n = 12_000
+    members = [SparseProjection(n, 32, None, seed=1), SparseProjection(n, 16, 1.0, seed=1)]
+    g = torch.randn(8, n, generator=torch.Generator().manual_seed(3))
+    layers = ((0, 5000), (5000, 40), (5040, 6960))
+    want = [g @ p.dense().t() for p in members]
+    _off_the_cpu_kernels(monkeypatch)
+    stack, acc = ProjectionStack(members), None
+    for offset, width in layers:
+        acc = stack.accumulate_chunks(acc, [g[:4, offset:offset + width], g[4:, offset:offset + width]], offset)
+    for a, w in zip(acc, want):
+        assert torch.allclose(a.t(), w, rtol=1e-5, atol=1e-4 * float(w.abs().max()))

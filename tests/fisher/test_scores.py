@@ -202,3 +202,19 @@ def test_default_chunk_by_prior_size(binary_model, monkeypatch):
 def test_chunk_size_below_one_is_refused(binary_model):
     with pytest.raises(ValueError, match="chunk_size=0: must be >= 1"):
         fisher_scores(binary_model, torch.zeros(2, 1, 12, 12), chunk_size=0)
+
+
+def test_gpu_projection_path_gives_the_cpu_embeddings(binary_model, monkeypatch):
+    """fisher_scores on the products a GPU runs (forced on CPU tensors): the CPU's embeddings, round-off
+    aside, for a stack with sparse and density-1 members."""
+    n = n_features(binary_model)
+    projs = [SparseProjection(n, 48, seed=2), SparseProjection(n, 40, 1.0, seed=4)]
+    x = torch.randint(0, 2, (37, 1, 12, 12))
+    want = fisher_scores(binary_model, x, ProjectionStack(projs), chunk_size=16)
+    monkeypatch.setattr(ProjectionStack, "uses_cpu_kernels", staticmethod(lambda t: False))
+    import fisher.scores as scores
+    stack = ProjectionStack(projs)
+    assert scores._chunks_per_group(stack, x, 16, n) == 1
+    got = fisher_scores(binary_model, x, stack, chunk_size=16)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
