@@ -59,8 +59,11 @@ def _images(src: str, n: int):
 
 def _celeba_images(src: str, size: int, bits: int) -> tuple[str, int]:
     """The real CelebA test split as the run prepares it (crop, ``size``², ``bits`` bits), saved as
-    ``images.npy`` in a temporary folder; returns (folder, levels)."""
+    ``images.npy`` in a temporary folder; returns (folder, levels). A ``src`` that holds ``images.npy``
+    already (one an earlier run saved, carried to a GPU machine without the raw images) is used as it is."""
     from fisher.data import CelebaConfig, load_prepared, prepare_celeba
+    if os.path.exists(os.path.join(src, "images.npy")):
+        return src, 2 ** bits
     tmp = tempfile.mkdtemp(prefix="bench-celeba-")
     prepare_celeba(CelebaConfig(src=src, size=size, bits=bits), f"{tmp}/data", log=lambda _: None)
     np.save(f"{tmp}/images.npy", load_prepared(f"{tmp}/data", "test")["image"])
@@ -380,7 +383,10 @@ def main() -> None:
                     help="real test images: binarized MNIST (default) or CelebA as `fisher prepare` makes it")
     ap.add_argument("--mnist", default=str(SHARED), help="folder with the MNIST idx .gz files")
     ap.add_argument("--celeba", default=str(SHARED.parent / "celeba"), help="the CelebA folder (img_align_celeba/ "
-                    "and the list files)")
+                    "and the list files), or a folder with the images.npy an earlier run saved (--save-images)")
+    ap.add_argument("--save-images", default=None, help="save the test images the tables would use (4x --batch of "
+                    "them, as prepared) as DIR/images.npy and exit: to carry them to a GPU machine without the raw "
+                    "data; pass DIR as --celeba (or --mnist) there")
     ap.add_argument("--size", type=int, default=32, help="CelebA side after the crop (default 32)")
     ap.add_argument("--bits", type=int, default=5, help="CelebA bits per sub-pixel (paper: 5)")
     ap.add_argument("--batch", type=int, default=128, help="batch size (paper: 128)")
@@ -418,6 +424,11 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"ray": r}, indent=2))
         return
     src, levels = (args.mnist, 2) if args.dataset == "mnist" else _celeba_images(args.celeba, args.size, args.bits)
+    if args.save_images:
+        os.makedirs(args.save_images, exist_ok=True)
+        np.save(os.path.join(args.save_images, "images.npy"), _images(src, args.batch * 4))
+        print(f"saved {args.batch * 4} test images to {args.save_images}/images.npy")
+        return
     reps = args.reps or (1 if args.device == "cpu" else 10)
     tables = {}
     for prior in priors:
