@@ -82,6 +82,7 @@ with B.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -312,6 +313,32 @@ def _make_plan(model: nn.Module) -> _Plan:
         _prepare(layer, masks, offsets)
     fallback = [n for n in masks if n not in found]
     return _Plan(ordered, fallback, offsets, masks, by_name)
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _plan_key(model: nn.Module) -> tuple:
+    """What a plan depends on: the parameters (identity, shape, device, dtype: a replaced or moved one
+    changes it), every module's mask (identity and version: one changed in place changes it), the
+    module types, and the thresholds that choose the methods."""
+    params = tuple((n, id(p), tuple(p.shape), p.device, p.dtype) for n, p in model.named_parameters())
+    mods = tuple((type(m), id(getattr(m, "mask", None)), getattr(getattr(m, "mask", None), "_version", None))
+                 for m in model.modules())
+    return params, mods, UNFOLD_UP_TO, GROUPED_BELOW
+
+
+def _plan(model: nn.Module) -> _Plan:
+    """A fresh copy of ``model``'s plan, built once per model (and again when :func:`_plan_key` changes):
+    for the paper-size Pyramid PixelCNN (705 layers) building it takes about 0.4 s, 5 % of a batch of 32.
+    Each call gets its own copy, so what one call learns (a layer demoted to vmap, one whose input is
+    changed in place) never changes another call's bits."""
+    key = _plan_key(model)
+    cached = _PLANS.get(model)
+    if cached is None or cached[0] != key:       # the masks are kept too, so that their ids are not reused
+        cached = _PLANS[model] = (key, _make_plan(model), [getattr(m, "mask", None) for m in model.modules()])
+    plan = cached[1]
+    return _Plan(list(plan.layers), list(plan.fallback), plan.offsets, plan.masks, plan.params)
 
 
 def _prepare(layer: _Layer, masks, feature_offsets) -> None:
@@ -673,7 +700,7 @@ def score_plan(model: nn.Module, x: torch.Tensor | None = None) -> list[tuple[st
     rule's assumptions shows the ``vmap`` it takes in :func:`fisher_scores`.
     """
     model.eval()
-    plan = _make_plan(model)
+    plan = _plan(model)
     if x is not None:
         for _ in _blocks(model, plan, _standard_strides(x)):
             pass
@@ -769,7 +796,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
     else:
         stack = ProjectionStack(list(projection)) if projection else None
     projs = stack.projections if stack is not None else []
-    plan = _make_plan(model)
+    plan = _plan(model)
     n = sum(int(m.sum()) for m in plan.masks.values())
     if chunk_size is None:
         chunk_size = default_chunk(n)

@@ -11,6 +11,7 @@ from fisher.scores import (
     fisher_scores_vmap,
     free_masks,
     n_features,
+    score_plan,
 )
 
 
@@ -218,3 +219,57 @@ def test_gpu_projection_path_gives_the_cpu_embeddings(binary_model, monkeypatch)
     got = fisher_scores(binary_model, x, stack, chunk_size=16)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_plan_is_built_once_per_model_and_again_when_it_changes(monkeypatch):
+    """fisher_scores builds a model's plan once; a mask changed in place, a replaced parameter or another
+    method threshold builds it again, and the scores follow the change."""
+    import fisher.scores as scores
+    torch.manual_seed(3)
+    model = PixelCNN(n_layers=2, filters=4, kernel_size=3).eval()
+    x = torch.randint(0, 2, (3, 1, 8, 8))
+    builds = []
+    real = scores._make_plan
+    monkeypatch.setattr(scores, "_make_plan", lambda m: builds.append(1) or real(m))
+    first = fisher_scores(model, x)
+    assert torch.equal(fisher_scores(model, x), first) and len(builds) == 1
+    conv = next(m for m in model.modules() if isinstance(getattr(m, "mask", None), torch.Tensor))
+    with torch.no_grad():
+        conv.mask[0, 0, 0, 0] = 0                        # one more pinned weight, changed in place
+    assert torch.allclose(fisher_scores(model, x), fisher_scores_reference(model, x), atol=1e-5)
+    assert len(builds) == 2 and fisher_scores(model, x).shape[1] == first.shape[1] - 1
+    conv.bias = torch.nn.Parameter(conv.bias.detach().clone())
+    fisher_scores(model, x)
+    monkeypatch.setattr(scores, "UNFOLD_UP_TO", 0)
+    fisher_scores(model, x)
+    assert len(builds) == 4
+
+
+def test_what_a_call_learns_does_not_outlive_it():
+    """A layer demoted to vmap during one call (its input is not per image) is planned afresh by the next:
+    the cached plan keeps it on its rule, so every call's bits are those of a first call."""
+    import fisher.scores as scores
+
+    class BroadcastInput(torch.nn.Module):               # a Linear on a buffer (batch dim 1, not the images)
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("pos", torch.randn(1, 64, 3))
+            self.embed, self.conv = torch.nn.Linear(3, 1), torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x.float() * 2 - 1) + self.embed(self.pos).view(1, 1, 8, 8)
+
+        def log_prob_from_output(self, out, x):
+            return -torch.nn.functional.softplus(out).flatten(1).sum(1)
+
+        def log_prob(self, x):
+            return self.log_prob_from_output(self(x), x)
+
+    torch.manual_seed(0)
+    m = BroadcastInput().eval()
+    x = torch.randint(0, 2, (4, 1, 8, 8))
+    first = fisher_scores(m, x)
+    assert dict(score_plan(m))["embed.weight"] == "linear"          # the static plan: still on its rule
+    assert dict(score_plan(m, x))["embed.weight"] == "vmap"         # demoted when it runs
+    assert any(layer.module is m.embed for layer in scores._PLANS[m][1].layers)
+    assert torch.equal(fisher_scores(m, x), first)
