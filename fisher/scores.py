@@ -226,6 +226,7 @@ class _Plan:
     offsets: dict[str, int]              # feature offset of every parameter
     masks: dict[str, torch.Tensor]
     params: dict[str, torch.Tensor]
+    n_features: int                      # free entries of all parameters: the score's length
     copy_io: set = field(default_factory=set)     # modules whose recorded input/output is changed in place later
 
     def demote(self, layer: _Layer) -> None:
@@ -312,7 +313,7 @@ def _make_plan(model: nn.Module) -> _Plan:
     for layer in ordered:
         _prepare(layer, masks, offsets)
     fallback = [n for n in masks if n not in found]
-    return _Plan(ordered, fallback, offsets, masks, by_name)
+    return _Plan(ordered, fallback, offsets, masks, by_name, at)
 
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -338,7 +339,7 @@ def _plan(model: nn.Module) -> _Plan:
     if cached is None or cached[0] != key:       # the masks are kept too, so that their ids are not reused
         cached = _PLANS[model] = (key, _make_plan(model), [getattr(m, "mask", None) for m in model.modules()])
     plan = cached[1]
-    return _Plan(list(plan.layers), list(plan.fallback), plan.offsets, plan.masks, plan.params)
+    return _Plan(list(plan.layers), list(plan.fallback), plan.offsets, plan.masks, plan.params, plan.n_features)
 
 
 def _prepare(layer: _Layer, masks, feature_offsets) -> None:
@@ -797,7 +798,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
         stack = ProjectionStack(list(projection)) if projection else None
     projs = stack.projections if stack is not None else []
     plan = _plan(model)
-    n = sum(int(m.sum()) for m in plan.masks.values())
+    n = plan.n_features
     if chunk_size is None:
         chunk_size = default_chunk(n)
     elif chunk_size < 1:
