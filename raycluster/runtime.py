@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 
 from raycluster import console
@@ -433,13 +434,23 @@ def lost_to_the_cluster(e: BaseException) -> bool:
     (a node killed or preempted under a running job) rather than that the work itself failed: an actor
     whose constructor raised is not lost, it would fail again."""
     import ray.exceptions as rex
+    lost = (rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError)
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, rex.RayActorError):
             return not e.actor_init_failed
-        if isinstance(e, (rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError)):
+        if isinstance(e, lost):
             return True
+        if isinstance(e, rex.UnserializableException):
+            # Ray could not unpickle the original (an ActorDiedError carrying its protobuf context cannot be
+            # pickled: a pool actor whose node died before it ran reaches the driver so): judge its text.
+            text = getattr(e, "_original_stack_trace", "") or ""
+            names = re.findall(r"ray\.exceptions\.(\w+)", text)
+            classes = [c for c in (getattr(rex, n, None) for n in names) if isinstance(c, type)]
+            if any(issubclass(c, rex.RayActorError) for c in classes):
+                return "raised in its creation task" not in text
+            return any(issubclass(c, lost) for c in classes)
         e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else (
             e.__cause__ or e.__context__)
     return False

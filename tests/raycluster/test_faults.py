@@ -157,6 +157,38 @@ def test_lost_to_the_cluster_tells_lost_actors_from_failed_work():
     assert not lost_to_the_cluster(ValueError("bad batch"))
 
 
+def test_an_actor_lost_before_it_ran_is_lost_even_when_ray_cannot_unpickle_it():
+    """A pool actor whose node died before it ran reaches the driver as an UnserializableException (its
+    ActorDiedError holds a protobuf context that cannot be pickled; the autoscaling test met it): its text
+    says what it was. A constructor that raised, or an error of the work itself, is still not lost."""
+    import traceback
+
+    import ray.exceptions as rex
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+    from raycluster.runtime import lost_to_the_cluster
+
+    def as_ray_delivers(err):
+        try:
+            rex.RayError.from_bytes(err.to_bytes())
+        except TypeError:                                 # pickling fails first here: Ray keeps the text
+            return rex.UnserializableException("".join(traceback.format_exception(err)))
+        raise AssertionError("this Ray pickles the error now: the text fallback may be unneeded")
+
+    ctx = ActorDiedErrorContext(class_name="_ScoreActor", actor_id=b"\x01" * 16, never_started=True,
+                                error_message="The actor is dead because its node has died.")
+    never_ran = as_ray_delivers(rex.ActorDiedError(ctx))
+    assert "never ran" in str(never_ran) and lost_to_the_cluster(never_ran)
+    try:
+        raise RuntimeError("map_batches failed") from never_ran
+    except RuntimeError as wrapped:
+        assert lost_to_the_cluster(wrapped)
+    init = rex.ActorDiedError(rex.RayTaskError("__init__", "Traceback ...", ValueError("bad prior")))
+    assert not lost_to_the_cluster(rex.UnserializableException("".join(traceback.format_exception(init))))
+    assert lost_to_the_cluster(rex.UnserializableException("ray.exceptions.NodeDiedError: node 3 died"))
+    assert not lost_to_the_cluster(rex.UnserializableException("ValueError: bad batch"))
+
+
 def test_embed_runs_the_pool_again_when_the_cluster_loses_an_actor(inputs, local_ray, tmp_path, monkeypatch, capsys):
     """A loss Ray Data does not recover from (an actor error that ends the pass): the pool runs again over the shards not written
     yet, and the embeddings are those of an undisturbed run. Failed work is not rerun."""
