@@ -238,8 +238,8 @@ def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
 @pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler on this machine")
 def test_c_column_walk_is_bitwise_the_numba_kernel():
     """The C kernel (fisher.native) against the Numba one it replaces, on the same arrays: chunk sizes with an
-    unrolled loop (16, 32, 64) and without (8, 48 = 32 + 16 in two blocks), blocks read as they come and
-    transposed, values and running sums holding zeros of both signs. Where a C compiler exists the library
+    unrolled loop (16, 32, 64) and without (8, 48 = 32 + 16 in two blocks, and 8 200, more than a tile of
+    gathered values holds), blocks read as they come and transposed, values and running sums holding zeros of both signs. Where a C compiler exists the library
     must build (a broken build would otherwise only be slower)."""
     from fisher import native
     from fisher.projection import _kernels
@@ -263,6 +263,12 @@ def test_c_column_walk_is_bitwise_the_numba_kernel():
             assert native.by_columns(lib, *args, got, np.empty_like(got))
             _kernels()["by_columns"](*args, want, np.empty_like(want), np.empty(n0 + n1, np.float32))
             assert np.array_equal(got.view(np.int32), want.view(np.int32)), (n0, n1, transposed)
+    x = rng.standard_normal((8200, 40)).astype(np.float32)       # more images than a tile holds values: 1 column
+    args = (band.indptr[offset:offset + 41], band.rows, band.signs, np.float32(p.scale), x, x[:0])
+    got, want = np.zeros((rows, 8200), np.float32), np.zeros((rows, 8200), np.float32)
+    assert native.by_columns(lib, *args, got, np.empty_like(got))
+    _kernels()["by_columns"](*args, want, np.empty_like(want), np.empty(8200, np.float32))
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler on this machine")
