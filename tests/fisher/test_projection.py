@@ -1,4 +1,5 @@
 """Paper eq. 1 (Li et al. 2006): values, density, sign balance, norms, determinism."""
+import itertools
 import math
 import os
 import shutil
@@ -239,30 +240,32 @@ def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
 def test_c_column_walk_is_bitwise_the_numba_kernel():
     """The C kernel (fisher.native) against the Numba one it replaces, on the same arrays: chunk sizes with an
     unrolled loop (16, 32, 64) and without (8, 48 = 32 + 16 in two blocks, and 8 200, more than a tile of
-    gathered values holds), blocks read as they come and transposed, values and running sums holding zeros of both signs. Where a C compiler exists the library
-    must build (a broken build would otherwise only be slower)."""
+    gathered values holds), blocks read as they come (tiles of columns gathered, or columns one by one where
+    a tile is too sparse) and transposed, values and running sums holding zeros of both signs. Where a C
+    compiler exists the library must build (a broken build would otherwise only be slower)."""
     from fisher import native
     from fisher.projection import _kernels
     lib = native.kernels()
     assert lib is not None
     p = SparseProjection(3 * BLOCK // 2 + 5, 1000, 0.01, seed=7)
-    band = p._bands[1]
-    rows, (offset, m) = band.row1 - band.row0, (13, 9003)
+    sparse = SparseProjection(3 * BLOCK // 2 + 5, 1000, 1e-4, seed=7)     # tiles of columns too sparse to gather
+    rows, (offset, m) = p._bands[1].row1 - p._bands[1].row0, (13, 9003)
     rng = np.random.default_rng(3)
-    for n0, n1 in ((8, 0), (16, 0), (32, 0), (64, 0), (32, 16), (16, 16)):
-        for transposed in (False, True):
-            xs = []
-            for n in (n0, n1):
-                x = rng.standard_normal((n, m)).astype(np.float32)
-                x[:, ::7], x[:, 3::11] = 0.0, -0.0
-                xs.append(np.ascontiguousarray(x.T).T if transposed else x)
-            start = rng.standard_normal((rows, n0 + n1)).astype(np.float32)
-            start[::5] = -0.0
-            got, want = start.copy(), start.copy()
-            args = (band.indptr[offset:offset + m + 1], band.rows, band.signs, np.float32(p.scale), xs[0], xs[1])
-            assert native.by_columns(lib, *args, got, np.empty_like(got))
-            _kernels()["by_columns"](*args, want, np.empty_like(want), np.empty(n0 + n1, np.float32))
-            assert np.array_equal(got.view(np.int32), want.view(np.int32)), (n0, n1, transposed)
+    for (n0, n1), transposed, q in itertools.product(((8, 0), (16, 0), (32, 0), (64, 0), (32, 16), (16, 16)),
+                                                     (False, True), (p, sparse)):
+        band, xs = q._bands[1], []
+        for n in (n0, n1):
+            x = rng.standard_normal((n, m)).astype(np.float32)
+            x[:, ::7], x[:, 3::11] = 0.0, -0.0
+            xs.append(np.ascontiguousarray(x.T).T if transposed else x)
+        start = rng.standard_normal((rows, n0 + n1)).astype(np.float32)
+        start[::5] = -0.0
+        got, want = start.copy(), start.copy()
+        args = (band.indptr[offset:offset + m + 1], band.rows, band.signs, np.float32(q.scale), xs[0], xs[1])
+        assert native.by_columns(lib, *args, got, np.empty_like(got))
+        _kernels()["by_columns"](*args, want, np.empty_like(want), np.empty(n0 + n1, np.float32))
+        assert np.array_equal(got.view(np.int32), want.view(np.int32)), (n0, n1, transposed, q.density)
+    band = p._bands[1]
     x = rng.standard_normal((8200, 40)).astype(np.float32)       # more images than a tile holds values: 1 column
     args = (band.indptr[offset:offset + 41], band.rows, band.signs, np.float32(p.scale), x, x[:0])
     got, want = np.zeros((rows, 8200), np.float32), np.zeros((rows, 8200), np.float32)
