@@ -331,7 +331,8 @@ def _plan_key(model: nn.Module) -> tuple:
 
 def _plan(model: nn.Module) -> _Plan:
     """A fresh copy of ``model``'s plan, built once per model (and again when :func:`_plan_key` changes):
-    for the paper-size Pyramid PixelCNN (705 layers) building it takes about 0.4 s, 5 % of a batch of 32.
+    for the paper-size Pyramid PixelCNN (705 layers) building it takes 0.16-0.25 s, about 3 % of a
+    training step on 32 images.
     Each call gets its own copy, so what one call learns (a layer demoted to vmap, one whose input is
     changed in place) never changes another call's bits."""
     key = _plan_key(model)
