@@ -444,6 +444,8 @@ class ProjectionStack:
         self._dense = [i for i, p in enumerate(self.projections) if p.density > DENSE_ABOVE]
         self._sparse = [i for i, p in enumerate(self.projections) if p.density <= DENSE_ABOVE]
         self._dense_rows = sum(self.projections[i].dim for i in self._dense)
+        self._bit_members = [i for i, p in enumerate(self.projections) if p._dense]       # on a GPU: expanded from bits
+        self._csr_members = [i for i, p in enumerate(self.projections) if not p._dense]    # on a GPU: one CSR matrix
 
     def project(self, g: torch.Tensor, offset: int = 0) -> list[torch.Tensor]:
         """Contributions (B × dim each) of features ``[offset, offset + g.shape[1])``."""
@@ -597,7 +599,7 @@ class ProjectionStack:
     def _device_csr(self, offset: int, m: int, device) -> torch.Tensor | None:
         """The members not at density 1, columns ``[offset, offset + m)``, stacked as one torch CSR matrix
         on ``device``: built once per (offset, width) and kept (together they are the stored matrices)."""
-        idx = [i for i, p in enumerate(self.projections) if not p._dense]
+        idx = self._csr_members
         if not idx:
             return None
         key = ("csr", offset, m, str(device))
@@ -628,10 +630,10 @@ class ProjectionStack:
         out: list = [None] * len(self.projections)
         csr = self._device_csr(offset, m, gt.device)
         if csr is not None:
-            idx = [i for i, p in enumerate(self.projections) if not p._dense]
+            idx = self._csr_members
             for i, piece in zip(idx, torch.split(csr @ gt, [self.projections[i].dim for i in idx])):
                 out[i] = piece
-        idx = [i for i, p in enumerate(self.projections) if p._dense]
+        idx = self._bit_members
         if idx:
             rows = sum(self.projections[i].dim for i in idx)
             width = max(8, self.DEVICE_BYTES // (4 * rows) // 8 * 8)
