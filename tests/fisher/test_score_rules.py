@@ -244,9 +244,12 @@ def _expected_rule(name, table):
 
 @pytest.fixture(params=["grouped", "per_offset"])
 def method(request, monkeypatch):
-    """Both exact methods of the strided / transposed conv rules: one grouped convolution_backward
-    per call, or one bmm per kernel offset (chosen per layer by channel count; forced here)."""
-    monkeypatch.setattr(fisher.scores, "GROUPED_BELOW", 10**9 if request.param == "grouped" else 0)
+    """Both exact methods of the conv rules: one grouped convolution_backward per call, or one bmm per
+    kernel offset (chosen per layer by channel count, and for stride-1 convs per call by output size;
+    forced here on every layer that can take it)."""
+    grouped = request.param == "grouped"
+    monkeypatch.setattr(fisher.scores, "GROUPED_BELOW", 10**9 if grouped else 0)
+    monkeypatch.setattr(fisher.scores, "GROUPED_FROM_POSITIONS", 1 if grouped else 10**9)
     return request.param
 
 
@@ -368,23 +371,57 @@ def test_weight_norm_chain_rule_by_finite_differences():
     assert float(fast[k]) == pytest.approx(float(g[k]), rel=1e-4)
 
 
+@pytest.mark.parametrize("grouped_from", [1, 10**9])
 @pytest.mark.parametrize("unfold_up_to", [0, None, 10**9])
-def test_stride1_methods_match_reference(unfold_up_to, monkeypatch):
+def test_stride1_methods_match_reference(unfold_up_to, grouped_from, monkeypatch):
     """Each method of the stride-1 rule, forced on every layer it can take (0: one bmm per kernel
-    offset except for unpadded 1 × 1 convs; 10**9: im2col everywhere; None: the default choice), is
-    exact against one backward pass per image."""
+    offset except for unpadded 1 × 1 convs; 10**9: im2col everywhere; None: the default choice; and
+    the layers with several kernel offsets, none pinned, that im2col leaves: grouped on every call,
+    grouped_from=1, or never), is exact against one backward pass per image."""
     if unfold_up_to is not None:
         monkeypatch.setattr(fisher.scores, "UNFOLD_UP_TO", unfold_up_to)
+    monkeypatch.setattr(fisher.scores, "GROUPED_FROM_POSITIONS", grouped_from)
     m = _model(Stride1Zoo)
     plan = fisher.scores._make_plan(m)
     by_cols = {layer.params[0][0].split(".")[0] for layer in plan.layers
                if layer.block and layer.block.cols is not None}
     assert by_cols == {0: {"one", "out"}, None: {"a1", "rect", "one", "one_pad", "out"}}.get(
         unfold_up_to, {"a1", "wide", "valid", "big_pad", "tiny", "rect", "one", "one_pad", "out"})
+    by_groups = {layer.params[0][0].split(".")[0] for layer in plan.layers
+                 if layer.block and layer.block.grouped_from == grouped_from}
+    assert by_groups == {0: {"valid", "big_pad", "tiny", "rect"}, None: {"valid", "big_pad", "tiny"}}.get(
+        unfold_up_to, set())                      # not a1 and wide (a pinned kernel row), nor a 1 × 1 conv
     x = _images(5)
     ref = fisher_scores_reference(m, x)
     for chunk in (2, 5):
         _close(fisher_scores(m, x, chunk_size=chunk), ref)
+
+
+def test_stride1_method_follows_each_calls_output_size(monkeypatch):
+    """A stride-1 conv called on two map sizes takes the grouped method on the call at or above
+    GROUPED_FROM_POSITIONS and one bmm per offset on the other; the summed score stays exact."""
+    class TwoSizes(Toy):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 16, 3, padding=1)                 # im2col: 9 inputs per output
+            self.shared = nn.Conv2d(16, 16, 3, padding=1)
+            self.out = nn.Conv2d(16, 1, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.shared(torch.tanh(self.conv(x.float() * 2 - 1))))          # 8 × 8: 64 positions
+            low = torch.tanh(self.shared(F.avg_pool2d(h, 2)))                                 # 4 × 4: 16
+            return self.out(h + F.interpolate(low, size=(8, 8)))
+
+    monkeypatch.setattr(fisher.scores, "GROUPED_FROM_POSITIONS", 64)
+    m, x = _model(TwoSizes), _images(4)
+    taken = []
+    for name in ("_grouped_grads", "_weight_grads"):
+        real = getattr(fisher.scores, name)
+        monkeypatch.setattr(fisher.scores, name,
+                            lambda *a, _real=real, _name=name: taken.append((_name, a[-1].shape[-1])) or _real(*a))
+    _close(fisher_scores(m, x), fisher_scores_reference(m, x))
+    # shared: grouped at 8 × 8, per offset at 4 × 4; conv (im2col) and out (1 × 1) at 8 × 8
+    assert sorted(taken) == [("_grouped_grads", 8), ("_weight_grads", 4), ("_weight_grads", 8), ("_weight_grads", 8)]
 
 
 def test_no_grad_context_and_frozen_layers():
