@@ -19,8 +19,9 @@ embedding throughput (`fisher embed`, one actor, Ray already started) against
 the same work in-process, two ways: the Embedder alone on images already in
 memory, warm (the strict bound), and the whole job in a fresh process
 (imports, prior, projection, reading and writing the shards; its shards must
-equal Ray's byte for byte). Ratios are what to read; this machine is shared
-and noisy.
+equal Ray's byte for byte). Every process sets glibc's malloc as the embed
+actors do (fisher.malloc.keep_freed_memory; --default-malloc leaves glibc's
+defaults). Ratios are what to read; this machine is shared and noisy.
 
     python benchmarks/bench_scores.py                  # everything (~10 min on 2 cores)
     python benchmarks/bench_scores.py --skip-ray --batch 64
@@ -44,6 +45,7 @@ import numpy as np
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 GRID_DIMS, GRID_DENSITIES = (64, 256, 1024), (0.001, 0.01, 0.1, 1.0)
 SKIPPABLE = ("naive loop", "torch.func", "scores", "scores+proj", "grid (12)")   # the methods beside the step
+DEFAULT_MALLOC = "FISHER_BENCH_DEFAULT_MALLOC"    # set: the method processes keep glibc's malloc defaults
 
 
 def _images(src: str, n: int):
@@ -92,6 +94,13 @@ def _status(key: str) -> int:
     return 0
 
 
+def _malloc() -> None:
+    """glibc's malloc as a `fisher embed` actor sets it (fisher.malloc), unless --default-malloc."""
+    if not os.environ.get(DEFAULT_MALLOC):
+        from fisher.malloc import keep_freed_memory
+        keep_freed_memory()
+
+
 def _methods(src: str, batch: int, threads: int, device: str, prior: str, config: dict | None, levels: int,
              wanted) -> tuple[dict, int, float]:
     """The model on ``batch`` real images and a callable per method in ``wanted``; returns (callables,
@@ -102,6 +111,7 @@ def _methods(src: str, batch: int, threads: int, device: str, prior: str, config
     from fisher.projection import ProjectionStack, SparseProjection
     from fisher.scores import fisher_scores, fisher_scores_reference, fisher_scores_vmap, n_features
     torch.set_num_threads(threads)
+    _malloc()
     torch.manual_seed(0)
     images = _images(src, batch)
     model = _model(prior, images.shape[-1], levels, config).eval().to(device)
@@ -229,6 +239,7 @@ def _embed_job(prior: str, data: str, out: str, dim: int, batch: int, threads: i
     from fisher.io import atomic_write_table, manifest_hash, read_manifest, read_table
     from fisher.priors import load_prior
     torch.set_num_threads(threads)
+    _malloc()
     manifest = read_manifest(data, "prepare")
     shape = manifest["image_shape"]
     emb = Embedder(load_prior(prior), "fisher", [EmbedSpec(dim, None)], shape)
@@ -266,6 +277,7 @@ def ray_throughput(src: str, n_images: int, dim: int, batch: int) -> dict:
     write_manifest(str(tmp / "prior"), "train-prior", {"note": "untrained prior, for timing only"})
     test = load_prepared(str(tmp / "data"), "test")
     torch.set_num_threads(os.cpu_count())
+    _malloc()
     emb = Embedder(PixelCNN().eval(), "fisher", [EmbedSpec(dim, None)], test["image"].shape[1:])
     emb(test["image"][:32])                           # warm-up, as the actor's first batch would be
     t = time.perf_counter()
@@ -403,6 +415,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
                     help="comma-separated methods to skip, by their names in the table (e.g. 'torch.func'); a "
                     "method whose process dies (out of memory) is reported as 'died' and left out of the pairing")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc as it is (by default every "
+                    "method runs with fisher.malloc.keep_freed_memory, as `fisher embed`'s actors do)")
     ap.add_argument("--only-ray", action="store_true", help="only the Ray Data throughput comparison")
     ap.add_argument("--ray-images", type=int, default=2048, help="test images for the Ray comparison")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -411,6 +425,8 @@ def main() -> None:
                     "paper's MNIST prior")
     ap.add_argument("--config", default="{}", help="options as JSON: of the one family given, or {family: options}")
     args = ap.parse_args()
+    if args.default_malloc:
+        os.environ[DEFAULT_MALLOC] = "1"            # read by the method processes (spawned: they inherit it)
     priors = [p for p in args.prior.split(",") if p]
     for m in args.skip:
         if m not in SKIPPABLE:

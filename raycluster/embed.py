@@ -164,8 +164,10 @@ class _ScoreActor:
         import torch
 
         from fisher.embedding import Embedder, EmbedSpec
+        from fisher.malloc import keep_freed_memory
         from fisher.priors import load_prior
         torch.set_num_threads(threads)
+        keep_freed_memory()           # this process scores batch after batch: reuse the memory, not fresh pages
         device = runtime_device(gpu)
         self.shape = shape
         self.node = ray.get_runtime_context().get_node_id()     # recorded per shard in the manifest
