@@ -268,6 +268,13 @@ def _row_bands(indptr: np.ndarray, rows: np.ndarray, signs: np.ndarray, dim: int
     return bands
 
 
+def _readable(g: torch.Tensor) -> torch.Tensor:
+    """A block (images × m) as the column walk reads it in place: stored images-major (rows of m features)
+    or features-major (columns of B images, as fisher.scores yields most conv blocks: each column's values
+    contiguous, so the walk reads them without a gather); any other strides are copied images-major."""
+    return g if g.is_contiguous() or g.t().is_contiguous() else g.contiguous()
+
+
 _LOCAL = threading.local()
 
 
@@ -552,7 +559,7 @@ class ProjectionStack:
                for i, p in enumerate(self.projections)]
         tasks, split = [], False
         x = features[:m].view(m, n_chunks * b).numpy() if transposed else None
-        xs = tuple(g.contiguous().numpy() for g in gs) if gather else (x.T,)      # (images × m) each
+        xs = tuple(_readable(g).numpy() for g in gs) if gather else (x.T,)      # (images × m) each
         for i in self._sparse:
             p = self.projections[i]
             if m < p.dim:                         # narrow layer: by rows, in parts of about equal work

@@ -138,3 +138,58 @@ void by_columns_tasks(int64_t ntasks, const int32_t *const *indptr, const int32_
         by_columns(indptr[t], rows[t], signs[t], scale[t], x0, n0, s0k, s0j, x1, n1, s1k, s1j, m,
                    acc[t], acc_stride[t], nrows[t], sums[t]);
 }
+
+/* dst (cols x rows, rows ldd floats apart) = the transpose of src (rows x cols, rows ld apart), in tiles of
+ * TILE x TILE that stay in L1, on nthreads OpenMP threads (by bands of columns); with AVX, each 8 x 8 square
+ * of a tile in registers. fisher.scores turns the per-image weight gradients of a layer, computed
+ * images-major, into the features-major blocks the column walk above reads in place (a column's values
+ * side by side). A copy: bits unchanged. */
+#if defined(__AVX__)
+#include <immintrin.h>
+static inline void square8(const float *restrict s, int64_t ld, float *restrict d, int64_t ldd) {
+    const __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld), r2 = _mm256_loadu_ps(s + 2 * ld),
+                 r3 = _mm256_loadu_ps(s + 3 * ld), r4 = _mm256_loadu_ps(s + 4 * ld), r5 = _mm256_loadu_ps(s + 5 * ld),
+                 r6 = _mm256_loadu_ps(s + 6 * ld), r7 = _mm256_loadu_ps(s + 7 * ld);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+                 t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#define SQUARE 8
+#else
+#define SQUARE 1
+static inline void square8(const float *restrict s, int64_t ld, float *restrict d, int64_t ldd) { *d = *s; }
+#endif
+
+#define TILE 64
+void transpose(const float *restrict src, int64_t rows, int64_t cols, int64_t ld, float *restrict dst,
+               int64_t ldd, int nthreads) {
+    (void)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c0 = 0; c0 < cols; c0 += TILE) {
+        const int64_t c1 = c0 + TILE < cols ? c0 + TILE : cols;
+        for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+            const int64_t r1 = r0 + TILE < rows ? r0 + TILE : rows;
+            int64_t c = c0;
+            for (; c + SQUARE <= c1; c += SQUARE) {
+                int64_t r = r0;
+                for (; r + SQUARE <= r1; r += SQUARE) square8(src + r * ld + c, ld, dst + c * ldd + r, ldd);
+                for (; r < r1; r++)
+                    for (int64_t q = c; q < c + SQUARE; q++) dst[q * ldd + r] = src[r * ld + q];
+            }
+            for (; c < c1; c++)
+                for (int64_t r = r0; r < r1; r++) dst[c * ldd + r] = src[r * ld + c];
+        }
+    }
+}

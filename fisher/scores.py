@@ -82,6 +82,17 @@ they are produced and then dropped, so with a projection the peak is one
 chunk's activations plus one layer's block, independent of the batch size;
 without one, the output (B, n_features) itself is the only thing that grows
 with B.
+
+Layout: a block (B, n_free) may be stored either way round. When they are
+projected, the per-offset stride-1 blocks are stored features-major (each
+feature's B values side by side: the per-offset products, (K·B) × (Cout·Cin),
+transposed once by a tiled copy, :func:`fisher.native.transposed`), so the
+projection's column walk reads each feature's values in place instead of
+gathering them from B rows (the paper-size Pyramid's projection: 0.70 -> 0.37 s
+per 32 images). Without a projection every block is images-major, rows of the
+score matrix. Adjacent narrow blocks are joined in the layout most of their
+features have (:func:`_runs`). Values, and the embedding's bits, are the same
+either way.
 """
 from __future__ import annotations
 
@@ -93,6 +104,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fisher import native
 from fisher.projection import ProjectionStack, SparseProjection
 
 DEFAULT_CHUNK = 64
@@ -240,6 +252,7 @@ class _Plan:
     params: dict[str, torch.Tensor]
     n_features: int                      # free entries of all parameters: the score's length
     copy_io: set = field(default_factory=set)     # modules whose recorded input/output is changed in place later
+    features_major: bool = False                  # per-offset conv blocks stored features-major (for a projection)
 
     def demote(self, layer: _Layer) -> None:
         self.layers.remove(layer)
@@ -391,7 +404,8 @@ def _prepare(layer: _Layer, masks, feature_offsets) -> None:
 
 
 # ---------------------------------------------------------------- fast path: rules
-def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor, features_major: bool = False
+                  ) -> torch.Tensor:
     """Per-image gradients of the free weights of one stride-1 conv: (B, n_free).
 
     For kernel offset (i, j) the gradient is Δ_b · X_b(i, j)ᵀ, where X_b(i, j)
@@ -407,6 +421,8 @@ def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor) -> 
     first layer on 1 or 3 image channels) take one im2col (``F.unfold``) and
     one batched matmul instead: per-offset products there would be
     matrix-vector products; so does a 1×1 conv, whose input is its own im2col.
+    With ``features_major`` the per-offset result is stored features-major (see
+    the module's Layout note) instead of images-major.
     """
     mod = block.module
     ph, pw = mod.padding
@@ -443,7 +459,10 @@ def _weight_grads(block: _ConvBlock, inp: torch.Tensor, delta: torch.Tensor) -> 
             continue
         s = (i + y0) * wq + j
         torch.bmm(dp[:, :, y0 * wq:y1 * wq], xp[:, s:s + (y1 - y0) * wq], out=out[k])
-    g = out.permute(1, 2, 3, 0).reshape(b, -1)                                 # (B, Cout*Cin*K)
+    if features_major:                                                       # (Cout·Cin·K, B), see _runs
+        g = _transposed(out.view(-1, c_out * c_in)).view(-1, b)
+        return (g if block.select is None else g[block.select]).t()
+    g = out.permute(1, 2, 3, 0).reshape(b, -1)                               # (B, Cout·Cin·K)
     return g if block.select is None else g[:, block.select]
 
 
@@ -600,7 +619,7 @@ def _layer_blocks(layer: _Layer, plan: _Plan, calls, b: int):
                 g = _grouped_grads(mod, plan.masks[names["weight"]].shape, inp, delta).reshape(b, -1)
                 weight = _add(weight, g if block.select is None else g[:, block.select])
             else:
-                weight = _add(weight, _weight_grads(block, inp, delta))
+                weight = _add(weight, _weight_grads(block, inp, delta, features_major=plan.features_major))
         elif layer.grouped:
             shape = plan.masks[names["weight" if layer.norm is None else "v"]].shape
             weight = _add(weight, _grouped_grads(mod, shape, inp, delta))
@@ -736,16 +755,45 @@ def _standard_strides(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
+def _features_major(g: torch.Tensor) -> bool:
+    """Whether a block (B × m) is stored features-major: each feature's B values side by side."""
+    return not g.is_contiguous() and g.t().is_contiguous()
+
+
+def _transposed(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.t()`` copied into ``out`` (default: new and contiguous); on the CPU a tiled transpose in C."""
+    return native.transposed(x, torch.get_num_threads(), out)
+
+
+def _joined(blocks: list[torch.Tensor], features_major: bool) -> torch.Tensor:
+    """Blocks (B × m_i) side by side, (B × Σ m_i), stored features-major or images-major: each block is copied
+    as it is stored or transposed in one pass."""
+    b, at = blocks[0].shape[0], 0
+    out = blocks[0].new_empty(sum(g.shape[1] for g in blocks), b) if features_major else \
+        blocks[0].new_empty(b, sum(g.shape[1] for g in blocks)).t()
+    for g in blocks:                              # out is viewed features-major (Σ m_i × B) here
+        part, at = out[at:at + g.shape[1]], at + g.shape[1]
+        if _features_major(g) == features_major:
+            part.copy_(g.t())
+        elif features_major:
+            _transposed(g, part)
+        else:
+            _transposed(g.t(), part.t())
+    return out.t()
+
+
 def _runs(blocks, width: int | None = None):
     """One chunk's (offset, block) pairs with runs of adjacent narrow blocks joined into one block of at least
-    ``width`` features (the last run may be narrower); a block at least ``width`` wide goes alone, uncopied.
-    The runs depend only on the sequence of blocks (the model's layers), never on the images or the
+    ``width`` features (the last run may be narrower), stored the way most of its features are
+    (:func:`_joined`); a block at least ``width`` wide goes alone, uncopied. The runs depend only on the sequence of blocks (the model's layers), never on the images or the
     projections, so every chunk of every batch is projected in the same pieces."""
     width = width or RUN_FEATURES
     run, start, size = [], 0, 0
 
     def joined():
-        return start, run[0] if len(run) == 1 else torch.cat(run, 1)
+        if len(run) == 1:
+            return start, run[0]
+        return start, _joined(run, 2 * sum(g.shape[1] for g in run if _features_major(g)) > size)
 
     for offset, g in blocks:
         if run and (offset != start + size or size >= width or g.shape[1] >= width):
@@ -818,6 +866,7 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
         stack = ProjectionStack(list(projection)) if projection else None
     projs = stack.projections if stack is not None else []
     plan = _plan(model)
+    plan.features_major = stack is not None
     n = plan.n_features
     if chunk_size is None:
         chunk_size = default_chunk(n)

@@ -2,6 +2,7 @@
 import itertools
 import math
 import os
+import platform
 import shutil
 import subprocess
 
@@ -305,6 +306,77 @@ def test_column_walks_on_openmp_threads_are_bitwise_the_pool(monkeypatch):
             assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(together, pool))
     finally:
         torch.set_num_threads(before)
+
+
+def test_blocks_stored_features_major_are_read_in_place_with_the_same_bits(monkeypatch):
+    """A block stored features-major (each feature's B values side by side, as fisher.scores stores the
+    per-offset conv blocks it projects) gives, in every stack (sparse members wider and narrower than the
+    block, dense members; one and two chunks; the C and the Numba column walks), the bits the same values
+    give stored images-major, and a sparse-only stack's column walks read it where it is, uncopied."""
+    n = 3 * BLOCK // 2 + 5
+    members = [SparseProjection(n, 24, 0.01, seed=3), SparseProjection(n, 12_000, 0.002, seed=5),
+               SparseProjection(n, 40, 1.0, seed=6)]
+    g = torch.randn(32, 9003, generator=torch.Generator().manual_seed(2))
+    g[:, ::7] = 0.0
+    g[:, 3::11] = -0.0
+    read = []
+    real_band, real_together = ProjectionStack._band_task, ProjectionStack._walk_together
+    monkeypatch.setattr(ProjectionStack, "_band_task", lambda self, i, b, xs, *rest: (
+        read.append([x.ctypes.data for x in xs]), real_band(self, i, b, xs, *rest))[1])
+    monkeypatch.setattr(ProjectionStack, "_walk_together", lambda self, tasks, xs, *rest: (
+        read.append([x.ctypes.data for x in xs]), real_together(self, tasks, xs, *rest))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for kept, c_kernel, n_chunks in itertools.product((members[:2], members), (True, False), (1, 2)):
+            rows_major = [g[c * 16:(c + 1) * 16] for c in range(n_chunks)]
+            features_major = [r.t().contiguous().t() for r in rows_major]
+            assert not any(f.is_contiguous() for f in features_major)
+            want = ProjectionStack(kept, c_kernel).accumulate_chunks(None, rows_major, 500)
+            read.clear()
+            got = ProjectionStack(kept, c_kernel).accumulate_chunks(None, features_major, 500)
+            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
+            if len(kept) == 2:                     # the wide member's walks read the blocks themselves
+                assert read and all(r == [f.data_ptr() for f in features_major] for r in read)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler on this machine")
+def test_c_transpose_is_the_transpose(monkeypatch):
+    """native.transposed (the tiled transpose fisher.scores stores blocks features-major with) copies x.t()
+    bit for bit: shapes that are and are not multiples of its 8 × 8 squares and 64 × 64 tiles, a source whose
+    rows lie further apart than its width, a destination inside a wider matrix (nothing else written), 1 and
+    2 threads, zeros of both signs and NaNs; in this machine's build, in a portable build (no AVX: the scalar
+    loop) and with the library off (torch's copy)."""
+    from fisher import native
+    gen = torch.Generator().manual_seed(0)
+    sources = []
+    for rows, cols in ((1, 1), (7, 13), (8, 8), (64, 64), (65, 130), (192, 1000), (3, 200)):
+        big = torch.randn(rows, cols + 5, generator=gen)
+        big[::3, ::5], big[1::4, 2::7] = -0.0, float("nan")
+        sources.append(big[:, 2:2 + cols])
+
+    def check():
+        for x in sources:
+            want = x.t().contiguous().view(torch.int32)
+            for threads in (1, 2):
+                got = native.transposed(x, threads)
+                assert got.is_contiguous() and torch.equal(got.view(torch.int32), want)
+                wide = torch.full((x.shape[1], x.shape[0] + 3), 7.0)
+                assert native.transposed(x, threads, wide[:, 1:-2]).data_ptr() == wide[:, 1:-2].data_ptr()
+                assert torch.equal(wide[:, 1:-2].contiguous().view(torch.int32), want)
+                assert bool((wide[:, 0] == 7).all() and (wide[:, -2:] == 7).all())
+
+    assert native.kernels() is not None
+    check()
+    portable = [f for f in native.FLAGS if not f.startswith("-m")]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        portable.append("-mno-avx")
+    monkeypatch.setitem(native._STATE, "lib", native._load(native._compile(os.environ.get("CC") or "cc", portable)))
+    check()
+    monkeypatch.setitem(native._STATE, "lib", None)
+    check()
 
 
 def test_c_kernel_can_be_turned_off(monkeypatch):

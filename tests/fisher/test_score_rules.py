@@ -418,10 +418,39 @@ def test_stride1_method_follows_each_calls_output_size(monkeypatch):
     for name in ("_grouped_grads", "_weight_grads"):
         real = getattr(fisher.scores, name)
         monkeypatch.setattr(fisher.scores, name,
-                            lambda *a, _real=real, _name=name: taken.append((_name, a[-1].shape[-1])) or _real(*a))
+                            lambda *a, _real=real, _name=name, **k: taken.append((_name, a[-1].shape[-1])) or _real(*a, **k))
     _close(fisher_scores(m, x), fisher_scores_reference(m, x))
     # shared: grouped at 8 × 8, per offset at 4 × 4; conv (im2col) and out (1 × 1) at 8 × 8
     assert sorted(taken) == [("_grouped_grads", 8), ("_weight_grads", 4), ("_weight_grads", 8), ("_weight_grads", 8)]
+
+
+def test_per_offset_blocks_are_stored_for_their_reader(monkeypatch):
+    """The stride-1 blocks computed by one bmm per kernel offset (masked ones too) come stored features-major
+    when fisher_scores projects them (each feature's B values side by side, which the column walk reads in
+    place) and images-major without a projection (rows of the score matrix), with the same values; the
+    other methods' blocks are images-major either way."""
+    monkeypatch.setattr(fisher.scores, "UNFOLD_UP_TO", 0)
+    monkeypatch.setattr(fisher.scores, "GROUPED_FROM_POSITIONS", 10**9)
+    m, x = _model(Stride1Zoo), _images(5)
+    per_offset = {layer.block.w_offset for layer in fisher.scores._plan(m).layers
+                  if layer.block and layer.block.cols is None}
+    blocks = {}
+    for features_major in (False, True):
+        plan = fisher.scores._plan(m)
+        plan.features_major = features_major
+        blocks[features_major] = dict(fisher.scores._blocks(m, plan, x))
+    assert len(per_offset) == 7 and set(blocks[True]) == set(blocks[False])
+    for offset, g in blocks[True].items():
+        assert fisher.scores._features_major(g) == (offset in per_offset)
+        assert g.is_contiguous() or g.t().is_contiguous()
+        assert blocks[False][offset].is_contiguous() and torch.equal(g, blocks[False][offset])
+    seen = []
+    real = ProjectionStack.accumulate_chunks
+    monkeypatch.setattr(ProjectionStack, "accumulate_chunks", lambda self, acc, gs, offset=0: seen.append(
+        (offset, fisher.scores._features_major(gs[0]))) or real(self, acc, gs, offset))
+    monkeypatch.setattr(fisher.scores, "RUN_FEATURES", 1)             # every block projected alone
+    fisher_scores(m, x, SparseProjection(n_features(m), 32, seed=1))
+    assert sorted(seen) == sorted((offset, offset in per_offset) for offset in blocks[True])
 
 
 def test_no_grad_context_and_frozen_layers():

@@ -181,6 +181,26 @@ def test_runs_join_adjacent_narrow_blocks(binary_model, monkeypatch):
             assert torch.allclose(z, g_all @ p.dense().t(), rtol=1e-4, atol=1e-4)
 
 
+def test_runs_are_joined_in_the_layout_most_of_their_features_have():
+    """A run of blocks stored both ways (features-major, as the per-offset conv blocks come for a projection,
+    and images-major) is joined in the layout most of its features have, each block copied or transposed
+    into place; the values are those of the blocks side by side."""
+    import fisher.scores as scores
+    gen = torch.Generator().manual_seed(1)
+    rm = {w: torch.randn(16, w, generator=gen) for w in (1, 3, 4, 5, 70)}
+    fm = {w: torch.randn(w, 16, generator=gen).t() for w in (1, 3, 4, 5, 70)}
+    for pieces, features_major in (([fm[3], rm[4]], False), ([fm[5], rm[1]], True), ([rm[3], fm[70], rm[5]], True),
+                                   ([rm[70], fm[5], fm[1], rm[4]], False)):
+        seq, at = [], 0
+        for g in pieces:
+            seq.append((at, g))
+            at += g.shape[1]
+        (offset, run), = scores._runs(iter(seq), width=1000)
+        assert offset == 0 and torch.equal(run, torch.cat(pieces, 1))
+        assert scores._features_major(run) == features_major and (run.is_contiguous() or run.t().is_contiguous())
+    assert all(scores._features_major(g) for g in fm.values() if g.shape[1] > 1)
+
+
 def test_default_chunk_by_prior_size(binary_model, monkeypatch):
     """Without a chunk size, a prior of up to SMALL_PRIOR_FEATURES features is run 64 images per gradient pass
     and a larger one 32."""
