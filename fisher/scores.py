@@ -90,7 +90,8 @@ transposed once by a tiled copy, :func:`fisher.native.transposed`), so the
 projection's column walk reads each feature's values in place instead of
 gathering them from B rows (the paper-size Pyramid's projection: 0.70 -> 0.37 s
 per 32 images). Without a projection every block is images-major, rows of the
-score matrix. Adjacent narrow blocks are joined in the layout most of their
+score matrix, and so is every block on a CPU without the C library (torch's
+strided transpose would cost what the projection gains). Adjacent narrow blocks are joined in the layout most of their
 features have (:func:`_runs`). Values, and the embedding's bits, are the same
 either way.
 """
@@ -866,7 +867,8 @@ def fisher_scores(model: nn.Module, x: torch.Tensor,
         stack = ProjectionStack(list(projection)) if projection else None
     projs = stack.projections if stack is not None else []
     plan = _plan(model)
-    plan.features_major = stack is not None
+    # features-major blocks where the transpose is cheap: the C library's (CPU) or the device's own
+    plan.features_major = stack is not None and (x.device.type != "cpu" or native.kernels() is not None)
     n = plan.n_features
     if chunk_size is None:
         chunk_size = default_chunk(n)

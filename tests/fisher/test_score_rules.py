@@ -428,7 +428,8 @@ def test_per_offset_blocks_are_stored_for_their_reader(monkeypatch):
     """The stride-1 blocks computed by one bmm per kernel offset (masked ones too) come stored features-major
     when fisher_scores projects them (each feature's B values side by side, which the column walk reads in
     place) and images-major without a projection (rows of the score matrix), with the same values; the
-    other methods' blocks are images-major either way."""
+    other methods' blocks are images-major either way, and so is every block without the C library. The
+    embedding's bits are the same either way."""
     monkeypatch.setattr(fisher.scores, "UNFOLD_UP_TO", 0)
     monkeypatch.setattr(fisher.scores, "GROUPED_FROM_POSITIONS", 10**9)
     m, x = _model(Stride1Zoo), _images(5)
@@ -449,8 +450,14 @@ def test_per_offset_blocks_are_stored_for_their_reader(monkeypatch):
     monkeypatch.setattr(ProjectionStack, "accumulate_chunks", lambda self, acc, gs, offset=0: seen.append(
         (offset, fisher.scores._features_major(gs[0]))) or real(self, acc, gs, offset))
     monkeypatch.setattr(fisher.scores, "RUN_FEATURES", 1)             # every block projected alone
-    fisher_scores(m, x, SparseProjection(n_features(m), 32, seed=1))
+    p = SparseProjection(n_features(m), 32, seed=1)
+    want = fisher_scores(m, x, p)
     assert sorted(seen) == sorted((offset, offset in per_offset) for offset in blocks[True])
+    seen.clear()
+    monkeypatch.setitem(fisher.scores.native._STATE, "lib", None)     # no C library: no cheap transpose
+    got = fisher_scores(m, x, p)
+    assert sorted(seen) == sorted((offset, False) for offset in blocks[True])
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
 def test_no_grad_context_and_frozen_layers():
