@@ -190,6 +190,14 @@ def test_density_one_stores_one_bit_per_entry():
     assert SparseProjection(n, dim, 0.01).stored_bytes() < 5 * n * dim * 0.01 * 1.1 + 2 * 4 * (n + 1)
 
 
+def _block_with_zeros(images: int) -> torch.Tensor:
+    """A block of 9 003 features whose values include zeros of both signs."""
+    g = torch.randn(images, 9003, generator=torch.Generator().manual_seed(2))
+    g[:, ::7] = 0.0
+    g[:, 3::11] = -0.0
+    return g
+
+
 def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
     """A sparse-only stack reads a block at least a member's ``dim`` wide as it comes, (images × features) for
     one or two chunks, gathering each column's values in the kernel instead of transposing the block; three
@@ -198,9 +206,7 @@ def test_sparse_stack_reads_wide_blocks_untransposed_bitwise(monkeypatch):
     n = 3 * BLOCK // 2 + 5
     members = [SparseProjection(n, 24, 0.01, seed=3), SparseProjection(n, 100, 0.001, seed=4),
                SparseProjection(n, 12_000, 0.002, seed=5)]
-    g = torch.randn(48, 9003, generator=torch.Generator().manual_seed(2))
-    g[:, ::7] = 0.0
-    g[:, 3::11] = -0.0
+    g = _block_with_zeros(48)
     g[5] = -0.0
     walks = []
     real_band, real_rows, real_together = (ProjectionStack._band_task, ProjectionStack._rows_task,
@@ -316,9 +322,7 @@ def test_blocks_stored_features_major_are_read_in_place_with_the_same_bits(monke
     n = 3 * BLOCK // 2 + 5
     members = [SparseProjection(n, 24, 0.01, seed=3), SparseProjection(n, 12_000, 0.002, seed=5),
                SparseProjection(n, 40, 1.0, seed=6)]
-    g = torch.randn(32, 9003, generator=torch.Generator().manual_seed(2))
-    g[:, ::7] = 0.0
-    g[:, 3::11] = -0.0
+    g = _block_with_zeros(32)
     read = []
     real_band, real_together = ProjectionStack._band_task, ProjectionStack._walk_together
     monkeypatch.setattr(ProjectionStack, "_band_task", lambda self, i, b, xs, *rest: (
