@@ -1,4 +1,4 @@
-"""The C kernels of the sparse projection's column walk, compiled on first use for the machine it runs on.
+"""C kernels (the sparse projection's column walk, a tiled transpose), compiled on first use for the machine.
 
 ``fisher/projection_kernels.c`` is compiled with the system's C compiler (``$CC``, else ``cc``) into a
 shared library kept in ``$FISHER_CACHE`` (default ``~/.cache/fisher-ray``), under a name that hashes the

@@ -91,9 +91,9 @@ projection's column walk reads each feature's values in place instead of
 gathering them from B rows (the paper-size Pyramid's projection: 0.70 -> 0.37 s
 per 32 images). Without a projection every block is images-major, rows of the
 score matrix, and so is every block on a CPU without the C library (torch's
-strided transpose would cost what the projection gains). Adjacent narrow blocks are joined in the layout most of their
-features have (:func:`_runs`). Values, and the embedding's bits, are the same
-either way.
+strided transpose would cost what the projection gains). Adjacent narrow
+blocks are joined in the layout most of their features have (:func:`_runs`).
+Values, and the embedding's bits, are the same either way.
 """
 from __future__ import annotations
 
@@ -786,8 +786,9 @@ def _joined(blocks: list[torch.Tensor], features_major: bool) -> torch.Tensor:
 def _runs(blocks, width: int | None = None):
     """One chunk's (offset, block) pairs with runs of adjacent narrow blocks joined into one block of at least
     ``width`` features (the last run may be narrower), stored the way most of its features are
-    (:func:`_joined`); a block at least ``width`` wide goes alone, uncopied. The runs depend only on the sequence of blocks (the model's layers), never on the images or the
-    projections, so every chunk of every batch is projected in the same pieces."""
+    (:func:`_joined`); a block at least ``width`` wide goes alone, uncopied. The runs depend only on the
+    sequence of blocks (the model's layers), never on the images or the projections, so every chunk of
+    every batch is projected in the same pieces."""
     width = width or RUN_FEATURES
     run, start, size = [], 0, 0
 
