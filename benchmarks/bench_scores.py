@@ -14,7 +14,10 @@ paper's 5-layer MNIST PixelCNN, kernel 7, 64 filters):
 
 Each method runs in a fresh process: a cold run gives its peak memory (growth
 of the resident set, VmHWM after resetting it, caches included; on CUDA the
-growth of allocated device memory), warm runs its time. Then Ray Data
+growth of allocated device memory), warm runs its time. Then each method is
+timed alternating with the train step, the two in a process of their own,
+--rounds times: the paired ratios, each round's time over that round's step
+(the machine's speed drifts for minutes). Then Ray Data
 embedding throughput (`fisher embed`, one actor, Ray already started) against
 the same work in-process, two ways: the Embedder alone on images already in
 memory, warm (the strict bound), and the whole job in a fresh process
